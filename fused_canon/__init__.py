@@ -1,0 +1,1 @@
+"""fused-canon: fused policy-gradient loss for RL training of language models."""

@@ -1,0 +1,1 @@
+"""Triton kernels of fused-canon (installed as ``fused_canon.kernels``)."""

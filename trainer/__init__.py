@@ -1,0 +1,1 @@
+"""Slim RL trainer that uses the fused loss (installed as ``fused_canon.trainer``)."""
