@@ -1,1 +1,23 @@
-"""fused-canon: fused policy-gradient loss for RL training of language models."""
+"""fused-canon: a fused policy-gradient loss for RL training of language models.
+
+    import fused_canon as fc
+    out = fc.policy_loss(logits, targets, mask, rewards=rewards, group_ids=group_ids,
+                         config=fc.LossConfig(advantage=fc.AdvantageConfig(estimator="canon")))
+    out.loss.backward()
+
+See DESIGN.md §2 for the contract; ``backend="torch"`` is the reference that defines the semantics.
+"""
+
+from .config import AdvantageConfig, CosineRestartSchedule, LossConfig
+from .estimators import ESTIMATORS, compute_advantages, register_estimator
+from .losses import POLICY_LOSSES, TokenLoss, agg_loss, kl_penalty, register_policy_loss
+from .policy_loss import FusedPolicyLoss, LossOutput, linear_policy_loss, policy_loss
+from .token_stats import token_stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdvantageConfig", "CosineRestartSchedule", "LossConfig", "LossOutput", "FusedPolicyLoss",
+    "token_stats", "kl_penalty", "compute_advantages", "policy_loss", "linear_policy_loss", "agg_loss",
+    "register_estimator", "register_policy_loss", "ESTIMATORS", "POLICY_LOSSES", "TokenLoss",
+]

@@ -1,0 +1,260 @@
+"""The per-token policy objective on [B, T] vectors: policy losses, KL terms and aggregation.
+
+Formulas: ALGORITHMS.md §1.5-1.10 and §4, following verl 0.9.1 (the source of the golden cases).
+This module never sees logits: it maps per-token log-probs and entropies to a scalar loss, so it
+is shared unchanged by every statistics backend (torch reference, Triton logits path, Triton
+LM-head path). Autograd through it yields exactly the per-token coefficients of §8.3.
+
+Each policy loss is one small function registered by name (``register_policy_loss``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional
+
+import torch
+
+from .config import LossConfig
+
+__all__ = ["kl_penalty", "agg_loss", "masked_mean", "register_policy_loss", "POLICY_LOSSES", "TokenLoss",
+           "policy_objective"]
+
+LOG_RATIO_CLAMP = 20.0  # verl clamps log(pi/pi_old) to ±20 in vanilla, cispo (and k3's d)
+GSPO_LOG_RATIO_MAX = 10.0
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """verl's masked_mean: sum(v m) / (sum(m) + 1e-8), over everything."""
+    return (values * mask).sum() / (mask.sum() + 1e-8)
+
+
+# ---------------------------------------------------------------------------------------------
+# KL penalty (§1.10)
+# ---------------------------------------------------------------------------------------------
+
+def _kl_value(d: torch.Tensor, kind: str) -> torch.Tensor:
+    """The KL estimator of d = logp - ref."""
+    if kind in ("k1", "kl"):
+        return d
+    if kind == "abs":
+        return d.abs()
+    if kind in ("k2", "mse"):
+        return 0.5 * d.square()
+    if kind in ("k3", "low_var_kl"):
+        neg = torch.clamp(-d, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # ref - logp
+        return torch.clamp(torch.exp(neg) - neg - 1.0, -10.0, 10.0)
+    raise ValueError(f"unknown kl_type {kind!r}; choose one of k1|kl, abs, k2|mse, k3|low_var_kl (optionally with '+')")
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_type: str = "k3") -> torch.Tensor:
+    """Per-token KL estimate between the policy and the reference, differentiable w.r.t. ``logprobs``.
+
+    A ``+`` suffix (e.g. "k3+") keeps the base estimator's value with the k2 gradient (straight-through).
+    """
+    if logprobs.shape != ref_logprobs.shape:
+        raise ValueError(f"logprobs shape {tuple(logprobs.shape)} != ref_logprobs shape {tuple(ref_logprobs.shape)}")
+    d = logprobs - ref_logprobs.detach()
+    if kl_type.endswith("+"):
+        base = _kl_value(d, kl_type[:-1])
+        k2 = _kl_value(d, "k2")
+        return k2 - k2.detach() + base.detach()
+    return _kl_value(d, kl_type)
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation (§1.8, verl 0.9.1 semantics)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Normalizers:
+    """Denominators of the aggregation. Pass the global counts (all micro-batches, all ranks) so that
+    the sum of the micro-batch losses equals the loss of the whole batch."""
+
+    num_tokens: Optional[float] = None
+    num_seqs: Optional[float] = None
+    loss_scale_factor: Optional[float] = None
+
+
+def agg_loss(values: torch.Tensor, mask: torch.Tensor, mode: str, norm: Normalizers = Normalizers()) -> torch.Tensor:
+    """Aggregate a per-token quantity [B, T] over the valid tokens (mask: float 0/1).
+
+    An empty mask gives 0 (with zero gradient), never 0/0.
+    """
+    token_sum = (values * mask).sum(-1)
+    tokens_per_seq = mask.sum(-1)
+    if mode == "token-mean":
+        num_tokens = norm.num_tokens if norm.num_tokens is not None else tokens_per_seq.sum().clamp(min=1)
+        return token_sum.sum() / num_tokens
+    num_seqs = norm.num_seqs if norm.num_seqs is not None else (tokens_per_seq > 0).sum().clamp(min=1)
+    if mode == "seq-mean-token-mean":
+        return (token_sum / (tokens_per_seq + 1e-8)).sum() / num_seqs
+    loss = token_sum.sum() / num_seqs
+    if mode == "seq-mean-token-sum":
+        return loss
+    if mode == "seq-mean-token-sum-norm":
+        scale = norm.loss_scale_factor if norm.loss_scale_factor is not None else values.shape[-1]
+        return loss / scale
+    raise ValueError(f"unknown loss_agg_mode {mode!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Policy losses (§1.5-1.7, §4)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class TokenLoss:
+    values: torch.Tensor  # [B, T] per-token loss, differentiable w.r.t. logp
+    metrics: Dict[str, torch.Tensor] = field(default_factory=dict)  # scalar tensors, verl names
+    agg_mode: Optional[str] = None  # set when the loss forces its own aggregation (GSPO)
+
+
+PolicyLossFn = Callable[..., TokenLoss]
+POLICY_LOSSES: Dict[str, PolicyLossFn] = {}
+
+
+def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
+    """Register ``fn(logp, old_logp, advantages, mask, config, *, step) -> TokenLoss`` under ``name``.
+
+    All tensors are [B, T]; ``mask`` is float 0/1; padded positions hold zeros.
+    """
+
+    def decorator(fn: PolicyLossFn) -> PolicyLossFn:
+        POLICY_LOSSES[name] = fn
+        return fn
+
+    return decorator
+
+
+def _clipped_pair(advantages, ratio, config):
+    """-A rho and -A clip(rho, 1 - eps_low, 1 + eps_high)."""
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - config.clip_ratio_low, 1.0 + config.clip_ratio_high)
+    return unclipped, clipped
+
+
+@register_policy_loss("vanilla")
+def vanilla(logp, old_logp, advantages, mask, config, *, step=0):
+    """PPO clip with asymmetric (DAPO) ranges and dual clip c for A < 0."""
+    log_ratio = torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    unclipped, clipped = _clipped_pair(advantages, torch.exp(log_ratio), config)
+    loss = torch.maximum(unclipped, clipped)
+    metrics = {"actor/pg_clipfrac": masked_mean((clipped > unclipped).float(), mask),
+               "actor/ppo_kl": masked_mean(-log_ratio, mask)}
+    if config.clip_ratio_c is None:
+        metrics["actor/pg_clipfrac_lower"] = torch.zeros((), device=logp.device)
+        return TokenLoss(loss, metrics)
+    dual = -advantages * config.clip_ratio_c
+    metrics["actor/pg_clipfrac_lower"] = masked_mean(((loss > dual) & (advantages < 0)).float(), mask)
+    loss = torch.where(advantages < 0, torch.minimum(loss, dual), loss)
+    return TokenLoss(loss, metrics)
+
+
+@register_policy_loss("gspo")
+def gspo(logp, old_logp, advantages, mask, config, *, step=0):
+    """Sequence-level ratio exp(mean_t log rho), per-token gradient path; aggregation forced to
+    seq-mean-token-mean; no dual clip."""
+    log_ratio = logp - old_logp
+    seq_log_ratio = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    token_log_ratio = logp - logp.detach() + seq_log_ratio.detach()[:, None]
+    ratio = torch.exp(torch.clamp(token_log_ratio, max=GSPO_LOG_RATIO_MAX))
+    unclipped, clipped = _clipped_pair(advantages, ratio, config)
+    metrics = {"actor/pg_clipfrac": masked_mean((clipped > unclipped).float(), mask),
+               "actor/ppo_kl": masked_mean(-log_ratio, mask),
+               "actor/pg_clipfrac_lower": torch.zeros((), device=logp.device)}
+    return TokenLoss(torch.maximum(unclipped, clipped), metrics, agg_mode="seq-mean-token-mean")
+
+
+@register_policy_loss("cispo")
+def cispo(logp, old_logp, advantages, mask, config, *, step=0):
+    """-sg(clip(rho)) A logp: the clipped ratio weights a REINFORCE gradient, never zeroing it."""
+    log_ratio = torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio).detach()
+    clipped_ratio = torch.clamp(ratio, 1.0 - config.clip_ratio_low, 1.0 + config.clip_ratio_high)
+    metrics = {"actor/pg_clipfrac": masked_mean((ratio != clipped_ratio).float(), mask),
+               "actor/ppo_kl": masked_mean(-log_ratio, mask),
+               "actor/pg_clipfrac_lower": torch.zeros((), device=logp.device)}
+    return TokenLoss(-advantages * clipped_ratio * logp, metrics)
+
+
+def _centered_covariance(advantages, logp, mask, mean):
+    """(A - mean(A)) (logp - mean(logp)) per token, logp detached (§4.1)."""
+    logp = logp.detach()
+    return (advantages - mean(advantages)) * (logp - mean(logp))
+
+
+@register_policy_loss("clip_cov")
+def clip_cov(logp, old_logp, advantages, mask, config, *, step=0):
+    """PPO clip (no dual clip, no log-ratio clamp), plus the loss of a random subset of the tokens with
+    lb < cov < ub (and not already PPO-clipped) multiplied by 0. The subset is seeded by config.seed
+    and step (upstream: unseeded)."""
+    log_ratio = logp - old_logp
+    unclipped, clipped = _clipped_pair(advantages, torch.exp(log_ratio), config)
+    valid = mask > 0
+    cov = _centered_covariance(advantages, logp, mask, lambda x: masked_mean(x, mask))
+    eligible = valid & ~(clipped > unclipped) & (cov > config.clip_cov_lb) & (cov < config.clip_cov_ub)
+    candidates = eligible.reshape(-1).nonzero().squeeze(-1)
+    num_clip = max(int(config.clip_cov_ratio * int(valid.sum())), 1)
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+    chosen = candidates[torch.randperm(len(candidates), generator=generator)[:num_clip].to(candidates.device)]
+    keep = torch.ones(mask.numel(), device=logp.device, dtype=logp.dtype).index_fill_(0, chosen, 0.0)
+    keep = keep.reshape(mask.shape)
+    metrics = {"actor/pg_clipfrac": masked_mean((keep == 0).float(), mask),
+               "actor/ppo_kl": masked_mean(-log_ratio, mask)}
+    return TokenLoss(torch.maximum(unclipped, clipped) * keep, metrics)
+
+
+@register_policy_loss("kl_cov")
+def kl_cov(logp, old_logp, advantages, mask, config, *, step=0):
+    """Unclipped -A rho, plus ppo_kl_coef |logp - old| on the top-k tokens by covariance."""
+    log_ratio = logp - old_logp
+    abs_kl = log_ratio.abs()
+    loss = -advantages * torch.exp(log_ratio)
+    valid_index = (mask > 0).reshape(-1).nonzero().squeeze(-1)
+    if len(valid_index) > 0:
+        flat = lambda x: x.reshape(-1)[valid_index]  # noqa: E731
+        valid_adv, valid_logp = flat(advantages), flat(logp.detach())
+        cov = (valid_adv - valid_adv.mean()) * (valid_logp - valid_logp.mean())
+        k = max(1, int(len(cov) * config.kl_cov_ratio))
+        top = valid_index[torch.topk(cov, k, largest=True).indices]
+        penalized = torch.zeros(mask.numel(), dtype=torch.bool, device=logp.device).index_fill_(0, top, True)
+        loss = loss + config.ppo_kl_coef * abs_kl * penalized.reshape(mask.shape)
+    return TokenLoss(loss, {"actor/ppo_kl": masked_mean(abs_kl, mask)})
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole objective
+# ---------------------------------------------------------------------------------------------
+
+def policy_objective(logp: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
+                     old_logp: Optional[torch.Tensor], ref_logp: Optional[torch.Tensor], config: LossConfig,
+                     norm: Normalizers, step: int = 0):
+    """loss = agg(policy loss) - entropy_coeff agg(H) + kl_coef agg(KL); returns (loss, metrics).
+
+    ``logp`` and ``entropy`` are [B, T] with zeros at padded positions; gradients flow through both
+    (through entropy only when entropy_coeff != 0). Advantages, old and ref log-probs are constants.
+    """
+    if config.loss_mode not in POLICY_LOSSES:
+        raise ValueError(f"unknown loss_mode {config.loss_mode!r}; registered: {sorted(POLICY_LOSSES)}")
+    valid = mask.to(logp.dtype)
+    zero_padded = lambda x: torch.where(mask, x.detach().to(logp.dtype), torch.zeros_like(logp))  # noqa: E731
+    old = logp.detach() if old_logp is None else zero_padded(old_logp)
+    token_loss = POLICY_LOSSES[config.loss_mode](logp, old, zero_padded(advantages), valid, config, step=step)
+    pg_loss = agg_loss(token_loss.values, valid, token_loss.agg_mode or config.loss_agg_mode, norm)
+
+    entropy_term = agg_loss(entropy if config.entropy_coeff != 0 else entropy.detach(), valid,
+                            config.loss_agg_mode, norm)
+    loss = pg_loss - config.entropy_coeff * entropy_term if config.entropy_coeff != 0 else pg_loss
+
+    metrics = dict(token_loss.metrics)
+    metrics["actor/pg_loss"] = pg_loss.detach()
+    metrics["actor/entropy"] = entropy_term.detach()
+    if ref_logp is not None:
+        kl_loss = agg_loss(kl_penalty(logp, zero_padded(ref_logp), config.kl_type), valid, config.loss_agg_mode, norm)
+        metrics["actor/kl_loss"] = kl_loss.detach()
+        metrics["actor/kl_coef"] = torch.tensor(config.kl_coef)
+        if config.kl_coef != 0:
+            loss = loss + config.kl_coef * kl_loss
+    elif config.kl_coef != 0:
+        raise ValueError("kl_coef != 0 needs ref_logprobs (the reference policy's log-probs)")
+    return loss, metrics
