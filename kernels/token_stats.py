@@ -1,0 +1,363 @@
+"""Per-token log-prob and entropy of the target token, straight from the logits.
+
+Forward: one program per *valid* row (1-D grid, rows listed in ``row_index``), one
+streaming pass over the vocabulary in ``BLOCK_V`` tiles with an online max / sum-exp /
+sum p*z, all fp32, on the tempered logits ``z = logits / temperature``:
+
+    lse  = m + log s                 s = sum_k exp(z_k - m)
+    H    = log s - w / s             w = sum_k exp(z_k - m) * (z_k - m)   (<= 0)
+    zbar = m + w / s                 (= sum_k p_k z_k)
+    logp = z_y - lse
+
+``w`` is kept relative to the running max, so ``H`` is a sum of two non-negative terms
+(no cancellation of ``lse - zbar`` when the logits are large), and a row whose only finite
+entry is the target gives s = 1, w = 0: logp = 0 and H = 0 exactly.
+
+Backward (ALGORITHMS.md §8.3), one program per row of ``[B, T]``:
+
+    dlogits_k = (1/T) * ( -p_k * [c_logp + c_ent * (z_k - zbar)] + c_logp * [k == y] )
+
+with ``p_k = exp(z_k - lse)`` recomputed from the logits and the two saved per-row scalars.
+Rows that are not in ``row_index`` are written with zeros and never read.
+
+Memory: the forward saves 2 fp32 scalars per valid row; the only ``[B, T, V]`` tensor ever
+allocated is dlogits (none with ``inplace_backward=True``).
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+_NEG_INF = float("-inf")
+
+
+@triton.jit
+def _token_stats_fwd_kernel(
+    logits_ptr, stride_lb, stride_lt,  # [B, T, V], stride(-1) == 1
+    targets_ptr, stride_yb, stride_yt,  # [B, T] int
+    row_index_ptr,  # [N] int64: b * T + t of the valid rows
+    logp_ptr, entropy_ptr, lse_ptr, zbar_ptr,  # [N] fp32 outputs
+    certainty_ptr, target_logit_ptr,  # [N] fp32 outputs, written only if EXTRA_STATS
+    T, V, inv_temp,
+    BLOCK_V: tl.constexpr,
+    EXTRA_STATS: tl.constexpr,
+):
+    # int64 before any multiply: b * stride_lb exceeds 2**31 for N=16k, V=152k.
+    pid = tl.program_id(0).to(tl.int64)
+    row = tl.load(row_index_ptr + pid).to(tl.int64)
+    b = row // T
+    t = row - b * T
+    x_row = logits_ptr + b * stride_lb + t * stride_lt
+    y = tl.load(targets_ptr + b * stride_yb + t * stride_yt).to(tl.int64)
+
+    m = float("-inf")  # running max of z
+    s = 0.0  # sum exp(z - m)
+    w = 0.0  # sum exp(z - m) * (z - m)
+    z_sum = tl.zeros([BLOCK_V], dtype=tl.float32)  # per-lane sum of z (self-certainty)
+    for v0 in range(0, V, BLOCK_V):
+        offs = v0 + tl.arange(0, BLOCK_V)
+        mask = offs < V
+        # The masked tail reads as -inf: it contributes exactly like a -inf logit (nothing).
+        z = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        # Reference point for the exponentials: m_new, or 0 while everything seen is -inf
+        # (so neither exp(-inf - -inf) nor 0 * -inf is ever formed).
+        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
+        live = z > float("-inf")
+        d = tl.where(live, z - m_ref, 0.0)
+        e = tl.where(live, tl.exp(d), 0.0)
+        alpha = tl.exp(m - m_ref)  # 0 while m == -inf
+        shift = tl.where(m > float("-inf"), m - m_ref, 0.0)
+        # Re-centre w on the new max: (z - m_old) = (z - m_new) + (m_old - m_new).
+        w = alpha * (w + s * shift) + tl.sum(e * d, axis=0)
+        s = alpha * s + tl.sum(e, axis=0)
+        m = m_new
+        if EXTRA_STATS:
+            z_sum += tl.where(mask, z, 0.0)
+
+    log_s = tl.log(s)
+    w_over_s = w / s
+    lse = m + log_s
+    # Out-of-range targets are not read: they give NaN log-probs instead of an OOB access.
+    y_ok = (y >= 0) & (y < V)
+    x_y = tl.load(x_row + y, mask=y_ok, other=float("nan")).to(tl.float32)
+    tl.store(logp_ptr + pid, x_y * inv_temp - lse)
+    tl.store(entropy_ptr + pid, log_s - w_over_s)
+    tl.store(lse_ptr + pid, lse)
+    tl.store(zbar_ptr + pid, m + w_over_s)
+    if EXTRA_STATS:
+        # UCAS self-certainty lse - mean_v(z) (+inf if the row has -inf entries, like torch),
+        # and the raw target logit, read before the temperature division.
+        tl.store(certainty_ptr + pid, lse - tl.sum(z_sum, axis=0) / V)
+        tl.store(target_logit_ptr + pid, x_y)
+
+
+@triton.jit
+def _token_stats_bwd_kernel(
+    logits_ptr, stride_lb, stride_lt,  # [B, T, V]
+    dlogits_ptr, stride_db, stride_dt,  # [B, T, V], may alias logits (inplace_backward)
+    targets_ptr, stride_yb, stride_yt,
+    slot_ptr,  # [B * T] int64: position of the row in row_index, -1 for masked rows
+    lse_ptr, zbar_ptr, c_logp_ptr, c_ent_ptr,  # [N] fp32
+    T, V, inv_temp,
+    BLOCK_V: tl.constexpr,
+    HAS_C_LOGP: tl.constexpr,
+    HAS_C_ENT: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row - b * T
+    d_row = dlogits_ptr + b * stride_db + t * stride_dt
+    slot = tl.load(slot_ptr + row)
+    if slot < 0:
+        # Masked row: zero gradient, the logits are not read.
+        for v0 in range(0, V, BLOCK_V):
+            offs = v0 + tl.arange(0, BLOCK_V)
+            tl.store(d_row + offs, tl.zeros([BLOCK_V], dtype=dlogits_ptr.dtype.element_ty), mask=offs < V)
+    else:
+        x_row = logits_ptr + b * stride_lb + t * stride_lt
+        y = tl.load(targets_ptr + b * stride_yb + t * stride_yt).to(tl.int64)
+        lse = tl.load(lse_ptr + slot)
+        zbar = tl.load(zbar_ptr + slot)
+        if HAS_C_LOGP:
+            c_logp = tl.load(c_logp_ptr + slot)
+        else:
+            c_logp = 0.0
+        if HAS_C_ENT:
+            c_ent = tl.load(c_ent_ptr + slot)
+        else:
+            c_ent = 0.0
+        for v0 in range(0, V, BLOCK_V):
+            offs = v0 + tl.arange(0, BLOCK_V)
+            mask = offs < V
+            z = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+            p = tl.exp(z - lse)  # exactly 0 for z = -inf
+            # Guard z - zbar = -inf where p = 0: never form 0 * inf.
+            zc = tl.where(z > float("-inf"), z - zbar, 0.0)
+            g = -p * (c_logp + c_ent * zc)
+            g = tl.where(offs == y, g + c_logp, g) * inv_temp
+            # Each tile is read before it is written, by this program only: safe in place.
+            tl.store(d_row + offs, g.to(dlogits_ptr.dtype.element_ty), mask=mask)
+
+
+def _interpreting() -> bool:
+    try:
+        return bool(triton.knobs.runtime.interpret)
+    except AttributeError:  # older triton without knobs
+        import os
+
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def default_block_v(V: int) -> int:
+    """Power of two, whole row up to 4096 (16 fp32 per thread at 8 warps)."""
+    return min(triton.next_power_of_2(V), 4096)
+
+
+def _num_warps(block_v: int) -> int:
+    return min(16, max(4, block_v // 512))
+
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_inputs(logits, targets, row_index, temperature, block_v):
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        raise ValueError(f"logits must be a 3-D tensor [B, T, V], got {getattr(logits, 'shape', type(logits))}")
+    if logits.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"logits dtype must be one of {_SUPPORTED_DTYPES}, got {logits.dtype}")
+    if logits.stride(-1) != 1:
+        raise ValueError(f"logits must have stride(-1) == 1 (got strides {tuple(logits.stride())}); "
+                         "slices over B and T are fine, a transposed vocabulary is not")
+    B, T, V = logits.shape
+    if V == 0:
+        raise ValueError("logits has an empty vocabulary dimension")
+    if not isinstance(targets, torch.Tensor) or tuple(targets.shape) != (B, T):
+        raise ValueError(f"targets must have shape {(B, T)}, got {getattr(targets, 'shape', type(targets))}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"targets must be int64 (or int32), got {targets.dtype}")
+    if not isinstance(row_index, torch.Tensor) or row_index.dim() != 1:
+        raise ValueError(f"row_index must be a 1-D tensor [N], got {getattr(row_index, 'shape', type(row_index))}")
+    if row_index.dtype != torch.int64:
+        raise TypeError(f"row_index must be int64, got {row_index.dtype}")
+    for name, x in (("targets", targets), ("row_index", row_index)):
+        if x.device != logits.device:
+            raise ValueError(f"{name} is on {x.device} but logits is on {logits.device}")
+    if isinstance(temperature, torch.Tensor) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a Python number, got {type(temperature)}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if block_v is not None and (block_v < 16 or block_v & (block_v - 1)):
+        raise ValueError(f"block_v must be a power of two >= 16, got {block_v}")
+    if logits.device.type != "cuda" and not _interpreting():
+        raise RuntimeError(f"Triton kernels need CUDA tensors (got {logits.device}); on CPU set "
+                           "TRITON_INTERPRET=1 before importing triton, or use the torch backend")
+    # Out-of-range or repeated rows would read out of bounds / lose gradient: one host sync.
+    n_rows = B * T
+    if row_index.numel() > 0:
+        in_range = (row_index >= 0) & (row_index < n_rows)
+        counts = torch.zeros(max(n_rows, 1), dtype=torch.int32, device=row_index.device)
+        counts.index_add_(0, torch.where(in_range, row_index, 0), torch.ones_like(row_index, dtype=torch.int32))
+        if bool((~in_range).any() | (counts > 1).any()):
+            raise ValueError(f"row_index must hold distinct flat indices b*T+t in [0, {n_rows})")
+
+
+def token_stats_forward(logits, targets, row_index, temperature=1.0, *, block_v=None, extra_stats=False):
+    """Launch the forward kernel (no autograd). Returns fp32 ``[N]`` tensors
+    ``(logp, entropy, lse, zbar, certainty, target_logit)``; the last two are empty unless
+    ``extra_stats``. ``lse`` and ``zbar`` are what :func:`token_stats_backward` needs."""
+    _check_inputs(logits, targets, row_index, temperature, block_v)
+    B, T, V = logits.shape
+    row_index = row_index.contiguous()
+    N = row_index.numel()
+    block_v = block_v or default_block_v(V)
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    logp, entropy, lse, zbar = (torch.empty(N, **f32) for _ in range(4))
+    certainty = torch.empty(N if extra_stats else 0, **f32)
+    target_logit = torch.empty(N if extra_stats else 0, **f32)
+    if N > 0:
+        _token_stats_fwd_kernel[(N,)](
+            logits, logits.stride(0), logits.stride(1),
+            targets, targets.stride(0), targets.stride(1),
+            row_index,
+            logp, entropy, lse, zbar,
+            certainty if extra_stats else logp, target_logit if extra_stats else logp,  # unused then
+            T, V, 1.0 / temperature,
+            BLOCK_V=block_v, EXTRA_STATS=bool(extra_stats),
+            num_warps=_num_warps(block_v),
+        )
+    return logp, entropy, lse, zbar, certainty, target_logit
+
+
+def token_stats_backward(logits, targets, row_index, lse, zbar, c_logp, c_ent, temperature=1.0, *,
+                         inplace=False, block_v=None):
+    """Launch the backward kernel (no autograd): dlogits ``[B, T, V]`` in the logits dtype for
+    ``L = sum_i c_logp[i] * logp[i] + c_ent[i] * entropy[i]`` (ALGORITHMS.md §8.3).
+
+    ``c_logp`` / ``c_ent`` are ``[N]`` (any float dtype) or None for 0. Rows not in
+    ``row_index`` get exact zeros. ``inplace=True`` writes over ``logits`` and returns it.
+    Inputs are assumed to have passed :func:`token_stats_forward`'s checks."""
+    B, T, V = logits.shape
+    N = row_index.numel()
+    dev = logits.device
+    block_v = block_v or default_block_v(V)
+    slot = torch.full((B * T,), -1, dtype=torch.int64, device=dev)
+    slot[row_index] = torch.arange(N, dtype=torch.int64, device=dev)
+    has_logp, has_ent = c_logp is not None, c_ent is not None
+    c_logp = c_logp.to(torch.float32).contiguous() if has_logp else lse  # placeholder, not read
+    c_ent = c_ent.to(torch.float32).contiguous() if has_ent else lse
+    dlogits = logits if inplace else torch.empty((B, T, V), dtype=logits.dtype, device=dev)
+    if B * T > 0:
+        _token_stats_bwd_kernel[(B * T,)](
+            logits, logits.stride(0), logits.stride(1),
+            dlogits, dlogits.stride(0), dlogits.stride(1),
+            targets, targets.stride(0), targets.stride(1),
+            slot, lse, zbar, c_logp, c_ent,
+            T, V, 1.0 / temperature,
+            BLOCK_V=block_v, HAS_C_LOGP=has_logp, HAS_C_ENT=has_ent,
+            num_warps=_num_warps(block_v),
+        )
+    return dlogits
+
+
+class TritonTokenStats(torch.autograd.Function):
+    """(logp, entropy, certainty, target_logit) of the rows in ``row_index``; the first two
+    are differentiable w.r.t. logits, the last two are empty unless ``extra_stats``."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, row_index, temperature, inplace_backward, block_v, extra_stats):
+        logp, entropy, lse, zbar, certainty, target_logit = token_stats_forward(
+            logits, targets, row_index, temperature, block_v=block_v, extra_stats=extra_stats)
+        # Only per-row scalars are saved, plus references to the inputs (no copies).
+        ctx.save_for_backward(logits, targets, row_index, lse, zbar)
+        ctx.temperature = temperature
+        ctx.inplace_backward = inplace_backward
+        ctx.block_v = block_v or default_block_v(logits.shape[-1])
+        ctx.set_materialize_grads(False)  # a None grad stays None: its term is compiled out
+        ctx.mark_non_differentiable(certainty, target_logit)
+        return logp, entropy, certainty, target_logit
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy, _grad_certainty, _grad_target_logit):
+        logits, targets, row_index, lse, zbar = ctx.saved_tensors
+        if grad_logp is None and grad_entropy is None:
+            return (None,) * 7
+        # inplace_backward overwrites the caller's logits with the gradient (unsloth#5002):
+        # only valid when these logits feed no other loss/op that still needs them.
+        dlogits = token_stats_backward(logits, targets, row_index, lse, zbar, grad_logp, grad_entropy,
+                                       ctx.temperature, inplace=ctx.inplace_backward, block_v=ctx.block_v)
+        if ctx.inplace_backward:
+            # Later autograd use of the overwritten logits then fails loudly ("modified by an
+            # inplace operation") instead of silently reading gradients.
+            torch.autograd.graph.increment_version(logits)
+        return dlogits, None, None, None, None, None, None
+
+
+def triton_token_stats(logits, targets, row_index, temperature=1.0, *, inplace_backward=False, block_v=None,
+                       extra_stats=False):
+    """Target log-prob and entropy of ``softmax(logits / temperature)`` for the valid rows.
+
+    Args:
+        logits: ``[B, T, V]`` bf16/fp16/fp32 with ``stride(-1) == 1`` (any other strides:
+            e.g. ``full_logits[:, :-1, :]`` is read in place, never copied).
+        targets: ``[B, T]`` int64 (or int32) token ids; a target outside ``[0, V)`` gives NaN.
+        row_index: ``[N]`` int64 distinct flat indices ``b * T + t`` of the valid tokens
+            (e.g. ``mask.flatten().nonzero().squeeze(1)``); other rows are neither read nor
+            computed, and get zero gradient.
+        temperature: Python number > 0.
+        inplace_backward: write dlogits over the logits buffer instead of a new tensor.
+            Saves one ``[B, T, V]`` allocation but destroys the logits: only safe when they
+            feed no other loss (unsloth#5002). Later autograd use of them raises.
+        block_v: vocabulary tile (power of two); default ``min(next_pow2(V), 4096)``.
+        extra_stats: also return the self-certainty ``lse - mean_v(z)`` and the raw
+            (untempered) target logit, both fp32 ``[N]`` and non-differentiable.
+
+    Returns:
+        ``(logp, entropy)`` fp32 ``[N]``, both differentiable w.r.t. logits, or
+        ``(logp, entropy, certainty, target_logit)`` with ``extra_stats=True``.
+    """
+    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
+        temperature = float(temperature)
+    logp, entropy, certainty, target_logit = TritonTokenStats.apply(
+        logits, targets, row_index, temperature, bool(inplace_backward), block_v, bool(extra_stats))
+    if extra_stats:
+        return logp, entropy, certainty, target_logit
+    return logp, entropy
+
+
+# Ahead-of-time compile registry (tests/test_aot_compile.py): (kernel, signature, constexprs, options).
+# Pointer arguments are compiled with 16-byte alignment, as the JIT specialises torch tensors.
+def _fwd_sig(dtype, stride_ty="i32"):
+    return {"logits_ptr": f"*{dtype}", "stride_lb": stride_ty, "stride_lt": "i32",
+            "targets_ptr": "*i64", "stride_yb": "i32", "stride_yt": "i32", "row_index_ptr": "*i64",
+            "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32", "zbar_ptr": "*fp32",
+            "certainty_ptr": "*fp32", "target_logit_ptr": "*fp32", "T": "i32", "V": "i32", "inv_temp": "fp32",
+            "BLOCK_V": "constexpr", "EXTRA_STATS": "constexpr"}
+
+
+def _bwd_sig(dtype, stride_ty="i32"):
+    return {"logits_ptr": f"*{dtype}", "stride_lb": stride_ty, "stride_lt": "i32",
+            "dlogits_ptr": f"*{dtype}", "stride_db": stride_ty, "stride_dt": "i32",
+            "targets_ptr": "*i64", "stride_yb": "i32", "stride_yt": "i32", "slot_ptr": "*i64",
+            "lse_ptr": "*fp32", "zbar_ptr": "*fp32", "c_logp_ptr": "*fp32", "c_ent_ptr": "*fp32",
+            "T": "i32", "V": "i32", "inv_temp": "fp32",
+            "BLOCK_V": "constexpr", "HAS_C_LOGP": "constexpr", "HAS_C_ENT": "constexpr"}
+
+
+_BV = default_block_v(151936)
+AOT_SIGNATURES = [
+    (_token_stats_fwd_kernel, _fwd_sig("bf16"), {"BLOCK_V": _BV, "EXTRA_STATS": False}, {"num_warps": _num_warps(_BV)}),
+    (_token_stats_fwd_kernel, _fwd_sig("bf16", "i64"), {"BLOCK_V": _BV, "EXTRA_STATS": True},
+     {"num_warps": _num_warps(_BV)}),
+    (_token_stats_fwd_kernel, _fwd_sig("fp32"), {"BLOCK_V": _BV, "EXTRA_STATS": False}, {"num_warps": _num_warps(_BV)}),
+    (_token_stats_bwd_kernel, _bwd_sig("bf16"), {"BLOCK_V": _BV, "HAS_C_LOGP": True, "HAS_C_ENT": True},
+     {"num_warps": _num_warps(_BV)}),
+    (_token_stats_bwd_kernel, _bwd_sig("fp16", "i64"), {"BLOCK_V": _BV, "HAS_C_LOGP": True, "HAS_C_ENT": False},
+     {"num_warps": _num_warps(_BV)}),
+    (_token_stats_bwd_kernel, _bwd_sig("fp32"), {"BLOCK_V": _BV, "HAS_C_LOGP": True, "HAS_C_ENT": True},
+     {"num_warps": _num_warps(_BV)}),
+]
+# Kernels whose AOT build must not spill registers (the test fails if ptxas reports spills).
+AOT_NO_SPILL = {"_token_stats_fwd_kernel", "_token_stats_bwd_kernel"}
