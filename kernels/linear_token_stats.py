@@ -1,0 +1,753 @@
+"""Fused LM-head token statistics: log p(target) and entropy from hidden states and the LM-head
+weight, without ever materialising the ``[N, V]`` logits.
+
+Public entry point::
+
+    logp, entropy = triton_linear_token_stats(hidden, weight, targets, row_index,
+                                              bias=None, temperature=1.0, *, block_sizes=None)
+
+* ``hidden``    ``[R, H]`` bf16 / fp16 / fp32, any row stride (last stride 1; otherwise copied).
+                A ``[B, T, H]`` caller flattens to ``[B*T, H]``.
+* ``weight``    ``[V, H]``, same dtype (last stride 1; otherwise copied).
+* ``bias``      ``[V]`` or None, same dtype.
+* ``targets``   int64 ``[R]``: the sampled token of every row.
+* ``row_index`` int64 ``[N]``: the rows to compute (the valid tokens), unique, in ``[0, R)``.
+                Rows not listed are never read and get a zero ``grad_hidden`` row.
+* ``temperature`` a Python number > 0 (a runtime argument, not a compile-time constant).
+
+Returns ``(logp, entropy)``, both fp32 ``[N]`` in ``row_index`` order and both differentiable
+w.r.t. ``hidden``, ``weight`` and ``bias``. The tempered logits are
+``z = (hidden @ weight.T + bias) / temperature`` (ALGORITHMS.md §8.1).
+
+Design
+------
+Forward (``_linear_token_stats_fwd_kernel``), grid ``cdiv(N, BLOCK_N)``: a program gathers
+BLOCK_N valid rows through ``row_index`` and sweeps the vocabulary in BLOCK_V tiles. Each
+``[BLOCK_N, BLOCK_V]`` logits tile is built on chip by ``tl.dot`` over H in BLOCK_H steps with an
+fp32 accumulator, and folded into per-row fp32 online statistics (see ``_merge_row_stats``):
+the running max ``m``, ``rest = sum_k exp(z_k - m) - 1`` (the sum-exp without the max element,
+so that log-sum-exp and entropy of a very peaked row keep full relative precision via log1p),
+``u = sum_k exp(z_k - m) (z_k - m)`` and the target logit. Per valid row it writes
+``logp, entropy`` (returned) and ``lse, zbar = sum_k p_k z_k`` (saved for the backward).
+
+Backward, given ``c_logp = dL/dlogp`` and ``c_ent = dL/dentropy`` per valid row (a None
+gradient counts as 0), processes the valid rows in chunks of ``CHUNK_N`` rows
+(``LinearTokenStatsBlocks.backward_chunk_rows``):
+
+1. ``_linear_token_stats_dlogits_kernel``, grid ``(cdiv(CHUNK_N, BLOCK_N), cdiv(V, BLOCK_V))``:
+   recomputes each logits tile and writes ``dlogits = dL/d(hidden @ W.T + b)`` (ALGORITHMS.md §8.3)
+   ``= (1/T) (-p_k [c_logp + c_ent (z_k - zbar)] + c_logp delta_{k,y})`` with ``p = exp(z - lse)``
+   into a ``[CHUNK_N, V]`` workspace (at the target column ``1 - p_y`` is taken as
+   ``-expm1(logp)``, which stays exact for a peaked row).
+2. ``_linear_token_stats_dhidden_kernel``, grid ``(cdiv(CHUNK_N, BLOCK_N), cdiv(H, BLOCK_H))``:
+   ``grad_hidden[rows] = dlogits @ W``, the whole V reduction in one fp32 register accumulator,
+   written straight into the ``row_index`` rows of ``grad_hidden`` (each row is owned by one
+   program, so no accumulation across chunks is needed).
+3. ``_linear_token_stats_dweight_kernel``, grid ``(cdiv(V, BLOCK_V), cdiv(H, BLOCK_H))``:
+   ``grad_weight (+)= dlogits.T @ hidden[rows]`` and ``grad_bias (+)= dlogits.sum(0)``,
+   fp32 accumulation; from the second chunk on it adds onto the previous chunks' result.
+
+No atomics anywhere: every output element is written by exactly one program per chunk, in a
+fixed order, so forward and backward are **deterministic** (bitwise reproducible for a given
+block configuration and chunk size).
+
+Cost: forward ``2 N H V`` FLOPs; backward ``6 N H V`` (``2NHV`` logits recompute + ``2NHV``
+for grad_hidden + ``2NHV`` for grad_weight), so ``8 N H V`` for forward + backward. The
+forward holds one vocabulary sweep per BLOCK_N rows, so W is read ``cdiv(N, BLOCK_N)`` times
+(from L2 mostly; the arithmetic intensity is about BLOCK_N FLOP/byte). The backward reads W
+twice and ``grad_weight``'s accumulator once (read + write) per chunk.
+
+Memory (besides the inputs, the three gradients and O(N) fp32 vectors: logp, entropy, lse,
+zbar, the two coefficients):
+
+* workspace ``dlogits [CHUNK_N, V]``: bf16 for bf16 inputs (tensor-core GEMMs; 2 bytes/elem),
+  fp32 for fp16 and fp32 inputs (fp16 would flush small gradients ``p_k / (T N)`` to zero).
+  ``CHUNK_N`` defaults to the most rows (a multiple of BLOCK_N, at most N) that fit in
+  ``DEFAULT_WORKSPACE_BYTES`` = 512 MiB, e.g. 1,728 rows at V = 151,936 in bf16.
+* for bf16 / fp16 weights processed in more than one chunk: an fp32 ``grad_weight``
+  accumulator of ``V * H * 4`` bytes (2.3 GiB at V = 151,936, H = 4,096), cast to the weight
+  dtype at the end (the cast briefly holds both). fp32 weights accumulate in ``grad_weight``
+  itself; a single chunk writes ``grad_weight`` in the weight dtype directly. ``grad_bias`` is
+  accumulated in an fp32 ``[V]`` buffer.
+
+Numerics: all statistics and GEMM accumulators are fp32. ``tl.dot`` takes bf16 / fp16 operands
+directly on a GPU and fp32 operands with ``input_precision="ieee"`` (full fp32, no TF32:
+fp32 inputs ask for fp32 accuracy, at CUDA-core speed). Under the Triton CPU interpreter
+(CPU tensors, ``TRITON_INTERPRET=1``) bf16 tiles are cast to fp32 before ``tl.dot`` because the
+interpreter's bf16 arithmetic is wrong (ENVIRONMENT.md §1). Padded vocabulary columns are
+``-inf`` before any max or exp; all loads and stores are masked; row, vocabulary and workspace
+offsets are int64.
+
+``AOT_SIGNATURES`` lists every kernel with a realistic bf16 GPU signature for ahead-of-time
+compilation (``triton.compile(ASTSource(...), target=GPUTarget("cuda", 80 | 90, 32))``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "AOT_SIGNATURES",
+    "DEFAULT_WORKSPACE_BYTES",
+    "LinearTokenStatsBlocks",
+    "TritonLinearTokenStats",
+    "triton_linear_token_stats",
+]
+
+DEFAULT_WORKSPACE_BYTES = 512 * 1024 * 1024
+_SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Small device helpers (no libdevice: it does not work in the interpreter)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _log1p(x):
+    """log(1 + x) to full relative precision for tiny x >= 0: the rounding error of 1 + x is
+    divided back out (Goldberg, "What every computer scientist...", Theorem 4)."""
+    one_plus_x = 1.0 + x
+    rounded_x = one_plus_x - 1.0
+    safe_rounded_x = tl.where(rounded_x == 0.0, 1.0, rounded_x)
+    return tl.where(rounded_x == 0.0, x, tl.log(one_plus_x) * (x / safe_rounded_x))
+
+
+@triton.jit
+def _one_minus_exp(x):
+    """1 - exp(x) = -expm1(x) for x <= 0, exact near 0 (Kahan's expm1 trick)."""
+    e = tl.exp(x)
+    e_minus_one = e - 1.0
+    log_e = tl.log(e)
+    safe_log_e = tl.where(log_e == 0.0, 1.0, log_e)
+    expm1 = tl.where(e == 1.0, x, tl.where(e_minus_one == -1.0, -1.0, e_minus_one * (x / safe_log_e)))
+    return -expm1
+
+
+@triton.jit
+def _logits_tile(
+    hidden_row_ptrs,  # [BLOCK_N] pointers to the first element of each gathered hidden row
+    row_ok,  # [BLOCK_N] bool: the row slot holds a real valid row
+    weight_ptr,
+    bias_ptr,
+    cols,  # [BLOCK_V] vocabulary ids of this tile
+    col_ok,  # [BLOCK_V] bool: cols < V
+    hidden_size,
+    stride_weight_row,
+    inv_temperature,
+    HAS_BIAS: tl.constexpr,
+    UPCAST_DOT_INPUTS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """Tempered logits ``(hidden[rows] @ W[cols].T + b[cols]) / T`` as an fp32 [BLOCK_N, BLOCK_V]
+    tile. Padded rows and columns are computed from zero-filled operands (finite; the callers
+    mask them)."""
+    weight_row_ptrs = weight_ptr + cols.to(tl.int64) * stride_weight_row
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    for h_start in range(0, hidden_size, BLOCK_H):
+        hs = h_start + tl.arange(0, BLOCK_H)
+        h_ok = hs < hidden_size
+        x = tl.load(hidden_row_ptrs[:, None] + hs[None, :], mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+        w = tl.load(weight_row_ptrs[:, None] + hs[None, :], mask=col_ok[:, None] & h_ok[None, :], other=0.0)
+        if UPCAST_DOT_INPUTS:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        acc = acc + b[None, :]
+    return acc * inv_temperature
+
+
+@triton.jit
+def _merge_row_stats(m_a, rest_a, u_a, m_b, rest_b, u_b):
+    """Merge two partial softmax summaries of the same rows.
+
+    A summary of a set of logits z_k is (m, rest, u) with m = max z_k,
+    rest = sum_k exp(z_k - m) - 1 (the max element contributes exactly the 1 that is left out) and
+    u = sum_k exp(z_k - m) (z_k - m). The empty summary is (-inf, 0, 0). The side with the smaller
+    max is rescaled by exp(-d), d = difference of the maxima: its whole sum-exp (1 + rest) moves
+    into the merged ``rest`` and its u shifts by -d (1 + rest).
+    """
+    a_is_larger = m_a > m_b
+    m = tl.maximum(m_a, m_b)
+    m_small = tl.where(a_is_larger, m_b, m_a)
+    rest_large = tl.where(a_is_larger, rest_a, rest_b)
+    u_large = tl.where(a_is_larger, u_a, u_b)
+    rest_small = tl.where(a_is_larger, rest_b, rest_a)
+    u_small = tl.where(a_is_larger, u_b, u_a)
+    small_is_empty = m_small == float("-inf")
+    shift = tl.where(small_is_empty, 0.0, m - m_small)  # d >= 0, and 0 instead of inf for an empty side
+    scale = tl.where(small_is_empty, 0.0, tl.exp(-shift))
+    sum_exp_small = 1.0 + rest_small
+    rest = rest_large + scale * sum_exp_small
+    u = u_large + scale * (u_small - shift * sum_exp_small)
+    return m, rest, u
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward kernel
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _linear_token_stats_fwd_kernel(
+    hidden_ptr,  # [R, H]
+    weight_ptr,  # [V, H]
+    bias_ptr,  # [V] (unused when HAS_BIAS is False)
+    targets_ptr,  # int64 [R]
+    row_index_ptr,  # int64 [N]
+    logp_ptr,  # fp32 [N] out
+    entropy_ptr,  # fp32 [N] out
+    lse_ptr,  # fp32 [N] out, saved for the backward
+    zbar_ptr,  # fp32 [N] out, saved for the backward
+    n_valid,
+    vocab_size,
+    hidden_size,
+    stride_hidden_row,
+    stride_weight_row,
+    inv_temperature,
+    HAS_BIAS: tl.constexpr,
+    UPCAST_DOT_INPUTS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    slots = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # positions in row_index
+    slot_ok = slots < n_valid
+    rows = tl.load(row_index_ptr + slots, mask=slot_ok, other=0).to(tl.int64)
+    target = tl.load(targets_ptr + rows, mask=slot_ok, other=-1)
+    hidden_row_ptrs = hidden_ptr + rows * stride_hidden_row
+
+    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    rest = tl.zeros([BLOCK_N], dtype=tl.float32)
+    u = tl.zeros([BLOCK_N], dtype=tl.float32)
+    z_target = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for v_start in range(0, vocab_size, BLOCK_V):
+        cols = v_start + tl.arange(0, BLOCK_V)
+        col_ok = cols < vocab_size
+        z = _logits_tile(hidden_row_ptrs, slot_ok, weight_ptr, bias_ptr, cols, col_ok, hidden_size,
+                         stride_weight_row, inv_temperature, HAS_BIAS, UPCAST_DOT_INPUTS,
+                         BLOCK_N, BLOCK_V, BLOCK_H)
+        # Padded columns must not count as exp(0) = 1 (the verl#2899 bug): -inf before max/exp.
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+        z_target += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), axis=1)
+
+        # Summary of this tile. Its max is finite: every tile holds at least one real column.
+        tile_max = tl.max(z, axis=1)
+        shifted = z - tile_max[:, None]  # <= 0; -inf on padded columns
+        e = tl.exp(shifted)  # 0 on padded columns
+        is_max = shifted == 0.0
+        n_max = tl.sum(is_max.to(tl.float32), axis=1)
+        tile_rest = tl.sum(tl.where(is_max, 0.0, e), axis=1) + (n_max - 1.0)
+        tile_u = tl.sum(e * tl.where(col_ok[None, :], shifted, 0.0), axis=1)  # no 0 * -inf
+        m, rest, u = _merge_row_stats(m, rest, u, tile_max, tile_rest, tile_u)
+
+    # With s = 1 + rest = sum_k exp(z_k - m):  lse = m + log s,  p_k = exp(z_k - m) / s,
+    # entropy = -sum p log p = log s - u / s  (two non-negative terms: no cancellation),
+    # zbar = sum p z = m + u / s,  logp = z_y - lse.
+    log_sum_exp_shifted = _log1p(rest)
+    u_over_s = u / (1.0 + rest)
+    tl.store(logp_ptr + slots, (z_target - m) - log_sum_exp_shifted, mask=slot_ok)
+    tl.store(entropy_ptr + slots, log_sum_exp_shifted - u_over_s, mask=slot_ok)
+    tl.store(lse_ptr + slots, m + log_sum_exp_shifted, mask=slot_ok)
+    tl.store(zbar_ptr + slots, m + u_over_s, mask=slot_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward kernels (one chunk of CHUNK_N valid rows at a time)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _linear_token_stats_dlogits_kernel(
+    hidden_ptr,  # [R, H]
+    weight_ptr,  # [V, H]
+    bias_ptr,  # [V] (unused when HAS_BIAS is False)
+    targets_ptr,  # int64 [R]
+    row_index_ptr,  # int64 [N]
+    lse_ptr,  # fp32 [N] from the forward
+    zbar_ptr,  # fp32 [N] from the forward
+    logp_ptr,  # fp32 [N] from the forward
+    coef_logp_ptr,  # fp32 [N]: dL/dlogp
+    coef_entropy_ptr,  # fp32 [N]: dL/dentropy
+    dlogits_ptr,  # [CHUNK_N, V] workspace out (bf16 or fp32), row-major
+    chunk_start,
+    chunk_rows,
+    vocab_size,
+    hidden_size,
+    stride_hidden_row,
+    stride_weight_row,
+    inv_temperature,
+    HAS_BIAS: tl.constexpr,
+    UPCAST_DOT_INPUTS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    local_rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # rows of the workspace
+    row_ok = local_rows < chunk_rows
+    slots = chunk_start + local_rows  # positions in row_index / the [N] vectors
+    rows = tl.load(row_index_ptr + slots, mask=row_ok, other=0).to(tl.int64)
+    target = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
+    lse = tl.load(lse_ptr + slots, mask=row_ok, other=0.0)
+    zbar = tl.load(zbar_ptr + slots, mask=row_ok, other=0.0)
+    logp = tl.load(logp_ptr + slots, mask=row_ok, other=0.0)
+    c_logp = tl.load(coef_logp_ptr + slots, mask=row_ok, other=0.0)
+    c_ent = tl.load(coef_entropy_ptr + slots, mask=row_ok, other=0.0)
+
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < vocab_size
+    z = _logits_tile(hidden_ptr + rows * stride_hidden_row, row_ok, weight_ptr, bias_ptr, cols, col_ok,
+                     hidden_size, stride_weight_row, inv_temperature, HAS_BIAS, UPCAST_DOT_INPUTS,
+                     BLOCK_N, BLOCK_V, BLOCK_H)
+
+    # dL/dz_k = -p_k [c_logp + c_ent (z_k - zbar)] + c_logp [k == y]   (ALGORITHMS.md §8.3).
+    # p = exp(z - lse) underflows to exactly 0 and then contributes exactly 0 (z is finite here).
+    p = tl.exp(z - lse[:, None])
+    centred = z - zbar[:, None]
+    dz = -p * (c_logp[:, None] + c_ent[:, None] * centred)
+    # At the target the same value is c_logp (1 - p_y) - c_ent p_y (z_y - zbar); 1 - p_y taken as
+    # -expm1(logp) stays accurate when p_y ~ 1 (a peaked row), where 1 - exp() would cancel.
+    one_minus_p_target = _one_minus_exp(logp)
+    dz_target = c_logp[:, None] * one_minus_p_target[:, None] - c_ent[:, None] * p * centred
+    dz = tl.where(cols[None, :] == target[:, None], dz_target, dz)
+    dlogits = dz * inv_temperature  # chain rule through z = logits / T
+
+    offsets = local_rows.to(tl.int64)[:, None] * vocab_size + cols[None, :]
+    tl.store(dlogits_ptr + offsets, dlogits.to(dlogits_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _linear_token_stats_dhidden_kernel(
+    dlogits_ptr,  # [CHUNK_N, V] workspace, row-major
+    weight_ptr,  # [V, H]
+    row_index_ptr,  # int64 [N]
+    grad_hidden_ptr,  # [R, H] out (hidden dtype), rows of this chunk written
+    chunk_start,
+    chunk_rows,
+    vocab_size,
+    hidden_size,
+    stride_weight_row,
+    stride_grad_hidden_row,
+    UPCAST_DOT_INPUTS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    local_rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = local_rows < chunk_rows
+    rows = tl.load(row_index_ptr + chunk_start + local_rows, mask=row_ok, other=0).to(tl.int64)
+    hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = hs < hidden_size
+    dlogits_row_ptrs = dlogits_ptr + local_rows.to(tl.int64) * vocab_size
+
+    acc = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+    for v_start in range(0, vocab_size, BLOCK_V):
+        cols = v_start + tl.arange(0, BLOCK_V)
+        col_ok = cols < vocab_size
+        g = tl.load(dlogits_row_ptrs[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        w = tl.load(weight_ptr + cols.to(tl.int64)[:, None] * stride_weight_row + hs[None, :],
+                    mask=col_ok[:, None] & h_ok[None, :], other=0.0)
+        if UPCAST_DOT_INPUTS:
+            g = g.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(g, w, acc, input_precision="ieee")
+
+    out_ptrs = grad_hidden_ptr + rows[:, None] * stride_grad_hidden_row + hs[None, :]
+    tl.store(out_ptrs, acc.to(grad_hidden_ptr.dtype.element_ty), mask=row_ok[:, None] & h_ok[None, :])
+
+
+@triton.jit
+def _linear_token_stats_dweight_kernel(
+    dlogits_ptr,  # [CHUNK_N, V] workspace, row-major
+    hidden_ptr,  # [R, H]
+    row_index_ptr,  # int64 [N]
+    grad_weight_ptr,  # [V, H] out: fp32 accumulator, or the final gradient (weight dtype)
+    grad_bias_ptr,  # fp32 [V] accumulator (unused when COMPUTE_BIAS is False)
+    chunk_start,
+    chunk_rows,
+    vocab_size,
+    hidden_size,
+    stride_hidden_row,
+    stride_grad_weight_row,
+    ACCUMULATE: tl.constexpr,  # add onto grad_weight (chunks after the first)
+    COMPUTE_BIAS: tl.constexpr,
+    UPCAST_DOT_INPUTS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    pid_h = tl.program_id(1)
+    cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < vocab_size
+    hs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = hs < hidden_size
+
+    acc = tl.zeros([BLOCK_V, BLOCK_H], dtype=tl.float32)
+    bias_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for n_start in range(0, chunk_rows, BLOCK_N):
+        local_rows = n_start + tl.arange(0, BLOCK_N)
+        row_ok = local_rows < chunk_rows
+        rows = tl.load(row_index_ptr + chunk_start + local_rows, mask=row_ok, other=0).to(tl.int64)
+        g = tl.load(dlogits_ptr + local_rows.to(tl.int64)[:, None] * vocab_size + cols[None, :],
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_V]
+        x = tl.load(hidden_ptr + rows[:, None] * stride_hidden_row + hs[None, :],
+                    mask=row_ok[:, None] & h_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_H]
+        if UPCAST_DOT_INPUTS:
+            g = g.to(tl.float32)
+            x = x.to(tl.float32)
+        acc = tl.dot(tl.trans(g), x, acc, input_precision="ieee")
+        if COMPUTE_BIAS:
+            bias_acc += tl.sum(g.to(tl.float32), axis=0)
+
+    out_offsets = cols.to(tl.int64)[:, None] * stride_grad_weight_row + hs[None, :]
+    out_mask = col_ok[:, None] & h_ok[None, :]
+    if ACCUMULATE:
+        acc += tl.load(grad_weight_ptr + out_offsets, mask=out_mask, other=0.0).to(tl.float32)
+    tl.store(grad_weight_ptr + out_offsets, acc.to(grad_weight_ptr.dtype.element_ty), mask=out_mask)
+    if COMPUTE_BIAS:
+        # Every H-block program of this vocabulary tile has the same column sums; the first writes.
+        bias_mask = col_ok & (pid_h == 0)
+        previous = tl.load(grad_bias_ptr + cols, mask=bias_mask, other=0.0)
+        tl.store(grad_bias_ptr + cols, previous + bias_acc, mask=bias_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinearTokenStatsBlocks:
+    """Tile sizes shared by all four kernels, and the backward's workspace chunk.
+
+    On a GPU every block must be >= 16 (``tl.dot``) and a power of two. ``backward_chunk_rows``
+    is the number of valid rows whose ``dlogits`` live in the workspace at once (rounded up to a
+    multiple of ``block_n``); None sizes it to ``DEFAULT_WORKSPACE_BYTES``.
+    """
+
+    block_n: int = 64
+    block_v: int = 128
+    block_h: int = 32
+    num_warps: int = 8
+    num_stages: int = 3
+    backward_chunk_rows: int | None = None
+
+    def __post_init__(self):
+        for name in ("block_n", "block_v", "block_h"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two, got {value}")
+        if self.backward_chunk_rows is not None and self.backward_chunk_rows < 1:
+            raise ValueError(f"backward_chunk_rows must be >= 1, got {self.backward_chunk_rows}")
+
+
+def _resolve_blocks(block_sizes) -> LinearTokenStatsBlocks:
+    if block_sizes is None:
+        return LinearTokenStatsBlocks()
+    if isinstance(block_sizes, LinearTokenStatsBlocks):
+        return block_sizes
+    if isinstance(block_sizes, dict):
+        return LinearTokenStatsBlocks(**block_sizes)
+    raise TypeError(f"block_sizes must be None, a dict or LinearTokenStatsBlocks, got {type(block_sizes).__name__}")
+
+
+def _runs_in_interpreter(tensor: torch.Tensor) -> bool:
+    # CPU tensors can only be launched through Triton's interpreter (TRITON_INTERPRET=1).
+    return tensor.device.type != "cuda"
+
+
+def _workspace_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    # bf16 keeps fp32's exponent range, so tensor-core GEMMs on bf16 dlogits lose only mantissa;
+    # fp16 would flush the many tiny entries p_k * c / T to zero, so fp16 (and fp32) use fp32.
+    return torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float32
+
+
+def _chunk_rows(n_valid: int, vocab_size: int, workspace_dtype: torch.dtype, blocks: LinearTokenStatsBlocks) -> int:
+    if blocks.backward_chunk_rows is not None:
+        rows = blocks.backward_chunk_rows
+    else:
+        element_size = torch.empty((), dtype=workspace_dtype).element_size()
+        rows = DEFAULT_WORKSPACE_BYTES // (vocab_size * element_size)
+        rows = max(blocks.block_n, rows // blocks.block_n * blocks.block_n)
+    rows = triton.cdiv(rows, blocks.block_n) * blocks.block_n
+    return max(1, min(rows, n_valid))
+
+
+def _check_inputs(hidden, weight, targets, row_index, bias, temperature):
+    """Shape / dtype / device / value checks with messages that say what to fix. One host sync
+    (for the value checks of row_index and targets)."""
+    if not all(isinstance(t, torch.Tensor) for t in (hidden, weight, targets, row_index)):
+        raise TypeError("hidden, weight, targets and row_index must be torch.Tensors")
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be 2-D [R, H] (flatten [B, T, H] first), got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [V, H], got shape {tuple(weight.shape)}")
+    num_rows, hidden_size = hidden.shape
+    vocab_size = weight.shape[0]
+    if weight.shape[1] != hidden_size:
+        raise ValueError(f"weight is [V, H] = {tuple(weight.shape)} but hidden has H = {hidden_size}")
+    if vocab_size == 0 or hidden_size == 0:
+        raise ValueError(f"empty vocabulary or hidden size: weight shape {tuple(weight.shape)}")
+    if hidden.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"hidden must be bf16, fp16 or fp32, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
+    if targets.dtype != torch.int64 or row_index.dtype != torch.int64:
+        raise TypeError(f"targets and row_index must be int64, got {targets.dtype} and {row_index.dtype}")
+    if targets.shape != (num_rows,):
+        raise ValueError(f"targets must be [R] = [{num_rows}], got shape {tuple(targets.shape)}")
+    if row_index.dim() != 1:
+        raise ValueError(f"row_index must be 1-D [N], got shape {tuple(row_index.shape)}")
+    tensors = {"hidden": hidden, "weight": weight, "targets": targets, "row_index": row_index}
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError("bias must be a torch.Tensor or None")
+        if bias.shape != (vocab_size,):
+            raise ValueError(f"bias must be [V] = [{vocab_size}], got shape {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must equal hidden dtype {hidden.dtype}")
+        tensors["bias"] = bias
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) != 1:
+        raise ValueError(f"all tensors must be on one device, got {devices}")
+    if hidden.device.type == "cpu" and not _interpreter_enabled():
+        raise RuntimeError("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before "
+                           "fused_canon.kernels is imported")
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1:
+            raise ValueError("temperature must be a scalar")
+        temperature = temperature.item()
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+    temperature = float(temperature)
+    if not (math.isfinite(temperature) and temperature > 0.0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+
+    if row_index.numel() > 0:
+        row_out_of_range = ((row_index < 0) | (row_index >= num_rows)).any()
+        sorted_rows = row_index.sort().values
+        duplicate_row = (sorted_rows[1:] == sorted_rows[:-1]).any()
+        valid_targets = targets[row_index.clamp(0, max(num_rows - 1, 0))]
+        target_out_of_range = ((valid_targets < 0) | (valid_targets >= vocab_size)).any()
+        bad_rows, duplicates, bad_targets = torch.stack([row_out_of_range, duplicate_row, target_out_of_range]).tolist()
+        if bad_rows:
+            raise ValueError(f"row_index has entries outside [0, R) = [0, {num_rows})")
+        if duplicates:
+            raise ValueError("row_index has duplicate rows")
+        if bad_targets:
+            raise ValueError(f"targets of valid rows must lie in [0, V) = [0, {vocab_size})")
+    return temperature
+
+
+def _interpreter_enabled() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _forward(hidden, weight, bias, targets, row_index, inv_temperature, blocks):
+    n_valid = row_index.numel()
+    vocab_size, hidden_size = weight.shape
+    stats = torch.empty((4, n_valid), dtype=torch.float32, device=hidden.device)
+    logp, entropy, lse, zbar = stats.unbind(0)
+    if n_valid == 0:
+        return logp, entropy, lse, zbar
+    upcast = _runs_in_interpreter(hidden) and hidden.dtype == torch.bfloat16
+    grid = (triton.cdiv(n_valid, blocks.block_n),)
+    _linear_token_stats_fwd_kernel[grid](
+        hidden, weight, bias if bias is not None else weight, targets, row_index,
+        logp, entropy, lse, zbar,
+        n_valid, vocab_size, hidden_size, hidden.stride(0), weight.stride(0), inv_temperature,
+        HAS_BIAS=bias is not None, UPCAST_DOT_INPUTS=upcast,
+        BLOCK_N=blocks.block_n, BLOCK_V=blocks.block_v, BLOCK_H=blocks.block_h,
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+    )
+    return logp, entropy, lse, zbar
+
+
+def _backward(hidden, weight, bias, targets, row_index, logp, lse, zbar, coef_logp, coef_entropy,
+              inv_temperature, blocks, need_hidden, need_weight, need_bias):
+    """Gradients w.r.t. hidden, weight and bias (None where not needed); see the module docstring."""
+    num_rows, hidden_size = hidden.shape
+    vocab_size = weight.shape[0]
+    n_valid = row_index.numel()
+    device = hidden.device
+    grad_hidden = torch.zeros((num_rows, hidden_size), dtype=hidden.dtype, device=device) if need_hidden else None
+    grad_weight = grad_bias = None
+    if not (need_hidden or need_weight or need_bias):
+        return grad_hidden, grad_weight, grad_bias
+    if n_valid == 0:
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_bias = torch.zeros_like(bias) if need_bias else None
+        return grad_hidden, grad_weight, grad_bias
+
+    interpreter = _runs_in_interpreter(hidden)
+    workspace_dtype = _workspace_dtype(weight.dtype)
+    chunk_rows = _chunk_rows(n_valid, vocab_size, workspace_dtype, blocks)
+    num_chunks = triton.cdiv(n_valid, chunk_rows)
+    dlogits = torch.empty((chunk_rows, vocab_size), dtype=workspace_dtype, device=device)
+    # tl.dot needs equal operand dtypes; fp32 workspace x fp16 weights computes in fp32.
+    upcast_forward = interpreter and hidden.dtype == torch.bfloat16
+    upcast_gemm = workspace_dtype != weight.dtype or upcast_forward
+
+    need_weight_kernel = need_weight or need_bias
+    weight_out = bias_out = None
+    if need_weight_kernel:
+        if weight.dtype == torch.float32 or num_chunks == 1:
+            weight_out = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        else:
+            weight_out = torch.empty(weight.shape, dtype=torch.float32, device=device)  # V*H*4 bytes
+        if need_bias:
+            bias_out = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+
+    common = dict(BLOCK_N=blocks.block_n, BLOCK_V=blocks.block_v, BLOCK_H=blocks.block_h,
+                  num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+    for chunk in range(num_chunks):
+        chunk_start = chunk * chunk_rows
+        rows_here = min(chunk_rows, n_valid - chunk_start)
+        grid = (triton.cdiv(rows_here, blocks.block_n), triton.cdiv(vocab_size, blocks.block_v))
+        _linear_token_stats_dlogits_kernel[grid](
+            hidden, weight, bias if bias is not None else weight, targets, row_index,
+            lse, zbar, logp, coef_logp, coef_entropy, dlogits,
+            chunk_start, rows_here, vocab_size, hidden_size, hidden.stride(0), weight.stride(0),
+            inv_temperature, HAS_BIAS=bias is not None, UPCAST_DOT_INPUTS=upcast_forward, **common,
+        )
+        if need_hidden:
+            grid = (triton.cdiv(rows_here, blocks.block_n), triton.cdiv(hidden_size, blocks.block_h))
+            _linear_token_stats_dhidden_kernel[grid](
+                dlogits, weight, row_index, grad_hidden,
+                chunk_start, rows_here, vocab_size, hidden_size, weight.stride(0), grad_hidden.stride(0),
+                UPCAST_DOT_INPUTS=upcast_gemm, **common,
+            )
+        if need_weight_kernel:
+            grid = (triton.cdiv(vocab_size, blocks.block_v), triton.cdiv(hidden_size, blocks.block_h))
+            _linear_token_stats_dweight_kernel[grid](
+                dlogits, hidden, row_index, weight_out, bias_out if need_bias else weight_out,
+                chunk_start, rows_here, vocab_size, hidden_size, hidden.stride(0), weight_out.stride(0),
+                ACCUMULATE=chunk > 0, COMPUTE_BIAS=need_bias, UPCAST_DOT_INPUTS=upcast_gemm, **common,
+            )
+    del dlogits
+    if need_weight:
+        grad_weight = weight_out.to(weight.dtype)  # no-op when already in the weight dtype
+    if need_bias:
+        grad_bias = bias_out.to(bias.dtype)
+    return grad_hidden, grad_weight, grad_bias
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd wiring and public entry point
+# ----------------------------------------------------------------------------------------------
+
+
+class TritonLinearTokenStats(torch.autograd.Function):
+    """``(logp, entropy) = f(hidden, weight, bias)`` for the valid rows; see the module docstring.
+
+    ``apply(hidden, weight, targets, row_index, bias, temperature, block_sizes)``.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, row_index, bias, temperature, block_sizes):
+        temperature = _check_inputs(hidden, weight, targets, row_index, bias, temperature)
+        blocks = _resolve_blocks(block_sizes)
+        hidden = _last_dim_contiguous(hidden)
+        weight = _last_dim_contiguous(weight)
+        bias = bias.contiguous() if bias is not None else None
+        inv_temperature = 1.0 / temperature
+        logp, entropy, lse, zbar = _forward(hidden, weight, bias, targets, row_index, inv_temperature, blocks)
+        ctx.save_for_backward(hidden, weight, bias, targets, row_index, logp, lse, zbar)
+        ctx.inv_temperature = inv_temperature
+        ctx.blocks = blocks
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, targets, row_index, logp, lse, zbar = ctx.saved_tensors
+        need_hidden, need_weight, _, _, need_bias = ctx.needs_input_grad[:5]
+        need_bias = need_bias and bias is not None
+
+        def coefficient(grad):
+            if grad is None:
+                return torch.zeros_like(logp)
+            return grad.to(torch.float32).contiguous()
+
+        grad_hidden, grad_weight, grad_bias = _backward(
+            hidden, weight, bias, targets, row_index, logp, lse, zbar,
+            coefficient(grad_logp), coefficient(grad_entropy), ctx.inv_temperature, ctx.blocks,
+            need_hidden, need_weight, need_bias,
+        )
+        return grad_hidden, grad_weight, None, None, grad_bias, None, None
+
+
+def triton_linear_token_stats(hidden, weight, targets, row_index, bias=None, temperature=1.0, *, block_sizes=None):
+    """Per-token ``(logp, entropy)``, fp32 ``[N]``, of the valid rows ``row_index`` of
+    ``z = (hidden @ weight.T + bias) / temperature``, without materialising ``[N, V]``.
+
+    ``block_sizes``: None (defaults), a ``LinearTokenStatsBlocks`` or a dict of its fields.
+    Differentiable w.r.t. ``hidden``, ``weight`` and ``bias``; see the module docstring.
+    """
+    return TritonLinearTokenStats.apply(hidden, weight, targets, row_index, bias, temperature, block_sizes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compilation registry (tests/test_aot_compile.py compiles every entry)
+# ----------------------------------------------------------------------------------------------
+# Each entry: "name", "kernel" (the @triton.jit function), "signature" (every argument, in order,
+# with its Triton type; compile-time arguments typed "constexpr"), "constexprs" (their values),
+# "num_warps", "num_stages". Use as
+#   triton.compile(triton.compiler.ASTSource(fn=e["kernel"], signature=e["signature"],
+#                  constexprs=e["constexprs"]), target=GPUTarget("cuda", 90, 32),
+#                  options={"num_warps": e["num_warps"], "num_stages": e["num_stages"]})
+# in a process without TRITON_INTERPRET=1. The signatures are the bf16 training configuration.
+
+_AOT_BLOCKS = LinearTokenStatsBlocks()
+
+
+def _aot_constexprs(**values):
+    return {"BLOCK_N": _AOT_BLOCKS.block_n, "BLOCK_V": _AOT_BLOCKS.block_v, "BLOCK_H": _AOT_BLOCKS.block_h,
+            "UPCAST_DOT_INPUTS": False, **values}
+
+
+def _aot_entry(name, kernel, types, constexprs):
+    signature = {arg: ("constexpr" if arg in constexprs else types[arg]) for arg in kernel.arg_names}
+    return {"name": name, "kernel": kernel, "signature": signature, "constexprs": constexprs,
+            "num_warps": _AOT_BLOCKS.num_warps, "num_stages": _AOT_BLOCKS.num_stages}
+
+
+_I32_SIZES = {name: "i32" for name in (
+    "n_valid", "vocab_size", "hidden_size", "chunk_start", "chunk_rows", "stride_hidden_row",
+    "stride_weight_row", "stride_grad_hidden_row", "stride_grad_weight_row")}
+
+AOT_SIGNATURES = [
+    _aot_entry("linear_token_stats_fwd_bf16", _linear_token_stats_fwd_kernel, {
+        **_I32_SIZES, "hidden_ptr": "*bf16", "weight_ptr": "*bf16", "bias_ptr": "*bf16", "targets_ptr": "*i64",
+        "row_index_ptr": "*i64", "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32",
+        "zbar_ptr": "*fp32", "inv_temperature": "fp32",
+    }, _aot_constexprs(HAS_BIAS=True)),
+    _aot_entry("linear_token_stats_dlogits_bf16", _linear_token_stats_dlogits_kernel, {
+        **_I32_SIZES, "hidden_ptr": "*bf16", "weight_ptr": "*bf16", "bias_ptr": "*bf16", "targets_ptr": "*i64",
+        "row_index_ptr": "*i64", "lse_ptr": "*fp32", "zbar_ptr": "*fp32", "logp_ptr": "*fp32",
+        "coef_logp_ptr": "*fp32", "coef_entropy_ptr": "*fp32", "dlogits_ptr": "*bf16", "inv_temperature": "fp32",
+    }, _aot_constexprs(HAS_BIAS=True)),
+    _aot_entry("linear_token_stats_dhidden_bf16", _linear_token_stats_dhidden_kernel, {
+        **_I32_SIZES, "dlogits_ptr": "*bf16", "weight_ptr": "*bf16", "row_index_ptr": "*i64",
+        "grad_hidden_ptr": "*bf16",
+    }, _aot_constexprs()),
+    _aot_entry("linear_token_stats_dweight_bf16", _linear_token_stats_dweight_kernel, {
+        **_I32_SIZES, "dlogits_ptr": "*bf16", "hidden_ptr": "*bf16", "row_index_ptr": "*i64",
+        "grad_weight_ptr": "*fp32", "grad_bias_ptr": "*fp32",
+    }, _aot_constexprs(ACCUMULATE=True, COMPUTE_BIAS=True)),
+]
