@@ -78,8 +78,9 @@ interpreter's bf16 arithmetic is wrong (ENVIRONMENT.md §1). Padded vocabulary c
 ``-inf`` before any max or exp; all loads and stores are masked; row, vocabulary and workspace
 offsets are int64.
 
-``AOT_SIGNATURES`` lists every kernel with a realistic bf16 GPU signature for ahead-of-time
-compilation (``triton.compile(ASTSource(...), target=GPUTarget("cuda", 80 | 90, 32))``).
+``AOT_SIGNATURES`` lists every kernel as ``(kernel, signature, constexprs, options)`` with a
+realistic bf16 GPU configuration (plus fp32 / fp16 variants) for ahead-of-time compilation
+(tests/test_aot_compile.py); ``AOT_NO_SPILL`` names the kernels that must not spill.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ import triton
 import triton.language as tl
 
 __all__ = [
+    "AOT_NO_SPILL",
     "AOT_SIGNATURES",
     "DEFAULT_WORKSPACE_BYTES",
     "LinearTokenStatsBlocks",
@@ -451,6 +453,14 @@ class LinearTokenStatsBlocks:
             raise ValueError(f"backward_chunk_rows must be >= 1, got {self.backward_chunk_rows}")
 
 
+def _launch_options(blocks: LinearTokenStatsBlocks, dot_operand_dtype: torch.dtype) -> dict:
+    """num_warps / num_stages for a kernel whose tl.dot operands have this dtype. fp32 operands
+    take the CUDA-core FMA path, whose software pipelining spills registers at these tiles
+    (ptxas -v, sm_80 and sm_90): those kernels run unpipelined (num_stages=1)."""
+    stages = 1 if dot_operand_dtype == torch.float32 else blocks.num_stages
+    return {"num_warps": blocks.num_warps, "num_stages": stages}
+
+
 def _resolve_blocks(block_sizes) -> LinearTokenStatsBlocks:
     if block_sizes is None:
         return LinearTokenStatsBlocks()
@@ -574,7 +584,7 @@ def _forward(hidden, weight, bias, targets, row_index, inv_temperature, blocks):
         n_valid, vocab_size, hidden_size, hidden.stride(0), weight.stride(0), inv_temperature,
         HAS_BIAS=bias is not None, UPCAST_DOT_INPUTS=upcast,
         BLOCK_N=blocks.block_n, BLOCK_V=blocks.block_v, BLOCK_H=blocks.block_h,
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+        **_launch_options(blocks, torch.float32 if upcast else hidden.dtype),
     )
     return logp, entropy, lse, zbar
 
@@ -614,8 +624,9 @@ def _backward(hidden, weight, bias, targets, row_index, logp, lse, zbar, coef_lo
         if need_bias:
             bias_out = torch.zeros(vocab_size, dtype=torch.float32, device=device)
 
-    common = dict(BLOCK_N=blocks.block_n, BLOCK_V=blocks.block_v, BLOCK_H=blocks.block_h,
-                  num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+    blocks_args = dict(BLOCK_N=blocks.block_n, BLOCK_V=blocks.block_v, BLOCK_H=blocks.block_h)
+    dlogits_args = {**blocks_args, **_launch_options(blocks, torch.float32 if upcast_forward else hidden.dtype)}
+    gemm_args = {**blocks_args, **_launch_options(blocks, torch.float32 if upcast_gemm else hidden.dtype)}
     for chunk in range(num_chunks):
         chunk_start = chunk * chunk_rows
         rows_here = min(chunk_rows, n_valid - chunk_start)
@@ -624,21 +635,21 @@ def _backward(hidden, weight, bias, targets, row_index, logp, lse, zbar, coef_lo
             hidden, weight, bias if bias is not None else weight, targets, row_index,
             lse, zbar, logp, coef_logp, coef_entropy, dlogits,
             chunk_start, rows_here, vocab_size, hidden_size, hidden.stride(0), weight.stride(0),
-            inv_temperature, HAS_BIAS=bias is not None, UPCAST_DOT_INPUTS=upcast_forward, **common,
+            inv_temperature, HAS_BIAS=bias is not None, UPCAST_DOT_INPUTS=upcast_forward, **dlogits_args,
         )
         if need_hidden:
             grid = (triton.cdiv(rows_here, blocks.block_n), triton.cdiv(hidden_size, blocks.block_h))
             _linear_token_stats_dhidden_kernel[grid](
                 dlogits, weight, row_index, grad_hidden,
                 chunk_start, rows_here, vocab_size, hidden_size, weight.stride(0), grad_hidden.stride(0),
-                UPCAST_DOT_INPUTS=upcast_gemm, **common,
+                UPCAST_DOT_INPUTS=upcast_gemm, **gemm_args,
             )
         if need_weight_kernel:
             grid = (triton.cdiv(vocab_size, blocks.block_v), triton.cdiv(hidden_size, blocks.block_h))
             _linear_token_stats_dweight_kernel[grid](
                 dlogits, hidden, row_index, weight_out, bias_out if need_bias else weight_out,
                 chunk_start, rows_here, vocab_size, hidden_size, hidden.stride(0), weight_out.stride(0),
-                ACCUMULATE=chunk > 0, COMPUTE_BIAS=need_bias, UPCAST_DOT_INPUTS=upcast_gemm, **common,
+                ACCUMULATE=chunk > 0, COMPUTE_BIAS=need_bias, UPCAST_DOT_INPUTS=upcast_gemm, **gemm_args,
             )
     del dlogits
     if need_weight:
@@ -703,51 +714,52 @@ def triton_linear_token_stats(hidden, weight, targets, row_index, bias=None, tem
 
 
 # ----------------------------------------------------------------------------------------------
-# Ahead-of-time compilation registry (tests/test_aot_compile.py compiles every entry)
+# Ahead-of-time compilation registry (tests/test_aot_compile.py compiles every entry for sm_80 and
+# sm_90 and runs ptxas -v on it)
 # ----------------------------------------------------------------------------------------------
-# Each entry: "name", "kernel" (the @triton.jit function), "signature" (every argument, in order,
-# with its Triton type; compile-time arguments typed "constexpr"), "constexprs" (their values),
-# "num_warps", "num_stages". Use as
-#   triton.compile(triton.compiler.ASTSource(fn=e["kernel"], signature=e["signature"],
-#                  constexprs=e["constexprs"]), target=GPUTarget("cuda", 90, 32),
-#                  options={"num_warps": e["num_warps"], "num_stages": e["num_stages"]})
-# in a process without TRITON_INTERPRET=1. The signatures are the bf16 training configuration.
+# Entries are (kernel, signature, constexprs, options): the signature names every argument in
+# order with its Triton type ("constexpr" for compile-time ones); options are triton.compile
+# options plus "div16", the integer arguments to compile with a divisible-by-16 hint (what the
+# JIT infers at H = 4096, V = 151,936). One entry per kernel and input dtype, with the launch
+# options _launch_options() picks for it.
 
 _AOT_BLOCKS = LinearTokenStatsBlocks()
+_AOT_SIZES = {"n_valid": "i32", "vocab_size": "i32", "hidden_size": "i32", "chunk_start": "i32",
+              "chunk_rows": "i32", "stride_hidden_row": "i32", "stride_weight_row": "i32",
+              "stride_grad_hidden_row": "i32", "stride_grad_weight_row": "i32", "inv_temperature": "fp32"}
+_TRITON_TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def _aot_constexprs(**values):
-    return {"BLOCK_N": _AOT_BLOCKS.block_n, "BLOCK_V": _AOT_BLOCKS.block_v, "BLOCK_H": _AOT_BLOCKS.block_h,
-            "UPCAST_DOT_INPUTS": False, **values}
-
-
-def _aot_entry(name, kernel, types, constexprs):
+def _aot_entry(kernel, pointer_types, dot_operand_dtype, **constexprs):
+    constexprs = {"BLOCK_N": _AOT_BLOCKS.block_n, "BLOCK_V": _AOT_BLOCKS.block_v, "BLOCK_H": _AOT_BLOCKS.block_h,
+                  **constexprs}
+    types = {**_AOT_SIZES, **pointer_types}
     signature = {arg: ("constexpr" if arg in constexprs else types[arg]) for arg in kernel.arg_names}
-    return {"name": name, "kernel": kernel, "signature": signature, "constexprs": constexprs,
-            "num_warps": _AOT_BLOCKS.num_warps, "num_stages": _AOT_BLOCKS.num_stages}
+    div16 = [arg for arg in signature if arg in ("vocab_size", "hidden_size") or arg.startswith("stride_")]
+    return kernel, signature, constexprs, {**_launch_options(_AOT_BLOCKS, dot_operand_dtype), "div16": div16}
 
 
-_I32_SIZES = {name: "i32" for name in (
-    "n_valid", "vocab_size", "hidden_size", "chunk_start", "chunk_rows", "stride_hidden_row",
-    "stride_weight_row", "stride_grad_hidden_row", "stride_grad_weight_row")}
+def _aot_entries(dtype: torch.dtype):
+    """The four kernels as a GPU launches them for `dtype` inputs (bias present, later chunk)."""
+    ty = _TRITON_TYPE[dtype]
+    workspace = _workspace_dtype(dtype)
+    gemm_dot = torch.float32 if workspace != dtype else dtype  # see _backward's upcast rule
+    stats = {"hidden_ptr": f"*{ty}", "weight_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "targets_ptr": "*i64",
+             "row_index_ptr": "*i64", "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32",
+             "zbar_ptr": "*fp32", "coef_logp_ptr": "*fp32", "coef_entropy_ptr": "*fp32",
+             "dlogits_ptr": f"*{_TRITON_TYPE[workspace]}"}
+    gemm = {"dlogits_ptr": stats["dlogits_ptr"], "weight_ptr": f"*{ty}", "hidden_ptr": f"*{ty}",
+            "row_index_ptr": "*i64", "grad_hidden_ptr": f"*{ty}", "grad_weight_ptr": "*fp32", "grad_bias_ptr": "*fp32"}
+    return [
+        _aot_entry(_linear_token_stats_fwd_kernel, stats, dtype, HAS_BIAS=True, UPCAST_DOT_INPUTS=False),
+        _aot_entry(_linear_token_stats_dlogits_kernel, stats, dtype, HAS_BIAS=True, UPCAST_DOT_INPUTS=False),
+        _aot_entry(_linear_token_stats_dhidden_kernel, gemm, gemm_dot, UPCAST_DOT_INPUTS=gemm_dot != dtype),
+        _aot_entry(_linear_token_stats_dweight_kernel, gemm, gemm_dot, ACCUMULATE=True, COMPUTE_BIAS=True,
+                   UPCAST_DOT_INPUTS=gemm_dot != dtype),
+    ]
 
-AOT_SIGNATURES = [
-    _aot_entry("linear_token_stats_fwd_bf16", _linear_token_stats_fwd_kernel, {
-        **_I32_SIZES, "hidden_ptr": "*bf16", "weight_ptr": "*bf16", "bias_ptr": "*bf16", "targets_ptr": "*i64",
-        "row_index_ptr": "*i64", "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32",
-        "zbar_ptr": "*fp32", "inv_temperature": "fp32",
-    }, _aot_constexprs(HAS_BIAS=True)),
-    _aot_entry("linear_token_stats_dlogits_bf16", _linear_token_stats_dlogits_kernel, {
-        **_I32_SIZES, "hidden_ptr": "*bf16", "weight_ptr": "*bf16", "bias_ptr": "*bf16", "targets_ptr": "*i64",
-        "row_index_ptr": "*i64", "lse_ptr": "*fp32", "zbar_ptr": "*fp32", "logp_ptr": "*fp32",
-        "coef_logp_ptr": "*fp32", "coef_entropy_ptr": "*fp32", "dlogits_ptr": "*bf16", "inv_temperature": "fp32",
-    }, _aot_constexprs(HAS_BIAS=True)),
-    _aot_entry("linear_token_stats_dhidden_bf16", _linear_token_stats_dhidden_kernel, {
-        **_I32_SIZES, "dlogits_ptr": "*bf16", "weight_ptr": "*bf16", "row_index_ptr": "*i64",
-        "grad_hidden_ptr": "*bf16",
-    }, _aot_constexprs()),
-    _aot_entry("linear_token_stats_dweight_bf16", _linear_token_stats_dweight_kernel, {
-        **_I32_SIZES, "dlogits_ptr": "*bf16", "hidden_ptr": "*bf16", "row_index_ptr": "*i64",
-        "grad_weight_ptr": "*fp32", "grad_bias_ptr": "*fp32",
-    }, _aot_constexprs(ACCUMULATE=True, COMPUTE_BIAS=True)),
-]
+
+AOT_SIGNATURES = [entry for dtype in (torch.bfloat16, torch.float16, torch.float32) for entry in _aot_entries(dtype)]
+# Kernels whose AOT builds must report 0 spill bytes from ptxas -v.
+AOT_NO_SPILL = {"_linear_token_stats_fwd_kernel", "_linear_token_stats_dlogits_kernel",
+                "_linear_token_stats_dhidden_kernel", "_linear_token_stats_dweight_kernel"}
