@@ -11,7 +11,7 @@ See DESIGN.md §2 for the contract; ``backend="torch"`` is the reference that de
 from .config import AdvantageConfig, CosineRestartSchedule, LossConfig
 from .estimators import ESTIMATORS, compute_advantages, register_estimator
 from .losses import POLICY_LOSSES, TokenLoss, agg_loss, kl_penalty, register_policy_loss
-from .policy_loss import FusedPolicyLoss, LossOutput, linear_policy_loss, policy_loss
+from .api import FusedPolicyLoss, LossOutput, linear_policy_loss, policy_loss
 from .token_stats import token_stats
 
 __version__ = "0.1.0"

@@ -116,8 +116,9 @@ def leave_one_out_baseline(rewards: torch.Tensor, groups: Groups, config: Advant
     sorted_rewards = rewards[order]
     pos = config.quantile_k * (n - 2).clamp(min=0).to(rewards.dtype)
     lo, hi = torch.floor(pos).long(), torch.ceil(pos).long()
-    x_lo = sorted_rewards[starts + lo + (lo >= rank).long()]
-    x_hi = sorted_rewards[starts + hi + (hi >= rank).long()]
+    last = n - 1  # clamp keeps singletons (masked out below) in bounds
+    x_lo = sorted_rewards[starts + torch.minimum(lo + (lo >= rank).long(), last)]
+    x_hi = sorted_rewards[starts + torch.minimum(hi + (hi >= rank).long(), last)]
     value = x_lo + (pos - lo.to(rewards.dtype)) * (x_hi - x_lo)
     return torch.where(n > 1, value, torch.zeros_like(rewards))
 
