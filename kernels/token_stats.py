@@ -280,6 +280,7 @@ class TritonTokenStats(torch.autograd.Function):
         return logp, entropy, certainty, target_logit
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, grad_entropy, _grad_certainty, _grad_target_logit):
         logits, targets, row_index, lse, zbar = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None:
