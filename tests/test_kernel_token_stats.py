@@ -1,7 +1,8 @@
 """Token-statistics kernels (kernels/token_stats.py) against a float64 torch reference.
 
-Runs the Triton kernels under the interpreter on CPU (compiled on CUDA when logits are put
-there by a GPU run of the same tests is not done here: see test_aot_compile.py for sm_80/90).
+By default the kernels run under Triton's interpreter on CPU tensors (TRITON_INTERPRET=1 is
+set here unless the environment sets it); with ``TRITON_INTERPRET=0`` on a CUDA machine the
+same tests run the compiled kernels on the GPU. The reference always runs on CPU in float64.
 Tolerances: fp32 and fp16/bf16 *inputs* are exact in float64, so every forward statistic is
 checked at 1e-4 relative; dlogits is checked at 1e-4 relative in fp32, and at the output
 dtype's rounding in fp16 (2**-10) and bf16 (2**-7: the interpreter truncates fp32 -> bf16
@@ -26,6 +27,20 @@ from fused_canon.kernels.token_stats import (  # noqa: E402
 )
 
 NEG_INF = float("-inf")
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICE = "cpu" if _INTERPRET or not torch.cuda.is_available() else "cuda"
+pytestmark = pytest.mark.skipif(not _INTERPRET and not torch.cuda.is_available(),
+                                reason="TRITON_INTERPRET=0 and no CUDA device: nothing can run the kernels")
+
+
+def D(*tensors):
+    """The tensors on the device the kernels run on."""
+    return [t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in tensors]
+
+
+def fwd(logits, targets, row_index, *args, **kw):
+    """token_stats_forward on DEVICE; outputs back on CPU."""
+    return [o.cpu() for o in token_stats_forward(*D(logits, targets, row_index), *args, **kw)]
 
 
 # ----------------------------------------------------------------------------- reference
@@ -59,7 +74,7 @@ def reference(logits, targets, row_index, temperature=1.0, c_logp=None, c_ent=No
 
 def assert_rel(actual, expected, tol, name=""):
     """|a - e| <= tol * (|e| + max|e|/100) elementwise; infinities must match exactly."""
-    a, e = actual.detach().double(), expected.detach().double()
+    a, e = actual.detach().cpu().double(), expected.detach().cpu().double()
     assert a.shape == e.shape, (name, a.shape, e.shape)
     assert not torch.isnan(a).any(), f"{name}: NaN in {a}"
     inf = torch.isinf(e)
@@ -95,11 +110,11 @@ def make_case(B, T, V, dtype=torch.float32, seed=0, scale=3.0, offset=4.0, neg_i
 
 
 def run_autograd(logits, targets, row_index, temperature, c_logp, c_ent, **kw):
-    x = logits.detach().clone().requires_grad_(True)
-    out = triton_token_stats(x, targets, row_index, temperature, **kw)
-    loss = (c_logp * out[0]).sum() + (c_ent * out[1]).sum()
+    x = logits.detach().clone().to(DEVICE).requires_grad_(True)
+    out = triton_token_stats(x, *D(targets, row_index), temperature, **kw)
+    loss = (c_logp.to(DEVICE) * out[0]).sum() + (c_ent.to(DEVICE) * out[1]).sum()
     loss.backward()
-    return out, x.grad
+    return [o.detach().cpu() for o in out], x.grad.cpu()
 
 
 # ----------------------------------------------------------------------------- values
@@ -115,7 +130,7 @@ def test_matches_float64_reference(V, block_v, temperature):
         assert V % block_v != 0  # a masked tail tile
     ref = reference(logits, targets, row_index, temperature, c_logp, c_ent)
 
-    logp, ent, lse, zbar, cert, tlogit = token_stats_forward(
+    logp, ent, lse, zbar, cert, tlogit = fwd(
         logits, targets, row_index, temperature, block_v=block_v, extra_stats=True)
     for name, val in [("logp", logp), ("entropy", ent), ("lse", lse), ("certainty", cert),
                       ("target_logit", tlogit)]:
@@ -147,7 +162,7 @@ def test_spec_worked_examples():
             assert abs(lp.item() - -2.472261) < 1e-5 and abs(ent.item() - 1.044109) < 1e-5
         assert torch.allclose(grad[0, 0], torch.tensor(expected), atol=2e-6), grad
     # large logits: no overflow, H = 0.582203
-    _, ent, lse, *_ = token_stats_forward(torch.tensor([[[1000.0, 999.0, 0.0]]]), torch.tensor([[0]]), ri,
+    _, ent, lse, *_ = fwd(torch.tensor([[[1000.0, 999.0, 0.0]]]), torch.tensor([[0]]), ri,
                                           block_v=16)
     assert abs(ent.item() - 0.582203) < 1e-5 and abs(lse.item() - 1000.313262) < 1e-3
 
@@ -182,7 +197,7 @@ def test_row_neg_inf_except_target_is_exact():
     row_index = torch.arange(4)
     c_logp, c_ent = torch.tensor([0.5, -1.5, 2.0, 1.0]), torch.tensor([0.3, 0.7, -0.4, -2.0])
     ref = reference(logits, targets, row_index, 0.7, c_logp, c_ent)
-    logp, ent, lse, zbar, _, _ = token_stats_forward(logits, targets, row_index, 0.7, block_v=256)
+    logp, ent, lse, zbar, _, _ = fwd(logits, targets, row_index, 0.7, block_v=256)
     single = [0, 1, 3]
     assert (logp[single] == 0).all() and (ent[single] == 0).all()
     assert torch.equal(zbar[single], lse[single])
@@ -215,31 +230,31 @@ def test_masked_rows_are_never_read_and_get_zero_gradient():
 def test_single_output_gradients_and_empty_selection():
     logits, targets, mask, row_index, c_logp, c_ent = make_case(2, 3, 1000, seed=3)
     for use_logp, use_ent in [(True, False), (False, True)]:
-        x = logits.clone().requires_grad_(True)
-        logp, ent = triton_token_stats(x, targets, row_index, block_v=512)
-        ((c_logp * logp).sum() if use_logp else (c_ent * ent).sum()).backward()
+        x = logits.clone().to(DEVICE).requires_grad_(True)
+        logp, ent = triton_token_stats(x, *D(targets, row_index), block_v=512)
+        ((c_logp.to(DEVICE) * logp).sum() if use_logp else (c_ent.to(DEVICE) * ent).sum()).backward()
         ref = reference(logits, targets, row_index, 1.0, c_logp if use_logp else None, c_ent if use_ent else None)
         assert_rel(x.grad, ref["grad"], 1e-4, f"dlogits logp={use_logp}")
     # no valid token: empty outputs, zero gradient everywhere
-    x = logits.clone().requires_grad_(True)
-    logp, ent = triton_token_stats(x, targets, torch.empty(0, dtype=torch.int64), block_v=512)
+    x = logits.clone().to(DEVICE).requires_grad_(True)
+    logp, ent = triton_token_stats(x, *D(targets, torch.empty(0, dtype=torch.int64)), block_v=512)
     assert logp.shape == ent.shape == (0,)
     (logp.sum() + ent.sum()).backward()
-    assert torch.equal(x.grad, torch.zeros_like(logits))
+    assert torch.equal(x.grad.cpu(), torch.zeros_like(logits))
 
 
 def test_out_of_range_target_gives_nan_not_a_crash():
     logits = torch.randn(1, 2, 100)
     targets = torch.tensor([[100, 5]])
-    logp, ent = triton_token_stats(logits, targets, torch.tensor([0, 1]), block_v=64)
+    logp, ent = triton_token_stats(*D(logits, targets, torch.tensor([0, 1])), block_v=64)
     assert torch.isnan(logp[0]) and torch.isfinite(logp[1]) and torch.isfinite(ent).all()
 
 
 def test_extra_stats_flag():
     logits, targets, mask, row_index, c_logp, c_ent = make_case(2, 2, 1000, seed=4, neg_inf_row=False)
-    x = logits.clone().requires_grad_(True)
-    assert len(triton_token_stats(x, targets, row_index, block_v=256)) == 2
-    logp, ent, cert, tlogit = triton_token_stats(x, targets, row_index, 0.7, block_v=256, extra_stats=True)
+    x = logits.clone().to(DEVICE).requires_grad_(True)
+    assert len(triton_token_stats(x, *D(targets, row_index), block_v=256)) == 2
+    logp, ent, cert, tlogit = triton_token_stats(x, *D(targets, row_index), 0.7, block_v=256, extra_stats=True)
     ref = reference(logits, targets, row_index, 0.7)
     assert_rel(cert, ref["certainty"], 1e-4, "certainty")
     assert_rel(tlogit, ref["target_logit"], 1e-6, "target_logit")  # raw, untempered
@@ -259,9 +274,9 @@ def test_non_contiguous_slice_is_read_in_place():
     row_index = torch.tensor([0, 2, 3, 5, 6])
     c_logp, c_ent = torch.randn(5), torch.randn(5)
     ref = reference(logits, targets, row_index, 0.7, c_logp, c_ent)
-    x = full.clone().requires_grad_(True)
-    logp, ent = triton_token_stats(x[:, :-1, :], targets, row_index, 0.7, block_v=256)
-    ((c_logp * logp).sum() + (c_ent * ent).sum()).backward()
+    x = full.clone().to(DEVICE).requires_grad_(True)
+    logp, ent = triton_token_stats(x[:, :-1, :], *D(targets, row_index), 0.7, block_v=256)
+    ((c_logp.to(DEVICE) * logp).sum() + (c_ent.to(DEVICE) * ent).sum()).backward()
     assert_rel(logp, ref["logp"], 1e-4, "logp")
     assert_rel(ent, ref["entropy"], 1e-4, "entropy")
     assert_rel(x.grad[:, :-1], ref["grad"], 1e-4, "dlogits")
@@ -272,30 +287,30 @@ def test_inplace_backward_writes_gradient_into_logits_buffer():
     logits, targets, mask, row_index, c_logp, c_ent = make_case(2, 3, 1000, seed=5)
     _, grad_new = run_autograd(logits, targets, row_index, 0.7, c_logp, c_ent, block_v=256)
 
-    leaf = logits.clone().requires_grad_(True)
+    leaf = logits.clone().to(DEVICE).requires_grad_(True)
     buf = leaf * 1.0  # the "logits" activation produced by the model
     buf_ptr = buf.data_ptr()
-    logp, ent = triton_token_stats(buf, targets, row_index, 0.7, inplace_backward=True, block_v=256)
-    ((c_logp * logp).sum() + (c_ent * ent).sum()).backward()
-    assert torch.equal(buf.detach(), grad_new)  # same kernel, same values, in the logits buffer
+    logp, ent = triton_token_stats(buf, *D(targets, row_index), 0.7, inplace_backward=True, block_v=256)
+    ((c_logp.to(DEVICE) * logp).sum() + (c_ent.to(DEVICE) * ent).sum()).backward()
+    assert torch.equal(buf.detach().cpu(), grad_new)  # same kernel, same values, in the logits buffer
     assert buf.data_ptr() == buf_ptr
-    assert torch.equal(leaf.grad, grad_new)
-    assert (buf.detach()[~mask] == 0).all()
+    assert torch.equal(leaf.grad.cpu(), grad_new)
+    assert (buf.detach().cpu()[~mask] == 0).all()
 
     # Default: the caller's logits are untouched.
-    x = logits.clone().requires_grad_(True)
-    logp, ent = triton_token_stats(x, targets, row_index, 0.7, block_v=256)
+    x = logits.clone().to(DEVICE).requires_grad_(True)
+    logp, ent = triton_token_stats(x, *D(targets, row_index), 0.7, block_v=256)
     (logp.sum() + ent.sum()).backward()
-    assert torch.equal(x.detach(), logits)
+    assert torch.equal(x.detach().cpu(), logits)
 
 
 def test_inplace_backward_hazard_is_loud():
     """unsloth#5002: logits that feed another loss must not be overwritten silently."""
     logits, targets, mask, row_index, c_logp, c_ent = make_case(1, 3, 1000, seed=6, neg_inf_row=False)
-    leaf = logits.clone().requires_grad_(True)
+    leaf = logits.clone().to(DEVICE).requires_grad_(True)
     buf = leaf * 1.0
     other = (buf ** 2).sum()  # saves buf; created first, so its backward runs after ours
-    logp, _ = triton_token_stats(buf, targets, row_index, inplace_backward=True, block_v=256)
+    logp, _ = triton_token_stats(buf, *D(targets, row_index), inplace_backward=True, block_v=256)
     with pytest.raises(RuntimeError, match="inplace"):
         (logp.sum() + other).backward()
 
@@ -321,8 +336,7 @@ class _AllocationRecorder(TorchDispatchMode):
 def test_no_row_by_vocab_tensor_besides_dlogits(inplace):
     B, T, V = 2, 3, 1000
     full = torch.randn(B, T + 1, V).half()  # an fp32 upcast of the logits would be a new tensor
-    targets = torch.randint(0, V, (B, T))
-    row_index = torch.tensor([0, 1, 3, 4])
+    full, targets, row_index = D(full, torch.randint(0, V, (B, T)), torch.tensor([0, 1, 3, 4]))
     leaf = full.clone().requires_grad_(True)
     with torch.no_grad():
         act = leaf * 1.0
@@ -351,7 +365,7 @@ def _int64_offsets_case():
     V, T = 1000, 2
     stride_b = 2**30 + 2**20  # fits int32; 2 * stride_b does not
     assert 2 * stride_b > 2**31 - 1 and stride_b < 2**31 - 1
-    base = torch.empty(2 * stride_b + T * V, dtype=torch.float16)
+    base = torch.empty(2 * stride_b + T * V, dtype=torch.float16, device=DEVICE)
     logits = base.as_strided((3, T, V), (stride_b, V, 1))
     g = torch.Generator().manual_seed(7)
     vals = (torch.randn(3, T, V, generator=g) * 2).half()
@@ -360,6 +374,7 @@ def _int64_offsets_case():
     row_index = torch.tensor([0, 3, 4, 5])  # rows with b = 0, 1 and 2
     c_logp, c_ent = torch.randn(4, generator=g), torch.randn(4, generator=g)
     ref = reference(vals, targets, row_index, 1.0, c_logp, c_ent)
+    targets, row_index, c_logp, c_ent = D(targets, row_index, c_logp, c_ent)
     logp, ent, lse, zbar, _, _ = token_stats_forward(logits, targets, row_index, block_v=256)
     assert_rel(logp, ref["logp"], 1e-4, "logp")
     assert_rel(ent, ref["entropy"], 1e-4, "entropy")
@@ -375,7 +390,7 @@ def test_int64_offsets_beyond_2_31_elements():
 
     here = os.path.dirname(os.path.abspath(__file__))
     code = f"import sys; sys.path.insert(0, {here!r}); import test_kernel_token_stats as t; t._int64_offsets_case()"
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = dict(os.environ, TRITON_INTERPRET="1" if _INTERPRET else "0")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "INT64_OK" in proc.stdout, (
         f"rc={proc.returncode} (-11/139: segfault from a wrapped int32 offset)\n{proc.stdout}\n{proc.stderr[-3000:]}")
@@ -397,9 +412,7 @@ def test_kernels_cast_row_ids_to_int64_before_multiplying():
 
 
 def test_input_validation():
-    logits = torch.randn(2, 3, 64)
-    targets = torch.zeros(2, 3, dtype=torch.int64)
-    ri = torch.tensor([0, 1])
+    logits, targets, ri = D(torch.randn(2, 3, 64), torch.zeros(2, 3, dtype=torch.int64), torch.tensor([0, 1]))
     f = triton_token_stats
     with pytest.raises(ValueError, match="3-D"):
         f(logits[0], targets, ri)
@@ -414,7 +427,7 @@ def test_input_validation():
     with pytest.raises(ValueError, match="row_index must be a 1-D"):
         f(logits, targets, ri[None])
     with pytest.raises(ValueError, match="stride"):
-        f(torch.randn(2, 64, 3).transpose(1, 2), targets, ri)
+        f(torch.randn(2, 64, 3, device=DEVICE).transpose(1, 2), targets, ri)
     with pytest.raises(ValueError, match="is on meta"):
         f(logits, targets.to("meta"), ri)
     with pytest.raises(ValueError, match="is on meta"):
@@ -425,10 +438,19 @@ def test_input_validation():
     with pytest.raises(TypeError, match="temperature"):
         f(logits, targets, ri, torch.tensor(1.0))
     with pytest.raises(ValueError, match="distinct"):
-        f(logits, targets, torch.tensor([1, 1]))
+        f(logits, targets, *D(torch.tensor([1, 1])))
     with pytest.raises(ValueError, match="distinct"):
-        f(logits, targets, torch.tensor([0, 6]))
+        f(logits, targets, *D(torch.tensor([0, 6])))
     with pytest.raises(ValueError, match="distinct"):
-        f(logits, targets, torch.tensor([-1]))
+        f(logits, targets, *D(torch.tensor([-1])))
     with pytest.raises(ValueError, match="block_v"):
         f(logits, targets, ri, block_v=100)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="checks the CPU-without-interpreter error")
+def test_cpu_tensors_without_interpreter_get_a_clear_error(monkeypatch):
+    import fused_canon.kernels.token_stats as ts
+
+    monkeypatch.setattr(ts, "_interpreting", lambda: False)  # as if TRITON_INTERPRET were unset
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        triton_token_stats(torch.randn(1, 1, 16), torch.zeros(1, 1, dtype=torch.int64), torch.tensor([0]))
