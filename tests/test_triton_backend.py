@@ -1,0 +1,174 @@
+"""backend="triton" through the public API equals the torch reference (fp32: relative error <= 1e-4).
+
+Runs the Triton kernels in the interpreter on CPU (TRITON_INTERPRET=1, set in conftest.py), and
+compiled on a GPU when one is present. Shapes are small: each interpreted program costs ~3 ms.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+import fused_canon as fc
+from conftest import load_golden_cases
+from fused_canon.config import LOSS_AGG_MODES
+from golden import relative_error, run_case
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+LOSS_MODES = ["vanilla", "clip_cov", "kl_cov", "gspo", "cispo"]
+ESTIMATORS = {
+    "grpo": fc.AdvantageConfig(estimator="grpo"),
+    "dr_grpo": fc.AdvantageConfig(estimator="dr_grpo", token_budget=8.0),
+    "rloo": fc.AdvantageConfig(estimator="rloo"),
+    "qae": fc.AdvantageConfig(estimator="grpo", baseline="quantile", quantile_k=0.4),
+    "canon_entropy": fc.AdvantageConfig(estimator="canon", canon_alpha=1.2, canon_lambda=0.8),
+    "canon_length": fc.AdvantageConfig(estimator="canon", canon_metric="length", canon_schedule="cosine_restart"),
+}
+
+
+def make_batch(batch_size=4, length=4, vocab=64, dtype=torch.float32, seed=0, rewards=(1.0, 0.0, 0.0, 1.0)):
+    g = torch.Generator().manual_seed(seed)
+    logits = (2 * torch.randn(batch_size, length, vocab, generator=g)).to(dtype)
+    targets = torch.randint(0, vocab, (batch_size, length), generator=g)
+    lengths = torch.randint(1, length + 1, (batch_size,), generator=g)
+    mask = torch.arange(length)[None, :] < lengths[:, None]
+    logp = torch.log_softmax(logits.double(), -1).gather(-1, targets[..., None]).squeeze(-1)
+    old = (logp + 0.3 * torch.randn(batch_size, length, generator=g, dtype=torch.float64)).float()
+    ref = (logp + 0.2 * torch.randn(batch_size, length, generator=g, dtype=torch.float64)).float()
+    to = lambda x: x.to(DEVICE)  # noqa: E731
+    return dict(logits=to(logits), targets=to(targets), mask=to(mask), old_logprobs=to(old), ref_logprobs=to(ref),
+                rewards=to(torch.tensor(rewards[:batch_size])), group_ids=to(torch.arange(batch_size) // 2))
+
+
+def both_backends(batch, config, step=3, **extra):
+    """Loss, dlogits and outputs of the torch reference and the Triton backend on the same input."""
+    results = {}
+    for backend in ("torch", "triton"):
+        logits = batch["logits"].clone().requires_grad_()
+        kwargs = {k: v for k, v in batch.items() if k not in ("logits", "targets", "mask")}
+        kwargs.update(extra)
+        out = fc.policy_loss(logits, batch["targets"], batch["mask"], config=config, step=step, backend=backend,
+                             **kwargs)
+        out.loss.backward()
+        results[backend] = (out, logits.grad)
+    return results
+
+
+def scalar_error(actual: float, expected: float) -> float:
+    """Relative error of a scalar that is a sum of O(1) terms: near 0 (cancellation) an absolute
+    error of 1e-6 is fp32 rounding, so the scale is floored at 1e-2."""
+    return abs(actual - expected) / max(abs(expected), 1e-2)
+
+
+def assert_backends_agree(results, tolerance=1e-4):
+    (ref, ref_grad), (tri, tri_grad) = results["torch"], results["triton"]
+    assert scalar_error(tri.loss.item(), ref.loss.item()) <= tolerance
+    assert relative_error(tri_grad.float(), ref_grad.float()) <= tolerance
+    assert relative_error(tri.logprobs, ref.logprobs) <= tolerance
+    assert relative_error(tri.entropy, ref.entropy) <= tolerance
+    assert relative_error(tri.advantages, ref.advantages) <= tolerance
+    assert tri.metrics.keys() == ref.metrics.keys()
+    for name in ref.metrics:
+        assert scalar_error(tri.metrics[name], ref.metrics[name]) <= tolerance, name
+
+
+@pytest.mark.parametrize("loss_mode, agg_mode, estimator",
+                         list(itertools.product(LOSS_MODES, LOSS_AGG_MODES, ESTIMATORS)))
+def test_every_loss_aggregation_and_estimator(loss_mode, agg_mode, estimator):
+    config = fc.LossConfig(advantage=ESTIMATORS[estimator], loss_mode=loss_mode, loss_agg_mode=agg_mode,
+                           clip_ratio_high=0.28, entropy_coeff=0.01, kl_coef=0.05, clip_cov_ratio=0.2,
+                           clip_cov_lb=-1.0, kl_cov_ratio=0.2)
+    assert_backends_agree(both_backends(make_batch(), config))
+
+
+@pytest.mark.parametrize("vocab", [1000, 4099])
+def test_vocab_not_a_multiple_of_the_block(vocab):
+    assert_backends_agree(both_backends(make_batch(batch_size=2, length=2, vocab=vocab), fc.LossConfig(entropy_coeff=0.1)))
+
+
+def test_masked_vocabulary_rows():
+    batch = make_batch()
+    logits = batch["logits"]
+    logits[0, 0, :] = float("-inf")
+    logits[0, 0, batch["targets"][0, 0]] = 1.5  # -inf everywhere but the target
+    logits[1, 0, :17] = float("-inf")
+    logits[1, 0, batch["targets"][1, 0]] = 0.0
+    results = both_backends(batch, fc.LossConfig(entropy_coeff=0.1))
+    assert_backends_agree(results)
+    out, grad = results["triton"]
+    assert out.logprobs[0, 0].item() == 0.0 and out.entropy[0, 0].item() == 0.0
+    assert torch.isfinite(grad).all() and not grad[0, 0].any()
+
+
+def test_masked_rows_get_zero_gradient_and_are_not_read():
+    batch = make_batch()
+    batch["logits"][~batch["mask"]] = float("nan")  # a masked row is never read
+    results = both_backends(batch, fc.LossConfig(entropy_coeff=0.1))
+    _, grad = results["triton"]
+    assert torch.isfinite(grad).all() and not grad[~batch["mask"]].any()
+    ref_grad = results["torch"][1]
+    assert relative_error(grad, ref_grad) <= 1e-4
+
+
+@pytest.mark.parametrize("rewards", [(1.0, 0.0, 1.0, 0.0), (1.0, 1.0, 1.0, 1.0)], ids=["singletons", "all-equal"])
+def test_groups_of_one_and_all_equal_rewards(rewards):
+    batch = make_batch(rewards=rewards)
+    if rewards[0] != rewards[1]:
+        batch["group_ids"] = torch.arange(4, device=DEVICE)  # every group is a singleton
+    for estimator in ("grpo", "rloo", "canon_entropy"):
+        assert_backends_agree(both_backends(batch, fc.LossConfig(advantage=ESTIMATORS[estimator])))
+
+
+def test_temperature():
+    assert_backends_agree(both_backends(make_batch(), fc.LossConfig(temperature=0.7, entropy_coeff=0.05)))
+
+
+def test_fp16_inputs():
+    batch = make_batch(dtype=torch.float16)
+    results = both_backends(batch, fc.LossConfig(entropy_coeff=0.05))
+    # Both backends read the same fp16 logits and accumulate in fp32; dlogits are rounded to fp16.
+    assert_backends_agree(results, tolerance=2e-3)
+
+
+def test_token_stats_backend():
+    batch = make_batch(vocab=300)
+    stats = {}
+    for backend in ("torch", "triton"):
+        logits = batch["logits"].clone().requires_grad_()
+        logp, entropy = fc.token_stats(logits, batch["targets"], temperature=0.8, backend=backend)
+        (logp.sum() + 0.5 * entropy.sum()).backward()
+        stats[backend] = (logp.detach(), entropy.detach(), logits.grad)
+    for ref, tri in zip(stats["torch"], stats["triton"]):
+        assert relative_error(tri, ref) <= 1e-4
+
+
+def test_inplace_backward_writes_dlogits_into_the_logits_buffer():
+    batch = make_batch()
+    kwargs = dict(advantages=torch.tensor([1.0, -1.0, 0.5, 0.0], device=DEVICE), old_logprobs=batch["old_logprobs"])
+    logits = batch["logits"].clone().requires_grad_()
+    fc.policy_loss(logits, batch["targets"], batch["mask"], backend="torch", **kwargs).loss.backward()
+
+    leaf = batch["logits"].clone().requires_grad_()
+    buffer = leaf * 1.0  # an activation whose memory the caller lets the kernel overwrite
+    out = fc.policy_loss(buffer, batch["targets"], batch["mask"], backend="triton", inplace_backward=True, **kwargs)
+    out.loss.backward()
+    assert relative_error(buffer.detach(), logits.grad) <= 1e-4  # the buffer now holds dlogits
+    assert relative_error(leaf.grad, logits.grad) <= 1e-4
+
+
+def test_torch_backend_refuses_inplace_backward():
+    batch = make_batch()
+    with pytest.raises(ValueError, match="inplace_backward"):
+        fc.policy_loss(batch["logits"], batch["targets"], batch["mask"], advantages=torch.ones(4), backend="torch",
+                       inplace_backward=True)
+
+
+GOLDEN = [(i, c) for i, c in enumerate(load_golden_cases()) if c["kind"] in ("token_stats", "policy_loss")]
+
+
+@pytest.mark.parametrize("index_case", GOLDEN, ids=lambda ic: f"{ic[0]}-{ic[1]['kind']}")
+def test_golden_case_triton_fp32(index_case):
+    _, case = index_case
+    for name, (actual, expected) in run_case(case, backend="triton", dtype=torch.float32).items():
+        error = scalar_error(actual.item(), expected.item()) if actual.dim() == 0 else relative_error(actual, expected)
+        assert error <= 1e-4, f"{name}: relative error {error:.3e} ({case['source']})"
