@@ -1,0 +1,133 @@
+"""The benchmark harness end to end on the CPU: ``fused-canon bench --smoke`` and its outputs."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fused_canon.bench.candidates import COMPILED, EAGER, OURS
+from fused_canon.bench.floors import Ceilings, work_for
+from fused_canon.bench.schema import validate
+from fused_canon.bench.workloads import (
+    LINEAR_POLICY_LOSS_FWD_BWD,
+    PATHS,
+    POLICY_LOSS_FWD_BWD,
+    TOKEN_STATS_FWD,
+    Shape,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the CLI must set it itself
+    proc = subprocess.run([sys.executable, "-m", "fused_canon.bench.cli", "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    results = sorted(out.glob("*.json"))
+    doc = json.loads(results[0].read_text()) if len(results) == 1 else None
+    return proc, out, results, doc
+
+
+def test_smoke_exits_cleanly_and_writes_one_results_file(smoke_run):
+    proc, _, results, _ = smoke_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len(results) == 1
+    assert results[0].name.startswith("cpu-")
+    assert "% floor" in proc.stdout and "target" in proc.stdout  # the console table was printed
+
+
+def test_smoke_results_match_the_schema(smoke_run):
+    doc = smoke_run[3]
+    assert validate(doc) == []
+    assert doc["mode"] == "smoke" and doc["complete"] is True
+    assert doc["settings"]["triton_interpret"] is True
+    assert doc["settings"]["dtype"] == "float32"
+
+
+def test_every_path_has_ours_and_both_references(smoke_run):
+    rows = smoke_run[3]["rows"]
+    for path in PATHS:
+        impls = {r["impl"] for r in rows if r["path"] == path}
+        assert {OURS, EAGER, COMPILED} <= impls, path
+    # The torch reference always runs on the CPU; ours either ran or says why it could not.
+    assert all(r["status"] == "ok" for r in rows if r["impl"] == EAGER)
+    assert any(r["status"] == "ok" for r in rows if r["impl"] == COMPILED)
+    for row in rows:
+        if row["impl"] == OURS:
+            assert row["status"] in ("ok", "unavailable"), row["detail"]
+            assert row["status"] == "ok" or row["detail"]
+
+
+def test_peers_are_listed_with_their_status(smoke_run):
+    doc = smoke_run[3]
+    assert set(doc["peers"]) == {"liger-kernel", "verl", "cut-cross-entropy"}
+    for name, peer in doc["peers"].items():
+        peer_rows = [r for r in doc["rows"] if r["peer"] == name]
+        assert peer_rows, name
+        if peer["status"] == "not installed":
+            assert all(r["status"] == "not installed" and r["time_ms"] is None for r in peer_rows)
+
+
+def test_rows_carry_floors_and_the_targets_are_recorded(smoke_run):
+    doc = smoke_run[3]
+    for row in doc["rows"]:
+        assert row["floor"]["floor_ms"] > 0
+        if row["status"] == "ok":
+            assert row["fraction_of_floor"] == pytest.approx(row["floor"]["floor_ms"] / row["time_ms"])
+            assert row["peak_extra_bytes"] is None and "CPU" in row["memory_note"]
+    targets = {(t["path"], t["time_ms_max"]) for t in doc["targets"]}
+    assert targets == {(TOKEN_STATS_FWD, 1.8), (POLICY_LOSS_FWD_BWD, 4.5), (LINEAR_POLICY_LOSS_FWD_BWD, 130.0)}
+    assert doc["ceilings"]["bandwidth_GBps"] > 0 and doc["ceilings"]["matmul_TFLOPs"] > 0
+
+
+def test_plot_is_a_png_or_its_absence_is_explained(smoke_run):
+    _, out, _, doc = smoke_run
+    pngs = list(out.glob("*.png"))
+    try:
+        import matplotlib.image
+    except ImportError:
+        assert doc["plot"]["status"].startswith("skipped: matplotlib is not installed") and not pngs
+        return
+    assert doc["plot"]["status"] == "written" and [p.name for p in pngs] == [doc["plot"]["path"]]
+    assert pngs[0].read_bytes()[:8] == PNG_MAGIC
+    height, width = matplotlib.image.imread(pngs[0]).shape[:2]
+    assert height > 200 and width > 400
+
+
+def test_validator_rejects_broken_documents(smoke_run):
+    doc = smoke_run[3]
+    ok_row = next(i for i, r in enumerate(doc["rows"]) if r["status"] == "ok")
+    broken = copy.deepcopy(doc)
+    broken["rows"][ok_row]["time_ms"] = None
+    assert any("time_ms" in p for p in validate(broken))
+    broken = copy.deepcopy(doc)
+    broken["rows"][ok_row]["status"] = "error"
+    broken["rows"][ok_row]["detail"] = None
+    assert any("without a detail" in p for p in validate(broken))
+    broken = copy.deepcopy(doc)
+    del broken["peers"]["verl"]
+    assert any(p.startswith("peers:") for p in validate(broken))
+
+
+def test_floors_reproduce_the_h100_table_of_peers_md():
+    """At 3.0 TB/s and 800 TFLOP/s the floors are PEERS.md §0's: 1.66 ms, 4.98 ms, 102 ms at N = 16k."""
+    h100 = Ceilings(3.0e12, 0, 0.0, 800e12, 0, "bfloat16", 0.0)
+    n, v, h = 16384, 151936, 4096
+    logits = Shape(16, 1024, n, v)
+    assert h100.floor_ms(work_for(TOKEN_STATS_FWD, logits, 2))["floor_ms"] == pytest.approx(1.66, abs=0.01)
+    assert h100.floor_ms(work_for(POLICY_LOSS_FWD_BWD, logits, 2))["floor_ms"] == pytest.approx(4.98, abs=0.01)
+    linear = h100.floor_ms(work_for(LINEAR_POLICY_LOSS_FWD_BWD, Shape(16, 1024, n, v, h), 2))
+    assert linear["bound"] == "compute" and linear["floor_ms"] == pytest.approx(102.0, abs=0.1)
+
+
+def test_padded_rows_count_only_valid_tokens_in_the_reads():
+    dense, padded = Shape(16, 1024, 16384, 1000), Shape(16, 1024, 8192, 1000)
+    reads = work_for(POLICY_LOSS_FWD_BWD, padded, 2).bytes
+    # 2 reads of the 8,192 valid rows, a dlogits write of all 16,384 rows
+    assert reads == (2 * 8192 + 16384) * 1000 * 2 + 16384 * 21
+    assert work_for(POLICY_LOSS_FWD_BWD, dense, 2).bytes > reads
