@@ -1,0 +1,152 @@
+"""The driver loop: prompts -> rollout -> rewards -> fused-loss update -> weight sync -> metrics.
+
+    for step in 1..total_steps:
+        prompts   = the next data.train_batch_size prompts
+        rollout   = engine.generate(prompts, n=rollout.n)     # n samples per prompt
+        rewards   = reward(decoded response, answer)          # plain Python callables
+        metrics   = learner.update(batch, step)               # advantages + clipped PG loss + optimizer
+        engine.update_weights(learner weights)                # the engine samples from the new policy
+        log, validate, checkpoint
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .config import TrainConfig, to_yaml
+from .model import build_tokenizer
+from .rollout import Rollout, Sampling
+from .tasks import Example, build_prompts, build_reward, import_plugins
+from .tracking import Tracker, plot_runs, timer
+from .workers import start_workers, sync_weights
+
+
+def make_batch(prompt_ids: List[List[int]], rollout: Rollout, rewards: List[float], n: int, pad_id: int
+               ) -> Dict[str, torch.Tensor]:
+    """The learner's input: left-padded prompts (repeated n times) beside the responses."""
+    width = max(len(p) for p in prompt_ids)
+    prompts = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompt_ids])
+    prompt_mask = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompt_ids])
+    batch = {
+        "prompt_ids": prompts.repeat_interleave(n, dim=0),
+        "prompt_mask": prompt_mask.repeat_interleave(n, dim=0),
+        "response_ids": rollout.response_ids,
+        "response_mask": rollout.response_mask,
+        "rewards": torch.tensor(rewards, dtype=torch.float32),
+        "group_ids": torch.arange(len(prompt_ids)).repeat_interleave(n),  # samples of one prompt form a group
+    }
+    if rollout.logprobs is not None:
+        batch["rollout_logprobs"] = rollout.logprobs
+    return batch
+
+
+def decode_responses(tokenizer, rollout: Rollout) -> List[str]:
+    return [tokenizer.decode(ids[mask].tolist()) for ids, mask in zip(rollout.response_ids, rollout.response_mask)]
+
+
+def rollout_metrics(rollout: Rollout, rewards: List[float]) -> Dict[str, float]:
+    lengths = rollout.response_mask.sum(dim=1).float()
+    scores = torch.tensor(rewards)
+    return {
+        "critic/score/mean": float(scores.mean()), "critic/score/max": float(scores.max()),
+        "critic/score/min": float(scores.min()),
+        "response_length/mean": float(lengths.mean()), "response_length/max": float(lengths.max()),
+        "response_length/min": float(lengths.min()),
+        "response_length/clip_ratio": sum(r == "length" for r in rollout.finish_reasons) / len(rollout.finish_reasons),
+    }
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(cfg: TrainConfig) -> Dict[str, float]:
+    """Runs (or resumes) one training run; returns the metrics of its last step."""
+    import_plugins(cfg.trainer.plugins)
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    seed_everything(cfg.trainer.seed)
+    out_dir = cfg.trainer.out_dir
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.yaml"), "w") as f:
+        f.write(to_yaml(cfg))
+
+    prompts = build_prompts(cfg.data, cfg.trainer.seed)
+    val_prompts = build_prompts(cfg.data, cfg.trainer.seed, split="val")
+    reward_fn = build_reward(cfg.data)
+    tokenizer = build_tokenizer(cfg.model, prompts.alphabet)
+    learner, engine = start_workers(cfg, tokenizer, out_dir)
+
+    ckpt_root = os.path.join(out_dir, "checkpoints")
+    start_step = 0
+    resume_path = cfg.trainer.resume_from or (checkpoint.latest_checkpoint(ckpt_root) if cfg.trainer.resume else None)
+    if resume_path:
+        learner.call("load", resume_path)
+        state = checkpoint.load_trainer_state(resume_path)
+        start_step, prompts.position = state["step"], state["data_position"]
+        print(f"resumed from {resume_path} at step {start_step}", flush=True)
+    sync_weights(learner, engine)  # the engine starts from the learner's (initial or restored) weights
+
+    tracker = Tracker(out_dir, cfg.trainer.logger, cfg.trainer.total_steps, start_step, cfg.trainer.progress_bar)
+    metrics: Dict[str, float] = {}
+    for step in range(start_step + 1, cfg.trainer.total_steps + 1):
+        metrics = {}
+        with timer("step", metrics):
+            examples = prompts.next_batch(cfg.data.train_batch_size)
+            prompt_ids = [tokenizer.encode(e.prompt) for e in examples]
+            sampling = Sampling(max_new_tokens=cfg.data.max_response_length, temperature=cfg.rollout.temperature,
+                                top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, seed=cfg.trainer.seed * 1_000_003 + step)
+            with timer("gen", metrics):
+                rollout = engine.call("generate", prompt_ids, cfg.rollout.n, sampling)
+            with timer("reward", metrics):
+                responses = decode_responses(tokenizer, rollout)
+                answers = [e.answer for e in examples for _ in range(cfg.rollout.n)]
+                rewards = [float(reward_fn(r, a)) for r, a in zip(responses, answers)]
+            batch = make_batch(prompt_ids, rollout, rewards, cfg.rollout.n, tokenizer.pad_id)
+
+            engine.call("sleep")  # frees inference memory while the learner trains (GPU vLLM only)
+            with timer("update_actor", metrics):
+                metrics.update(learner.call("update", batch, step))
+            with timer("update_weights", metrics):
+                engine.call("wake")
+                sync_weights(learner, engine)
+                engine.call("reset_cache")
+
+            metrics.update(rollout_metrics(rollout, rewards))
+            if cfg.trainer.test_freq and step % cfg.trainer.test_freq == 0:
+                with timer("testing", metrics):
+                    metrics.update(validate(engine, tokenizer, val_prompts, reward_fn, cfg))
+            if step == cfg.trainer.total_steps or (cfg.trainer.save_freq and step % cfg.trainer.save_freq == 0):
+                with timer("save_checkpoint", metrics):
+                    checkpoint.save_checkpoint(ckpt_root, step, lambda d: learner.call("save", d),
+                                               {"data_position": prompts.position}, cfg.trainer.max_ckpt_to_keep)
+        tracker.log(metrics, step)
+    tracker.close()
+
+    if cfg.trainer.plot and "jsonl" in cfg.trainer.logger:
+        plot_runs({"run": tracker.jsonl_path}, os.path.join(out_dir, "metrics.png"), title=_run_title(cfg))
+    return metrics
+
+
+def validate(engine, tokenizer, val_prompts, reward_fn, cfg: TrainConfig) -> Dict[str, float]:
+    """Greedy decoding on the same held-out prompts every time: val/score/mean."""
+    val_prompts.position = 0
+    examples: List[Example] = val_prompts.next_batch(cfg.data.val_batch_size)
+    sampling = Sampling(max_new_tokens=cfg.data.max_response_length, greedy=True)
+    rollout = engine.call("generate", [tokenizer.encode(e.prompt) for e in examples], 1, sampling)
+    rewards = [float(reward_fn(r, e.answer)) for r, e in zip(decode_responses(tokenizer, rollout), examples)]
+    return {"val/score/mean": sum(rewards) / len(rewards)}
+
+
+def _run_title(cfg: TrainConfig) -> str:
+    adv = cfg.algorithm.advantage
+    name = "qae" if adv.estimator == "grpo" and adv.baseline == "quantile" else adv.estimator
+    return f"task={cfg.data.task} estimator={name} seed={cfg.trainer.seed}"
