@@ -107,9 +107,16 @@ def write_plot(doc: Dict, path: str) -> Dict[str, Optional[str]]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = [p for p in PATHS if any(r["path"] == p for r in doc["rows"])]
-    fig, axes = plt.subplots(1, max(1, len(paths)), figsize=(5 * max(1, len(paths)), 4.2), squeeze=False)
-    for ax, p in zip(axes[0], paths):
+    paths = [p for p in PATHS if any(r["path"] == p for r in doc["rows"])] or [None]
+    columns = min(3, len(paths))
+    rows_of_panels = -(-len(paths) // columns)
+    fig, axes = plt.subplots(rows_of_panels, columns, figsize=(5.5 * columns, 4.5 * rows_of_panels), squeeze=False)
+    for ax in axes.flat[len(paths):]:
+        ax.set_visible(False)
+    for ax, p in zip(axes.flat, paths):
+        if p is None:
+            ax.text(0.5, 0.5, "no rows", ha="center", va="center")
+            continue
         rows = [r for r in doc["rows"] if r["path"] == p]
         vocab = max(r["shape"]["vocab"] for r in rows)
         hidden = max((r["shape"]["hidden"] or 0) for r in rows) or None

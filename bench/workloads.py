@@ -124,16 +124,17 @@ def make_inputs(path: str, shape: Shape, dtype: torch.dtype, device: torch.devic
     near 1 as in on-policy training. ``advantages`` are the group-normalised rewards (GRPO), for
     the peers that take advantages instead of rewards.
     """
+    # Large tensors are drawn on the device: a CPU draw of a 2.5 GB weight or a 20 GB logits tensor
+    # takes seconds to minutes per case. Small ones come from a CPU generator.
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    dev_gen = torch.Generator(device=device).manual_seed(seed)
     b, t, v = shape.batch, shape.seq_len, shape.vocab
     inputs: Dict[str, torch.Tensor] = {}
     if is_linear(path):
         h = shape.hidden
-        inputs["hidden"] = torch.randn(b, t, h, generator=gen).to(device=device, dtype=dtype)
-        inputs["weight"] = (torch.randn(v, h, generator=gen) / math.sqrt(h)).to(device=device, dtype=dtype)
+        inputs["hidden"] = torch.randn(b, t, h, generator=dev_gen, device=device, dtype=dtype)
+        inputs["weight"] = torch.randn(v, h, generator=dev_gen, device=device, dtype=dtype).div_(math.sqrt(h))
     else:
-        # Generated in row blocks on the device: a [N, V] fp32 staging copy on the CPU would take minutes at N = 64k.
-        dev_gen = torch.Generator(device=device).manual_seed(seed)
         inputs["logits"] = torch.randn(b, t, v, generator=dev_gen, device=device, dtype=dtype)
     inputs["targets"] = torch.randint(0, v, (b, t), generator=gen).to(device)
     mask = torch.ones(b, t, dtype=torch.bool)
