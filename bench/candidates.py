@@ -288,8 +288,10 @@ def candidates_for(path: str, peers: Dict[str, Peer], settings: Settings) -> Lis
     else:
         out.append(Candidate(VERL_LINEAR, "peer", "LM head + log-prob + entropy (loss: torch surrogate)",
                              _verl_linear(verl, path), _verl_workspace, VERL,
-                             cuda_only="verl 0.9.1 wraps its kernel in torch.cuda.nvtx ranges, which need a CUDA build"))
-        out.append(Candidate(CCE_LINEAR, "peer", "LM head + log-prob (no entropy; loss: torch surrogate)",
+                             cuda_only="verl 0.9.1 wraps its kernel in torch.cuda.nvtx ranges, "
+                                       "which need a CUDA build"))
+        out.append(Candidate(CCE_LINEAR, "peer", "LM head + log-prob (no entropy; loss: torch surrogate; CCE's default "
+                             "gradient filtering)",
                              _cce_linear(cce, path), _cce_workspace, CCE,
                              cuda_only="cut-cross-entropy 25.1.1's kernels fail in Triton's interpreter "
                                        "(AttributeError inside the interpreter)"))

@@ -13,6 +13,7 @@ from typing import Dict, Optional
 
 import torch
 
+from fused_canon.bench.candidates import OURS
 from fused_canon.bench.workloads import (
     LINEAR_POLICY_LOSS_FWD,
     LINEAR_POLICY_LOSS_FWD_BWD,
@@ -137,7 +138,6 @@ class Target:
                 "device": self.device, "note": self.note}
 
 
-OURS = "fused_canon[triton]"
 TARGETS = (
     Target(TOKEN_STATS_FWD, 16384, 151936, None, 1.8, None, "H100", OURS,
            "floor 1.66 ms (one read at 3.0 TB/s)"),

@@ -116,7 +116,8 @@ def input_bytes(path: str, shape: Shape, elt: int) -> int:
     return shape.n_rows * shape.vocab * elt + side
 
 
-def make_inputs(path: str, shape: Shape, dtype: torch.dtype, device: torch.device, seed: int) -> Dict[str, torch.Tensor]:
+def make_inputs(path: str, shape: Shape, dtype: torch.dtype, device: torch.device,
+                seed: int) -> Dict[str, torch.Tensor]:
     """Random inputs of one case (never zeros: they hide unwritten outputs and can time faster).
 
     Logits are standard normal (hidden and weight are scaled so logits come out about that size);
