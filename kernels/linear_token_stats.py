@@ -37,8 +37,9 @@ gradient counts as 0), processes the valid rows in chunks of ``CHUNK_N`` rows
 1. ``_linear_token_stats_dlogits_kernel``, grid ``(cdiv(CHUNK_N, BLOCK_N), cdiv(V, BLOCK_V))``:
    recomputes each logits tile and writes ``dlogits = dL/d(hidden @ W.T + b)`` (ALGORITHMS.md §8.3)
    ``= (1/T) (-p_k [c_logp + c_ent (z_k - zbar)] + c_logp delta_{k,y})`` with ``p = exp(z - lse)``
-   into a ``[CHUNK_N, V]`` workspace (at the target column ``1 - p_y`` is taken as
-   ``-expm1(logp)``, which stays exact for a peaked row).
+   into a ``[CHUNK_N, V]`` workspace. The target column is formed from the saved per-row
+   ``logp`` and ``entropy`` (``1 - p_y = -expm1(logp)``, ``z_y - zbar = logp + entropy``), so
+   that the gradient of a very peaked row keeps its relative precision.
 2. ``_linear_token_stats_dhidden_kernel``, grid ``(cdiv(CHUNK_N, BLOCK_N), cdiv(H, BLOCK_H))``:
    ``grad_hidden[rows] = dlogits @ W``, the whole V reduction in one fp32 register accumulator,
    written straight into the ``row_index`` rows of ``grad_hidden`` (each row is owned by one
@@ -122,12 +123,14 @@ def _log1p(x):
 
 @triton.jit
 def _one_minus_exp(x):
-    """1 - exp(x) = -expm1(x) for x <= 0, exact near 0 (Kahan's expm1 trick)."""
+    """1 - exp(x) = -expm1(x) for x <= 0, exact near 0 (Kahan's expm1 trick: (e - 1) x / log(e)
+    divides the rounding error of e = exp(x) back out)."""
     e = tl.exp(x)
     e_minus_one = e - 1.0
-    log_e = tl.log(e)
-    safe_log_e = tl.where(log_e == 0.0, 1.0, log_e)
-    expm1 = tl.where(e == 1.0, x, tl.where(e_minus_one == -1.0, -1.0, e_minus_one * (x / safe_log_e)))
+    use_x = e == 1.0  # |x| below half an ulp of 1: expm1(x) = x
+    use_minus_one = e_minus_one == -1.0  # exp(x) negligible next to 1
+    safe_log_e = tl.log(tl.where(use_x | use_minus_one, 2.0, e))  # no log(0) or 0 / 0 on unused lanes
+    expm1 = tl.where(use_x, x, tl.where(use_minus_one, -1.0, e_minus_one * (x / safe_log_e)))
     return -expm1
 
 
@@ -278,6 +281,7 @@ def _linear_token_stats_dlogits_kernel(
     lse_ptr,  # fp32 [N] from the forward
     zbar_ptr,  # fp32 [N] from the forward
     logp_ptr,  # fp32 [N] from the forward
+    entropy_ptr,  # fp32 [N] from the forward
     coef_logp_ptr,  # fp32 [N]: dL/dlogp
     coef_entropy_ptr,  # fp32 [N]: dL/dentropy
     dlogits_ptr,  # [CHUNK_N, V] workspace out (bf16 or fp32), row-major
@@ -302,6 +306,7 @@ def _linear_token_stats_dlogits_kernel(
     lse = tl.load(lse_ptr + slots, mask=row_ok, other=0.0)
     zbar = tl.load(zbar_ptr + slots, mask=row_ok, other=0.0)
     logp = tl.load(logp_ptr + slots, mask=row_ok, other=0.0)
+    entropy = tl.load(entropy_ptr + slots, mask=row_ok, other=0.0)
     c_logp = tl.load(coef_logp_ptr + slots, mask=row_ok, other=0.0)
     c_ent = tl.load(coef_entropy_ptr + slots, mask=row_ok, other=0.0)
 
@@ -316,11 +321,13 @@ def _linear_token_stats_dlogits_kernel(
     p = tl.exp(z - lse[:, None])
     centred = z - zbar[:, None]
     dz = -p * (c_logp[:, None] + c_ent[:, None] * centred)
-    # At the target the same value is c_logp (1 - p_y) - c_ent p_y (z_y - zbar); 1 - p_y taken as
-    # -expm1(logp) stays accurate when p_y ~ 1 (a peaked row), where 1 - exp() would cancel.
-    one_minus_p_target = _one_minus_exp(logp)
-    dz_target = c_logp[:, None] * one_minus_p_target[:, None] - c_ent[:, None] * p * centred
-    dz = tl.where(cols[None, :] == target[:, None], dz_target, dz)
+    # At the target the same value is c_logp (1 - p_y) - c_ent p_y (z_y - zbar), formed from the
+    # forward's per-row results so that a peaked row (p_y ~ 1) keeps its relative precision:
+    # 1 - p_y = -expm1(logp) (1 - exp() would cancel) and z_y - zbar = logp + entropy
+    # (z_y - zbar from the recomputed tile would cancel to ~ulp(z)).
+    p_target = tl.exp(logp)
+    dz_target = c_logp * _one_minus_exp(logp) - c_ent * p_target * (logp + entropy)
+    dz = tl.where(cols[None, :] == target[:, None], dz_target[:, None], dz)
     dlogits = dz * inv_temperature  # chain rule through z = logits / T
 
     offsets = local_rows.to(tl.int64)[:, None] * vocab_size + cols[None, :]
@@ -572,8 +579,7 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 def _forward(hidden, weight, bias, targets, row_index, inv_temperature, blocks):
     n_valid = row_index.numel()
     vocab_size, hidden_size = weight.shape
-    stats = torch.empty((4, n_valid), dtype=torch.float32, device=hidden.device)
-    logp, entropy, lse, zbar = stats.unbind(0)
+    logp, entropy, lse, zbar = (torch.empty(n_valid, dtype=torch.float32, device=hidden.device) for _ in range(4))
     if n_valid == 0:
         return logp, entropy, lse, zbar
     upcast = _runs_in_interpreter(hidden) and hidden.dtype == torch.bfloat16
@@ -589,7 +595,7 @@ def _forward(hidden, weight, bias, targets, row_index, inv_temperature, blocks):
     return logp, entropy, lse, zbar
 
 
-def _backward(hidden, weight, bias, targets, row_index, logp, lse, zbar, coef_logp, coef_entropy,
+def _backward(hidden, weight, bias, targets, row_index, logp, entropy, lse, zbar, coef_logp, coef_entropy,
               inv_temperature, blocks, need_hidden, need_weight, need_bias):
     """Gradients w.r.t. hidden, weight and bias (None where not needed); see the module docstring."""
     num_rows, hidden_size = hidden.shape
@@ -633,7 +639,7 @@ def _backward(hidden, weight, bias, targets, row_index, logp, lse, zbar, coef_lo
         grid = (triton.cdiv(rows_here, blocks.block_n), triton.cdiv(vocab_size, blocks.block_v))
         _linear_token_stats_dlogits_kernel[grid](
             hidden, weight, bias if bias is not None else weight, targets, row_index,
-            lse, zbar, logp, coef_logp, coef_entropy, dlogits,
+            lse, zbar, logp, entropy, coef_logp, coef_entropy, dlogits,
             chunk_start, rows_here, vocab_size, hidden_size, hidden.stride(0), weight.stride(0),
             inv_temperature, HAS_BIAS=bias is not None, UPCAST_DOT_INPUTS=upcast_forward, **dlogits_args,
         )
@@ -679,14 +685,14 @@ class TritonLinearTokenStats(torch.autograd.Function):
         bias = bias.contiguous() if bias is not None else None
         inv_temperature = 1.0 / temperature
         logp, entropy, lse, zbar = _forward(hidden, weight, bias, targets, row_index, inv_temperature, blocks)
-        ctx.save_for_backward(hidden, weight, bias, targets, row_index, logp, lse, zbar)
+        ctx.save_for_backward(hidden, weight, bias, targets, row_index, logp, entropy, lse, zbar)
         ctx.inv_temperature = inv_temperature
         ctx.blocks = blocks
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, targets, row_index, logp, lse, zbar = ctx.saved_tensors
+        hidden, weight, bias, targets, row_index, logp, entropy, lse, zbar = ctx.saved_tensors
         need_hidden, need_weight, _, _, need_bias = ctx.needs_input_grad[:5]
         need_bias = need_bias and bias is not None
 
@@ -696,7 +702,7 @@ class TritonLinearTokenStats(torch.autograd.Function):
             return grad.to(torch.float32).contiguous()
 
         grad_hidden, grad_weight, grad_bias = _backward(
-            hidden, weight, bias, targets, row_index, logp, lse, zbar,
+            hidden, weight, bias, targets, row_index, logp, entropy, lse, zbar,
             coefficient(grad_logp), coefficient(grad_entropy), ctx.inv_temperature, ctx.blocks,
             need_hidden, need_weight, need_bias,
         )

@@ -1,0 +1,381 @@
+"""Fused LM-head token statistics (kernels/linear_token_stats.py) against a float64 torch reference.
+
+The Triton kernels run under the interpreter on CPU tensors (sm_80 / sm_90 compilation is
+covered by test_aot_compile.py). Block sizes are small and chosen so that N, H and V are never
+multiples of them, and the backward's row chunk is small so that several chunks (and the
+accumulation across chunks) are exercised.
+
+Tolerances, with |a - e| <= tol * (|e| + max|e| / 100) elementwise (see ``assert_close``):
+* fp32: 1e-4 for logp, entropy and all three gradients.
+* fp16 inputs are exact in float64 and the forward accumulates in fp32: 1e-4 for logp and
+  entropy; the gradients are rounded once to fp16 (2**-11) after fp32 accumulation: 2e-3.
+* bf16 (interpreter: tiles cast to fp32 before tl.dot): 1e-4 forward; the backward's bf16
+  dlogits workspace and bf16 gradients are *truncated* by the interpreter (up to 1 ulp = 2**-7,
+  biased towards zero), and grad_hidden sums dlogits that cancel (they sum to 0 over V), so the
+  gradients are compared norm-wise: ||a - e|| <= 1e-2 ||e|| (measured: 4e-3 to 6e-3).
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from fused_canon.kernels.linear_token_stats import (  # noqa: E402
+    AOT_NO_SPILL,
+    AOT_SIGNATURES,
+    LinearTokenStatsBlocks,
+    triton_linear_token_stats,
+)
+
+# Interpreter-friendly tiles; the kernels also run with the GPU defaults (see test_default_blocks).
+SMALL_BLOCKS = dict(block_n=16, block_v=64, block_h=32)
+FORWARD_TOL = 1e-4
+GRAD_TOL = {torch.float32: 1e-4, torch.float16: 2e-3}
+BF16_GRAD_NORM_TOL = 1e-2
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def reference(hidden, weight, bias, targets, row_index, temperature, c_logp, c_ent):
+    """float64: logp, entropy of the valid rows and the gradients of
+    sum(c_logp * logp + c_ent * entropy) w.r.t. hidden (all rows), weight and bias."""
+    h = hidden.detach().double().nan_to_num(0.0).requires_grad_(True)  # NaN rows are not selected
+    w = weight.detach().double().requires_grad_(True)
+    b = bias.detach().double().requires_grad_(True) if bias is not None else None
+    logits = h[row_index] @ w.T
+    if b is not None:
+        logits = logits + b
+    log_p = torch.log_softmax(logits / temperature, dim=-1)
+    logp = log_p.gather(1, targets[row_index][:, None])[:, 0]
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    loss = (c_logp.double() * logp).sum() + (c_ent.double() * entropy).sum()
+    grads = torch.autograd.grad(loss, [h, w] + ([b] if b is not None else []))
+    return dict(logp=logp.detach(), entropy=entropy.detach(), grad_hidden=grads[0], grad_weight=grads[1],
+                grad_bias=grads[2] if b is not None else None)
+
+
+def assert_close(actual, expected, tol, name):
+    a, e = actual.detach().double(), expected.detach().double()
+    assert a.shape == e.shape, (name, a.shape, e.shape)
+    assert torch.isfinite(a).all(), f"{name}: non-finite values"
+    bound = tol * (e.abs() + e.abs().max() / 100)
+    err = (a - e).abs()
+    worst = (err / bound).argmax()
+    assert (err <= bound).all(), (f"{name}: error {err.flatten()[worst]:.3g} at value {e.flatten()[worst]:.6g} "
+                                  f"(bound {bound.flatten()[worst]:.3g})")
+
+
+def make_case(num_rows, hidden_size, vocab_size, dtype, *, with_bias=True, seed=0):
+    """Inputs with every 4th row (and the last) invalid and filled with NaN: never read.
+    Logits have a standard deviation of about 3."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(num_rows, hidden_size, generator=g)
+    weight = torch.randn(vocab_size, hidden_size, generator=g) * (3.0 / hidden_size**0.5)
+    bias = torch.randn(vocab_size, generator=g) if with_bias else None
+    targets = torch.randint(0, vocab_size, (num_rows,), generator=g)
+    valid = torch.ones(num_rows, dtype=torch.bool)
+    valid[::4] = False
+    valid[-1] = False
+    hidden[~valid] = float("nan")
+    targets[~valid] = -7  # out of range on purpose: invalid rows' targets are never used
+    row_index = valid.nonzero().squeeze(1)
+    c_logp = torch.randn(row_index.numel(), generator=g)
+    c_ent = torch.randn(row_index.numel(), generator=g)
+    cast = lambda t: t.to(dtype) if t is not None else None  # noqa: E731
+    return cast(hidden), cast(weight), cast(bias), targets, row_index, c_logp, c_ent
+
+
+def run_kernel(hidden, weight, bias, targets, row_index, temperature, c_logp, c_ent, blocks):
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (hidden, weight, bias)]
+    logp, entropy = triton_linear_token_stats(leaves[0], leaves[1], targets, row_index, leaves[2], temperature,
+                                              block_sizes=blocks)
+    (c_logp * logp + c_ent * entropy).sum().backward()
+    grads = [t.grad if t is not None else None for t in leaves]
+    return dict(logp=logp, entropy=entropy, grad_hidden=grads[0], grad_weight=grads[1], grad_bias=grads[2])
+
+
+def check_against_reference(out, ref, dtype, row_index, num_rows):
+    assert out["logp"].dtype == torch.float32 and out["entropy"].dtype == torch.float32
+    assert_close(out["logp"], ref["logp"], FORWARD_TOL, "logp")
+    assert_close(out["entropy"], ref["entropy"], FORWARD_TOL, "entropy")
+    for name in ("grad_hidden", "grad_weight", "grad_bias"):
+        if ref[name] is None:
+            assert out[name] is None
+            continue
+        assert out[name].dtype == dtype, name
+        if dtype == torch.bfloat16:
+            error = (out[name].double() - ref[name]).norm() / ref[name].norm()
+            assert error <= BF16_GRAD_NORM_TOL, f"{name}: norm-wise relative error {error:.3g}"
+        else:
+            assert_close(out[name], ref[name], GRAD_TOL[dtype], name)
+    invalid = torch.ones(num_rows, dtype=torch.bool)
+    invalid[row_index] = False
+    assert (out["grad_hidden"][invalid] == 0).all(), "rows outside row_index must get an exactly zero gradient"
+
+
+# ----------------------------------------------------------------------------- accuracy
+
+
+@pytest.mark.parametrize(
+    "dtype, hidden_size, vocab_size, temperature, with_bias, chunk_rows",
+    [
+        (torch.float32, 32, 100, 1.0, True, 16),
+        (torch.float32, 48, 257, 0.7, True, 16),
+        (torch.float32, 80, 1000, 0.7, False, 16),
+        (torch.float32, 48, 257, 1.3, True, None),  # one chunk: no accumulation across chunks
+        (torch.float16, 48, 257, 0.7, True, 16),  # several chunks: fp32 grad_weight accumulator
+        (torch.float16, 80, 100, 1.0, False, None),  # one chunk: grad_weight written in fp16 directly
+        (torch.bfloat16, 48, 257, 0.7, True, 16),
+    ],
+)
+def test_matches_float64_reference(dtype, hidden_size, vocab_size, temperature, with_bias, chunk_rows):
+    num_rows = 50  # 37 valid rows: not a multiple of block_n = 16 nor of the chunk
+    hidden, weight, bias, targets, row_index, c_logp, c_ent = make_case(num_rows, hidden_size, vocab_size, dtype,
+                                                                        with_bias=with_bias)
+    blocks = LinearTokenStatsBlocks(**SMALL_BLOCKS, backward_chunk_rows=chunk_rows)
+    out = run_kernel(hidden, weight, bias, targets, row_index, temperature, c_logp, c_ent, blocks)
+    ref = reference(hidden, weight, bias, targets, row_index, temperature, c_logp, c_ent)
+    check_against_reference(out, ref, dtype, row_index, num_rows)
+
+
+def test_default_blocks():
+    """The GPU default tiles (64 x 128 x 32) and the default workspace sizing also run."""
+    hidden, weight, bias, targets, row_index, c_logp, c_ent = make_case(30, 40, 300, torch.float32)
+    out = run_kernel(hidden, weight, bias, targets, row_index, 0.7, c_logp, c_ent, None)
+    ref = reference(hidden, weight, bias, targets, row_index, 0.7, c_logp, c_ent)
+    check_against_reference(out, ref, torch.float32, row_index, 30)
+
+
+def peaked_safe_reference_stats(logits):
+    """float64 logp of the argmax-free form and entropy for rows where p_max ~ 1 - 1e-20: with
+    t = z - max z and r = sum of exp(t) over all but one maximal entry, lse = max + log1p(r),
+    entropy = log1p(r) - sum(exp(t) t) / (1 + r). (log_softmax in float64 rounds
+    log p_max ~ -1e-20 to 0 and so loses both.) Returns the per-row functions of the target."""
+    t = logits - logits.max(dim=-1, keepdim=True).values
+    e = t.exp()
+    r = e.sum(-1) - 1.0  # the exact 1 of the max entry, removed before adding the tiny rest:
+    r = torch.where(r < 1e-3, torch.where(t == 0, 0.0, e).sum(-1), r)
+    log_s = torch.log1p(r)
+    entropy = log_s - (e * t).sum(-1) / (1.0 + r)
+    return (lambda target: t.gather(1, target[:, None])[:, 0] - log_s), entropy
+
+
+def test_peaked_and_uniform_rows_keep_relative_precision():
+    """A row whose target logit leads by ~50 (entropy ~1e-20, logp ~ -1e-22), a row whose
+    target trails the leader by ~50 (logp ~ -50), and an all-zero row without bias (every logit
+    ties: entropy = log V exactly). Entropy and logp of the peaked row are checked elementwise
+    at 1e-4 *relative*: lse - zbar or z_y - lse in fp32 would lose them entirely."""
+    hidden_size, vocab_size, temperature = 48, 257, 0.7
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(vocab_size, hidden_size, generator=g, dtype=torch.float64) / hidden_size**0.5
+    targets = torch.randint(0, vocab_size, (6,), generator=g)
+    hidden = torch.randn(6, hidden_size, generator=g, dtype=torch.float64)
+    targets[0], targets[1] = 5, 6
+    hidden[0] = weight[5] * (80.0 / weight[5].norm() ** 2)  # z_5 = 80 / 0.7 = 114, the next largest ~ 64
+    hidden[1] = hidden[0]  # same logits, target 6 trails by ~50
+    hidden[2] = 0.0
+    row_index = torch.arange(6)
+    c_logp = torch.tensor([0.7, -1.1, 0.4, 0.3, -0.2, 0.9])
+    c_ent = torch.tensor([-0.3, 0.5, 0.8, 0.1, 0.6, -0.4])
+    hidden, weight = hidden.float(), weight.float()
+    blocks = LinearTokenStatsBlocks(**SMALL_BLOCKS)
+    out = run_kernel(hidden, weight, None, targets, row_index, temperature, c_logp, c_ent, blocks)
+    ref = reference(hidden, weight, None, targets, row_index, temperature, c_logp, c_ent)
+
+    logp_of, entropy = peaked_safe_reference_stats(hidden.double() @ weight.double().T / temperature)
+    logp = logp_of(targets)
+    # The stable reference agrees with log_softmax where log_softmax is accurate (rows 1-5).
+    assert torch.allclose(logp[1:], ref["logp"][1:], rtol=1e-12) and torch.allclose(entropy, ref["entropy"],
+                                                                                    rtol=0.05)
+    assert 0 < entropy[0] < 1e-15 and -1e-15 < logp[0] < 0 and logp[1] < -40
+    rel = lambda a, e: ((a.double() - e).abs() / e.abs()).max().item()  # noqa: E731
+    assert rel(out["entropy"], entropy) < 1e-4
+    assert rel(out["logp"], logp) < 1e-4
+    assert out["entropy"][2].item() == pytest.approx(torch.log(torch.tensor(257.0)).item(), rel=1e-6)
+    assert_close(out["grad_hidden"], ref["grad_hidden"], 1e-4, "grad_hidden")
+    assert_close(out["grad_weight"], ref["grad_weight"], 1e-4, "grad_weight")
+
+    # The peaked row's gradient (~1e-22) keeps its relative accuracy too (1 - p_y via expm1).
+    # float64 autograd through log_softmax rounds 1 - p_y to 0 there, so it is written out
+    # (ALGORITHMS.md §8.3) with gap_k = z_y - z_k >= 0, q_k = exp(-gap_k) (q_y = 0), r = sum q:
+    # p_k = q_k / (1 + r), 1 - p_y = r / (1 + r), z_y - zbar = sum_k p_k gap_k.
+    z = hidden[0].double() @ weight.double().T / temperature
+    y, c_l, c_e = 5, c_logp[0].double(), c_ent[0].double()
+    gap = z[y] - z
+    q = torch.exp(-gap)
+    q[y] = 0.0
+    r = q.sum()
+    p = q / (1.0 + r)
+    target_minus_zbar = (p * gap).sum()
+    dz = -p * (c_l + c_e * (target_minus_zbar - gap))
+    dz[y] = c_l * r / (1.0 + r) - c_e * target_minus_zbar / (1.0 + r)
+    assert_close(out["grad_hidden"][0], (dz / temperature) @ weight.double(), 1e-3, "grad_hidden, peaked row")
+
+
+def test_spec_worked_example_through_identity_head():
+    """ALGORITHMS.md §8.3: z = [2, 1, 0.5, -1, 3], y = 1, c_logp = 0.7, c_ent = -0.3, as
+    hidden = z, W = I (so dL/dhidden = dL/dlogits), and §8.1's large-logit row."""
+    weight = torch.eye(5)
+    hidden = torch.tensor([[2.0, 1.0, 0.5, -1.0, 3.0], [1000.0, 999.0, 0.0, 0.0, 0.0]])
+    targets = torch.tensor([1, 0])
+    blocks = LinearTokenStatsBlocks(**SMALL_BLOCKS)
+    for temperature, expected in [(1.0, [-0.190051, 0.604766, -0.065440, -0.019741, -0.329534]),
+                                  (0.7, [-0.254424, 0.912559, -0.049285, -0.008062, -0.600788])]:
+        h = hidden.clone().requires_grad_(True)
+        logp, entropy = triton_linear_token_stats(h, weight, targets, torch.tensor([0, 1]), None, temperature,
+                                                  block_sizes=blocks)
+        (0.7 * logp[0] - 0.3 * entropy[0]).backward()
+        assert torch.allclose(h.grad[0], torch.tensor(expected), atol=2e-6)
+        assert (h.grad[1] == 0).all()
+        if temperature == 1.0:
+            assert logp[0].item() == pytest.approx(-2.472261, abs=2e-6)
+            assert entropy[0].item() == pytest.approx(1.044109, abs=2e-6)
+            # z = [1000, 999, 0, 0, 0]: the three zeros add ~3e-434, nothing in fp32.
+            assert entropy[1].item() == pytest.approx(0.582203, abs=2e-6)
+
+
+# ----------------------------------------------------------------------------- gradient plumbing
+
+
+def test_single_output_and_partial_input_gradients():
+    hidden, weight, bias, targets, row_index, c_logp, _ = make_case(20, 32, 100, torch.float32)
+    blocks = LinearTokenStatsBlocks(**SMALL_BLOCKS, backward_chunk_rows=8)
+    ref = reference(hidden, weight, bias, targets, row_index, 0.7, c_logp, torch.zeros_like(c_logp))
+
+    # Only logp is used (the entropy gradient arrives as None); only weight requires grad.
+    w = weight.clone().requires_grad_(True)
+    logp, _ = triton_linear_token_stats(hidden, w, targets, row_index, bias, 0.7, block_sizes=blocks)
+    (c_logp * logp).sum().backward()
+    assert_close(w.grad, ref["grad_weight"], 1e-4, "grad_weight")
+
+    # Only hidden requires grad.
+    h = hidden.clone().requires_grad_(True)
+    logp, _ = triton_linear_token_stats(h, weight, targets, row_index, bias, 0.7, block_sizes=blocks)
+    (c_logp * logp).sum().backward()
+    assert_close(h.grad, ref["grad_hidden"], 1e-4, "grad_hidden")
+
+    # Only bias requires grad.
+    b = bias.clone().requires_grad_(True)
+    logp, _ = triton_linear_token_stats(hidden, weight, targets, row_index, b, 0.7, block_sizes=blocks)
+    (c_logp * logp).sum().backward()
+    assert_close(b.grad, ref["grad_bias"], 1e-4, "grad_bias")
+
+
+def test_strided_hidden_is_read_in_place_and_backward_is_deterministic():
+    hidden, weight, bias, targets, row_index, c_logp, c_ent = make_case(24, 48, 257, torch.float32)
+    storage = torch.full((24, 48 + 13), 123.0)
+    storage[:, 5:53] = hidden
+    strided = storage[:, 5:53]  # row stride 61, last stride 1
+    blocks = LinearTokenStatsBlocks(**SMALL_BLOCKS, backward_chunk_rows=8)
+    first = run_kernel(strided, weight, bias, targets, row_index, 0.7, c_logp, c_ent, blocks)
+    second = run_kernel(hidden, weight, bias, targets, row_index, 0.7, c_logp, c_ent, blocks)
+    for name, value in first.items():
+        assert torch.equal(value, second[name]), f"{name} differs between runs (no atomics: must be bitwise equal)"
+
+
+def test_empty_selection():
+    hidden, weight, bias, targets, _, _, _ = make_case(8, 32, 100, torch.float32)
+    h = hidden.nan_to_num(0.0).requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    logp, entropy = triton_linear_token_stats(h, w, targets, torch.zeros(0, dtype=torch.int64), bias, 1.0)
+    assert logp.shape == (0,) and entropy.shape == (0,)
+    (logp.sum() + entropy.sum()).backward()
+    assert (h.grad == 0).all() and (w.grad == 0).all()
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+class _AllocationRecorder(TorchDispatchMode):
+    """Records the shape of every tensor an aten op returns that does not alias one of its
+    inputs (views and the interpreter's byte views of argument storages are not allocations)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        input_storages = {t.untyped_storage().data_ptr() for t in leaves if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in input_storages:
+                self.shapes.append((str(func), tuple(t.shape)))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_no_tensor_of_n_times_v_elements(dtype):
+    """Forward + backward allocate nothing with N*V or more elements. The largest [*, V] tensor
+    is the documented dlogits workspace [CHUNK_N, V]. H < N here, so the gradients and the fp32
+    grad_weight accumulator [V, H] are smaller than N*V too."""
+    num_rows, hidden_size, vocab_size, chunk = 48, 32, 257, 16
+    hidden, weight, bias, targets, row_index, c_logp, c_ent = make_case(num_rows, hidden_size, vocab_size, dtype)
+    n_valid = row_index.numel()
+    assert n_valid > 2 * chunk and hidden_size < n_valid
+    blocks = LinearTokenStatsBlocks(**SMALL_BLOCKS, backward_chunk_rows=chunk)
+    with _AllocationRecorder() as recorder:
+        out = run_kernel(hidden, weight, bias, targets, row_index, 0.7, c_logp, c_ent, blocks)
+    assert out["grad_weight"] is not None and len(recorder.shapes) > 10
+    numels = [(torch.Size(s).numel(), op, s) for op, s in recorder.shapes]
+    largest = max(numels)
+    assert largest[0] < n_valid * vocab_size, f"allocated {largest} >= N*V = {n_valid * vocab_size}"
+    vocab_rows = {s for _, op, s in numels if len(s) == 2 and s[1] == vocab_size}
+    assert vocab_rows == {(chunk, vocab_size)}, vocab_rows
+
+
+# ----------------------------------------------------------------------------- validation and registry
+
+
+def test_input_validation():
+    hidden, weight, bias, targets, row_index, _, _ = make_case(12, 32, 100, torch.float32)
+    call = lambda **kw: triton_linear_token_stats(  # noqa: E731
+        **{**dict(hidden=hidden, weight=weight, targets=targets, row_index=row_index, bias=bias), **kw})
+    with pytest.raises(ValueError, match="2-D"):
+        call(hidden=hidden[None])
+    with pytest.raises(ValueError, match="H ="):
+        call(weight=weight[:, :16])
+    with pytest.raises(TypeError, match="must equal hidden dtype"):
+        call(weight=weight.half())
+    with pytest.raises(TypeError, match="bf16, fp16 or fp32"):
+        call(hidden=hidden.double(), weight=weight.double(), bias=bias.double())
+    with pytest.raises(ValueError, match=r"bias must be \[V\]"):
+        call(bias=bias[:50])
+    with pytest.raises(TypeError, match="int64"):
+        call(targets=targets.int())
+    with pytest.raises(ValueError, match="one device"):
+        call(weight=weight.to("meta"))
+    with pytest.raises(ValueError, match="temperature"):
+        call(temperature=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        call(temperature=float("nan"))
+    with pytest.raises(ValueError, match=r"\[0, V\)"):
+        bad = targets.clone()
+        bad[row_index[3]] = 100
+        call(targets=bad)
+    with pytest.raises(ValueError, match="outside"):
+        call(row_index=torch.tensor([0, 12]))
+    with pytest.raises(ValueError, match="duplicate"):
+        call(row_index=torch.tensor([1, 2, 1]))
+    with pytest.raises(ValueError, match="power of two"):
+        call(block_sizes=dict(block_n=24))
+    # Out-of-range targets of rows outside row_index are fine (they are never read).
+    assert (targets[~torch.isin(torch.arange(12), row_index)] == -7).all()
+    logp, _ = call(hidden=hidden)
+    assert torch.isfinite(logp).all()
+
+
+def test_aot_registry_covers_every_kernel_with_gpu_sized_blocks():
+    import fused_canon.kernels.linear_token_stats as module
+
+    kernels = {name for name in vars(module) if name.startswith("_") and name.endswith("_kernel")}
+    assert {entry[0].__name__ for entry in AOT_SIGNATURES} == kernels == AOT_NO_SPILL
+    for kernel, signature, constexprs, options in AOT_SIGNATURES:
+        assert list(signature) == list(kernel.arg_names)
+        assert all(signature[name] == "constexpr" for name in constexprs)
+        assert min(constexprs["BLOCK_N"], constexprs["BLOCK_V"], constexprs["BLOCK_H"]) >= 16  # tl.dot on a GPU
+        assert options["num_warps"] in (4, 8)
