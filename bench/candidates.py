@@ -43,11 +43,29 @@ CCE_LINEAR = "cce linear_cross_entropy"
 FP32 = 4
 
 
+def _as_float(output) -> float:
+    return float(output)
+
+
 @dataclass
 class Prepared:
-    fn: Callable[[], object]
+    fn: Callable[[], object]  # returns the loss (or the statistics) of the call
     grad_to_none: Tuple[torch.Tensor, ...] = ()
     weight: Optional[torch.Tensor] = None  # LM-head weight: its gradient is excluded from the memory target
+    # The scalar compared across implementations: the loss, or the mean log-prob of the valid tokens.
+    summarize: Callable[[object], float] = _as_float
+
+
+def bench_loss_config():
+    """``fc.LossConfig()`` without the dual clip: no peer has one, and without it every loss-computing
+    candidate of a case computes the same number (the cross-check in the results)."""
+    import fused_canon as fc
+
+    return fc.LossConfig(clip_ratio_c=None)
+
+
+def _mean_valid(logp: torch.Tensor, mask: torch.Tensor) -> float:
+    return float(logp.float()[mask].mean())
 
 
 @dataclass(frozen=True)
@@ -80,11 +98,15 @@ def _fused_canon_call(path: str, backend: str, compile_backend: Optional[str]) -
     def prepare(inputs: Inputs) -> Prepared:
         import fused_canon as fc  # at prepare time: an API that has not landed shows up as this row's error
 
-        config = fc.LossConfig()
+        config = bench_loss_config()
         if path == TOKEN_STATS_FWD:
             def call(logits, targets):
                 return fc.token_stats(logits, targets, backend=backend)
             args: Sequence[torch.Tensor] = (inputs["logits"], inputs["targets"])
+            mask = inputs["mask"]
+            prepared = _forward_or_training(path, call, args, inputs)
+            prepared.summarize = lambda stats: _mean_valid(stats[0], mask)
+            return prepared
         elif path in (POLICY_LOSS_FWD, POLICY_LOSS_FWD_BWD):
             kwargs = _policy_kwargs(inputs, config)
 
@@ -116,7 +138,9 @@ def _forward_or_training(path: str, call, args: Sequence[torch.Tensor], inputs: 
         leaf.requires_grad_(True)
 
     def training_step():
-        call(*args).backward()
+        loss = call(*args)
+        loss.backward()
+        return loss.detach()
     return Prepared(training_step, leaves, inputs.get("weight"))
 
 
@@ -142,7 +166,8 @@ def _liger_logp(peer: Peer) -> Callable[[Inputs], Prepared]:
     def prepare(inputs: Inputs) -> Prepared:
         fn = peer.entry_points["fused_selective_log_softmax"]
         logits, targets, mask = _liger_layout(inputs["logits"]), inputs["targets"], inputs["mask"]
-        return Prepared(lambda: fn(logits, targets, temperature=1.0, mask=mask))
+        return Prepared(lambda: fn(logits, targets, temperature=1.0, mask=mask),
+                        summarize=lambda logp: _mean_valid(logp, mask))
     return prepare
 
 

@@ -56,7 +56,8 @@ def _target_cell(row: Dict) -> str:
 
 def format_table(doc: Dict) -> str:
     """One line per row that ran or failed; peers that are not installed get one line each at the end."""
-    header = ("path", "impl", "shape", "time ms", "floor ms", "% floor", "bound", "extra GiB", "target", "status")
+    header = ("path", "impl", "shape", "time ms", "floor ms", "% floor", "bound", "extra GiB", "rel diff", "target",
+              "status")
     lines: List[tuple] = []
     hidden_peers = {}
     for row in doc["rows"]:
@@ -72,6 +73,7 @@ def format_table(doc: Dict) -> str:
             f"{100 * row['fraction_of_floor']:.1f}" if ok else "-",
             row["floor"]["bound"],
             _gib(row.get("peak_extra_bytes")) if ok else "-",
+            f"{row['rel_diff']:.1e}" if row.get("rel_diff") is not None else "-",
             _target_cell(row),
             status if len(status) <= 110 else status[:107] + "...",
         ))
@@ -85,6 +87,8 @@ def format_table(doc: Dict) -> str:
         out.append(" | ".join(str(x).ljust(w) for x, w in zip(line, widths)))
     for peer, detail in hidden_peers.items():
         out.append(f"(rows of {detail})")
+    out.append("rel diff: |value - value of the eager reference| / |reference| on the same inputs (the loss; "
+               "the mean valid-token log-prob for token_stats); against ours where the reference did not run")
     ceilings = doc["ceilings"]
     out.append(f"floors: bytes / {ceilings['bandwidth_GBps']:.1f} GB/s (copy) and FLOPs / "
                f"{ceilings['matmul_TFLOPs']:.2f} TFLOP/s ({ceilings['matmul_dtype']} matmul), measured in this run")

@@ -63,6 +63,9 @@ def validate(doc: Dict) -> List[str]:
         if row["status"] == "ok":
             _positive(row.get("time_ms"), f"{where}.time_ms", problems)
             _positive(row.get("fraction_of_floor"), f"{where}.fraction_of_floor", problems)
+            value = row.get("value")
+            if not isinstance(value, _NUMBER) or value != value or abs(value) == float("inf"):
+                problems.append(f"{where}: an ok row needs the finite value it computed, got {value!r}")
             if row.get("peak_extra_bytes") is None and not row.get("memory_note"):
                 problems.append(f"{where}: no peak memory and no note saying why")
         elif not row.get("detail"):

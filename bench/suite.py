@@ -9,6 +9,7 @@ else, with its text). Nothing is filled in for a row that did not run.
 from __future__ import annotations
 
 import gc
+import math
 import os
 import platform
 import sys
@@ -18,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from fused_canon.bench.candidates import COMPILED, Candidate, Settings, candidates_for
+from fused_canon.bench.candidates import COMPILED, EAGER, OURS, Candidate, Settings, candidates_for
 from fused_canon.bench.floors import TARGETS, Ceilings, Work, evaluate_target, measure_ceilings, target_for, work_for
 from fused_canon.bench.peers import Peer, probe_peers
 from fused_canon.bench.timing import CudaTimer, WallClockTimer, peak_extra_memory
@@ -128,6 +129,24 @@ def compile_skip_reason(policy: str, path: str, shape_index: int, shape: Shape) 
     return f"smoke: torch.compile runs once per entry point ({', '.join(SMOKE_COMPILED_PATHS)}; first shape)"
 
 
+def _value_of(path: str) -> str:
+    return "mean log-prob of the valid tokens" if path == TOKEN_STATS_FWD else "loss"
+
+
+def cross_check(case_rows: List[Dict[str, object]]) -> None:
+    """Relative difference of each row's value from the eager reference's on the same inputs (from
+    ours where the reference did not run): every candidate computes the same number, so a large
+    difference is a wrong adapter or a wrong kernel, not a speed-up."""
+    by_impl = {r["impl"]: r for r in case_rows if r["value"] is not None}
+    reference = by_impl.get(EAGER) or by_impl.get(OURS)
+    if reference is None:
+        return
+    for row in by_impl.values():
+        if row is not reference:
+            row["rel_diff"] = abs(row["value"] - reference["value"]) / max(abs(reference["value"]), 1e-12)
+            row["rel_diff_vs"] = reference["impl"]
+
+
 def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -149,7 +168,8 @@ def base_row(path: str, shape: Shape, candidate: Candidate, work: Work, floor: D
         "path": path, "impl": candidate.impl, "kind": candidate.kind, "peer": candidate.peer,
         "computes": candidate.computes, "shape": shape.as_dict(), "label": shape.label(), "status": None,
         "detail": None, "time_ms": None, "runs": None, "first_call_s": None, "peak_extra_bytes": None,
-        "memory_note": None, "weight_grad_bytes": None, "work": work.as_dict(), "floor": floor,
+        "memory_note": None, "weight_grad_bytes": None, "value": None, "value_of": _value_of(path),
+        "rel_diff": None, "rel_diff_vs": None, "work": work.as_dict(), "floor": floor,
         "fraction_of_floor": None, "achieved_GBps": None, "achieved_TFLOPs": None,
         "target": target.as_dict() if target else None,
     }
@@ -191,9 +211,13 @@ def run_case(cfg: RunConfig, path: str, shape: Shape, candidate: Candidate, peer
         inputs = None  # from here only what the candidate kept is alive (e.g. Liger's own layout)
         _synchronize(cfg.device)
         start = time.perf_counter()
-        prepared.fn()  # compiles kernels / traces torch.compile; never timed
+        output = prepared.fn()  # compiles kernels / traces torch.compile; never timed
         _synchronize(cfg.device)
         row["first_call_s"] = time.perf_counter() - start
+        row["value"] = prepared.summarize(output)
+        del output
+        if not math.isfinite(row["value"]):
+            raise FloatingPointError(f"non-finite {row['value_of']}: {row['value']}")
         timing = cfg.timer.measure(prepared.fn, prepared.grad_to_none)
         row.update(peak_extra_memory(prepared.fn, cfg.device, prepared.grad_to_none))
         if prepared.weight is not None:
@@ -239,8 +263,8 @@ def run_suite(cfg: RunConfig, on_update: Callable[[Dict[str, object]], None] = l
         "settings": {"dtype": str(cfg.dtype).replace("torch.", ""), "timer": cfg.timer.name,
                      "seed": cfg.seed, "compile_backend": cfg.compile_backend, "compile_shapes": cfg.compile_shapes,
                      "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
-                     "loss_config": "fused_canon.LossConfig() defaults (GRPO advantages, vanilla clip 0.2, "
-                                    "token-mean, no entropy bonus, no KL)",
+                     "loss_config": "fused_canon.LossConfig(clip_ratio_c=None): GRPO advantages, vanilla clip "
+                                    "0.2, no dual clip, token-mean, no entropy bonus, no KL",
                      "grid": {"token_counts": list(cfg.grid.token_counts), "padded_rows": cfg.grid.padded_rows,
                               "vocabs": list(cfg.grid.vocabs), "hiddens": list(cfg.grid.hiddens),
                               "seq_len": cfg.grid.seq_len},
@@ -254,6 +278,7 @@ def run_suite(cfg: RunConfig, on_update: Callable[[Dict[str, object]], None] = l
     rows: List[Dict[str, object]] = doc["rows"]
     for path in cfg.paths:
         for i, shape in enumerate(cfg.grid.shapes(path)):
+            case_rows = []
             for candidate in candidates_for(path, peers, settings):
                 if cfg.impl_filter and not any(f in candidate.impl for f in cfg.impl_filter):
                     continue
@@ -265,9 +290,12 @@ def run_suite(cfg: RunConfig, on_update: Callable[[Dict[str, object]], None] = l
                 else:
                     row = run_case(cfg, path, shape, candidate, peers, ceilings, str(info["name"]))
                 rows.append(row)
+                case_rows.append(row)
                 shown = f"{row['time_ms']:.3f} ms" if row["status"] == "ok" else f"{row['status']}"
                 log(f"  {path:27s} {shape.label():34s} {candidate.impl:36s} {shown}")
                 on_update(doc)
+            cross_check(case_rows)
+            on_update(doc)
     doc["complete"] = True
     doc["elapsed_s"] = time.time() - started
     return doc

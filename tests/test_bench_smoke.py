@@ -63,6 +63,17 @@ def test_every_path_has_ours_and_both_references(smoke_run):
             assert row["status"] == "ok" or row["detail"]
 
 
+def test_implementations_agree_on_the_same_inputs(smoke_run):
+    """The cross-check is not vacuous (nonzero losses) and ours matches the reference in fp32."""
+    ok = [r for r in smoke_run[3]["rows"] if r["status"] == "ok"]
+    assert all(abs(r["value"]) > 1e-6 for r in ok)
+    checked = [r for r in ok if r["rel_diff"] is not None]
+    assert {r["path"] for r in checked if r["impl"] == OURS} == set(PATHS)
+    for row in checked:
+        assert row["rel_diff_vs"] == EAGER
+        assert row["rel_diff"] < 1e-4, (row["path"], row["impl"], row["label"], row["rel_diff"])
+
+
 def test_peers_are_listed_with_their_status(smoke_run):
     doc = smoke_run[3]
     assert set(doc["peers"]) == {"liger-kernel", "verl", "cut-cross-entropy"}
