@@ -287,6 +287,68 @@ def test_empty_selection():
     assert (h.grad == 0).all() and (w.grad == 0).all()
 
 
+def _int64_offsets_case():
+    """hidden rows and weight rows whose element offsets (row * stride) exceed 2**31 while every
+    stride fits in int32 (end to end: the launcher passes the strides, nothing is copied). Each backing buffer is ~4.3 GB of *virtual* memory (torch.empty does
+    not touch it; only the rows used are written), so the kernels must form offsets in int64:
+    int32 arithmetic would wrap ~4 GB below the buffer (a crash, hence the subprocess)."""
+    hidden_size, vocab_size, stride = 40, 3, 2**30 + 2**20  # 2 * stride > 2**31 - 1
+    g = torch.Generator().manual_seed(11)
+    hidden_values = torch.randn(3, hidden_size, generator=g).half()
+    weight_values = torch.randn(vocab_size, hidden_size, generator=g).half()
+    hidden_base = torch.empty(2 * stride + hidden_size, dtype=torch.float16)
+    weight_base = torch.empty(2 * stride + hidden_size, dtype=torch.float16)
+    hidden = hidden_base.as_strided((3, hidden_size), (stride, 1))
+    weight = weight_base.as_strided((vocab_size, hidden_size), (stride, 1))
+    hidden.copy_(hidden_values)
+    weight.copy_(weight_values)
+    targets, row_index = torch.tensor([2, 0, 1]), torch.tensor([2, 0])
+    c_logp, c_ent = torch.tensor([0.5, -1.0]), torch.tensor([0.25, 0.75])
+    blocks = LinearTokenStatsBlocks(**SMALL_BLOCKS, backward_chunk_rows=16)
+    out = run_kernel(hidden.requires_grad_(True), weight.requires_grad_(True), None, targets, row_index, 1.0,
+                     c_logp, c_ent, blocks)
+    ref = reference(hidden_values, weight_values, None, targets, row_index, 1.0, c_logp, c_ent)
+    check_against_reference(out, ref, torch.float16, row_index, 3)
+    print("INT64_OK")
+
+
+def test_int64_offsets_beyond_2_31_elements():
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import sys; sys.path.insert(0, {here!r}); import test_kernel_linear_token_stats as t; "
+            "t._int64_offsets_case()")
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TRITON_INTERPRET="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "INT64_OK" in proc.stdout, (
+        f"rc={proc.returncode} (-11/139: segfault from a wrapped int32 offset)\n{proc.stdout}\n{proc.stderr[-3000:]}")
+
+
+def test_kernels_form_offsets_in_int64():
+    """Static companion of the test above. The interpreter runs loop counters as Python ints
+    (int64), so an int32 vocabulary offset that would wrap on a GPU does not wrap there: check in
+    the source that every multiplication by a row stride or by V has an int64 left operand
+    (``rows`` is loaded from the int64 row_index and cast with ``.to(tl.int64)``)."""
+    import inspect
+    import re
+
+    import fused_canon.kernels.linear_token_stats as module
+
+    kernels = [module._linear_token_stats_fwd_kernel, module._linear_token_stats_dlogits_kernel,
+               module._linear_token_stats_dhidden_kernel, module._linear_token_stats_dweight_kernel,
+               module._logits_tile]
+    products = []
+    for kernel in kernels:
+        source = inspect.getsource(kernel.fn)
+        for load in re.findall(r"rows = tl\.load\(row_index_ptr.*", source):
+            assert load.endswith(".to(tl.int64)"), load
+        products += re.findall(r"([\w.()]+(?:\[:, None\]|\[None, :\])?) \* (stride_\w+|vocab_size)\b", source)
+    assert len(products) >= 10, products
+    for left, right in products:
+        assert left.startswith("rows") or ".to(tl.int64)" in left, f"{left} * {right} may be int32"
+
+
 # ----------------------------------------------------------------------------- memory
 
 
