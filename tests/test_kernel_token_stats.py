@@ -17,7 +17,7 @@ import math  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from allocation import AllocationRecorder  # noqa: E402
 
 from fused_canon.kernels.token_stats import (  # noqa: E402
     _token_stats_fwd_kernel,
@@ -316,23 +316,6 @@ def test_inplace_backward_hazard_is_loud():
         (logp.sum() + other).backward()
 
 
-class _AllocationRecorder(TorchDispatchMode):
-    """Records the numel of every tensor an op returns that does not alias one of its inputs."""
-
-    def __init__(self):
-        super().__init__()
-        self.created = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        in_ptrs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
-                   if isinstance(t, torch.Tensor)}
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in in_ptrs:
-                self.created.append((str(func), t.numel()))
-        return out
-
-
 @pytest.mark.parametrize("inplace", [False, True])
 def test_no_row_by_vocab_tensor_besides_dlogits(inplace):
     B, T, V = 2, 3, 1000
@@ -343,7 +326,7 @@ def test_no_row_by_vocab_tensor_besides_dlogits(inplace):
         act = leaf * 1.0
     act.requires_grad_(True)
     logits = act[:, :-1, :]
-    rec = _AllocationRecorder()
+    rec = AllocationRecorder()
     with rec:
         logp, ent = triton_token_stats(logits, targets, row_index, 0.7, inplace_backward=inplace, block_v=256)
         forward_allocs = list(rec.created)

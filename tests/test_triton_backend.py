@@ -172,3 +172,20 @@ def test_golden_case_triton_fp32(index_case):
     for name, (actual, expected) in run_case(case, backend="triton", dtype=torch.float32).items():
         error = scalar_error(actual.item(), expected.item()) if actual.dim() == 0 else relative_error(actual, expected)
         assert error <= 1e-4, f"{name}: relative error {error:.3e} ({case['source']})"
+
+
+def test_policy_loss_allocates_no_row_by_vocab_tensor_besides_dlogits():
+    from allocation import AllocationRecorder
+
+    batch = make_batch(vocab=1000, dtype=torch.float16)  # an fp32 upcast of the logits would show up
+    logits = batch["logits"].clone().requires_grad_()
+    config = fc.LossConfig(entropy_coeff=0.01, kl_coef=0.1, advantage=fc.AdvantageConfig(estimator="canon"))
+    recorder = AllocationRecorder()
+    with recorder:
+        out = fc.policy_loss(logits, batch["targets"], batch["mask"], rewards=batch["rewards"],
+                             group_ids=batch["group_ids"], old_logprobs=batch["old_logprobs"],
+                             ref_logprobs=batch["ref_logprobs"], config=config, backend="triton")
+        out.loss.backward()
+    vocabulary_sized = [(op, n) for op, n in recorder.created if n >= 1000]
+    assert vocabulary_sized and all(n == logits.numel() for _, n in vocabulary_sized), vocabulary_sized
+    assert len(vocabulary_sized) == 1, vocabulary_sized  # dlogits, once
