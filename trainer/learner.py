@@ -1,10 +1,13 @@
 """The learner: policy model + optimizer, updated with the fused policy-gradient loss.
 
-One ``update`` consumes one rollout batch:
+One ``update`` consumes one rollout batch. In the simplest case (one epoch, the whole batch in
+one micro-batch, no KL) it is a single ``fc.policy_loss(..., rewards=, group_ids=)`` call that
+computes the advantages, the loss and its gradient in one fused pass. Otherwise:
   1. a no-grad pass over the batch gives the old log-probs (the policy that sampled, up to
      engine numerics), the token entropy (CANON's metric) and, with a KL loss, the frozen
      reference model's log-probs;
-  2. advantages for the whole batch, so groups are never split by micro-batching;
+  2. advantages for the whole batch (``fc.compute_advantages``), so that splitting the batch
+     into micro-batches never splits a group;
   3. ppo_epochs x mini-batches (one optimizer step each) x micro-batches (gradient accumulation).
      Every micro-batch loss is normalised by the *mini-batch's* token and sequence counts
      (global_num_tokens / global_num_seqs), so the accumulated gradient is exactly the gradient
@@ -97,16 +100,24 @@ class Learner:
     def update(self, batch: Dict[str, torch.Tensor], step: int) -> Dict[str, float]:
         batch = {k: v.to(self.device) for k, v in batch.items()}
         mask = batch["response_mask"]
-        self.model.eval()  # no dropout in the statistics pass
-        old_logprobs, entropy = self.token_stats(self.model, batch)
-        ref_logprobs = self.token_stats(self.ref_model, batch)[0] if self.ref_model is not None else None
-        advantages = fc.compute_advantages(batch["rewards"], batch["group_ids"], config=self.loss_config.advantage,
-                                           mask=mask, token_entropy=entropy, step=step)
-        self.model.train()
-
         num_rows = mask.shape[0]
         mini_rows = self.cfg.actor.ppo_mini_batch_size * self.cfg.rollout.n or num_rows
         micro_rows = self._micro_rows(batch)
+        # One update on the whole batch in one piece: a single fused call computes the advantages
+        # from the rewards (CANON's entropy from this very pass), the loss and its gradient.
+        single_fused_call = (self.cfg.actor.ppo_epochs == 1 and mini_rows == micro_rows == num_rows
+                             and self.ref_model is None)
+        advantages = old_logprobs = ref_logprobs = None
+        if not single_fused_call:
+            self.model.eval()  # no dropout in the statistics pass
+            old_logprobs, entropy = self.token_stats(self.model, batch)
+            if self.ref_model is not None:
+                ref_logprobs = self.token_stats(self.ref_model, batch)[0]
+            advantages = fc.compute_advantages(batch["rewards"], batch["group_ids"],
+                                               config=self.loss_config.advantage, mask=mask,
+                                               token_entropy=entropy, step=step)
+            self.model.train()
+
         averages = _MetricAverages()
         grad_norms: List[float] = []
         for _epoch in range(self.cfg.actor.ppo_epochs):
@@ -119,6 +130,8 @@ class Learner:
                     out = self._loss(batch, rows, advantages, old_logprobs, ref_logprobs, step,
                                      global_num_tokens, global_num_seqs)
                     out.loss.backward()
+                    if single_fused_call:  # what the call computed, for the metrics below
+                        advantages, old_logprobs = out.advantages, out.logprobs
                     for key, value in out.metrics.items():
                         if key in GLOBALLY_NORMALIZED:  # a micro-batch's share of the mini-batch value
                             mini_batch_terms[key] = mini_batch_terms.get(key, 0.0) + value
@@ -144,12 +157,13 @@ class Learner:
 
     def _loss(self, batch, rows: slice, advantages, old_logprobs, ref_logprobs, step: int,
               global_num_tokens: int, global_num_seqs: int):
-        common = dict(
-            advantages=advantages[rows], old_logprobs=old_logprobs[rows],
-            ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows],
-            config=self.loss_config, step=step, global_num_tokens=global_num_tokens,
-            global_num_seqs=global_num_seqs, backend=self.cfg.actor.loss_backend,
-        )
+        common = dict(config=self.loss_config, step=step, global_num_tokens=global_num_tokens,
+                      global_num_seqs=global_num_seqs, backend=self.cfg.actor.loss_backend)
+        if advantages is None:  # on-policy single call: advantages computed inside, ratio 1
+            common.update(rewards=batch["rewards"][rows], group_ids=batch["group_ids"][rows])
+        else:
+            common.update(advantages=advantages[rows], old_logprobs=old_logprobs[rows],
+                          ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows])
         targets, mask = batch["response_ids"][rows], batch["response_mask"][rows]
         if self.cfg.actor.loss_fn == "linear_policy_loss":  # LM head fused into the loss: no [N, V] logits
             hidden = self._response_tensors(self.model, batch, rows, hidden=True)

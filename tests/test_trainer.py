@@ -1,0 +1,271 @@
+"""Trainer tests on CPU, in one process: config, tasks, engine weight sync, learner, e2e, resume, CLI."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("omegaconf")
+
+import fused_canon as fc  # noqa: E402
+from fused_canon.trainer import checkpoint, tasks  # noqa: E402
+from fused_canon.trainer.cli import compare_main, train_main  # noqa: E402
+from fused_canon.trainer.config import TrainConfig, load_config  # noqa: E402
+from fused_canon.trainer.learner import Learner  # noqa: E402
+from fused_canon.trainer.model import CharTokenizer  # noqa: E402
+from fused_canon.trainer.rollout import HFEngine, Sampling  # noqa: E402
+from fused_canon.trainer.tracking import learning_summary, read_metrics  # noqa: E402
+from fused_canon.trainer.trainer import make_batch, train  # noqa: E402
+
+# Small and fast: every run below takes a few seconds on 2 CPU cores.
+TINY = ["trainer.progress_bar=false", "trainer.logger=[jsonl]", "trainer.plot=false", "trainer.test_freq=0",
+        "trainer.save_freq=0", "data.train_batch_size=4", "rollout.n=4", "model.hidden_size=32",
+        "model.num_layers=1", "model.intermediate_size=64", "trainer.num_threads=2"]
+
+
+def tiny_config(tmp_path, *overrides) -> TrainConfig:
+    return load_config(overrides=TINY + [f"trainer.out_dir={tmp_path}"] + list(overrides))
+
+
+# ----------------------------------------------------------------------------- config
+
+def test_config_layers_and_overrides(tmp_path):
+    user_yaml = tmp_path / "user.yaml"
+    user_yaml.write_text("actor:\n  lr: 0.5\nrollout:\n  n: 3\n")
+    cfg = load_config(str(user_yaml), ["rollout.n=5", "algorithm.advantage.estimator=grpo",
+                                       "algorithm.clip_ratio_high=0.3", "data.task_options.max_operand=3"])
+    assert cfg.actor.lr == 0.5  # from the user YAML
+    assert cfg.rollout.n == 5  # the command line wins over the YAML
+    assert isinstance(cfg.algorithm, fc.LossConfig) and isinstance(cfg.algorithm.advantage, fc.AdvantageConfig)
+    assert cfg.algorithm.advantage.estimator == "grpo" and cfg.algorithm.clip_ratio_high == 0.3
+    assert cfg.data.task_options == {"max_operand": 3}
+    assert load_config().algorithm.advantage.estimator == "canon"  # the shipped default run uses CANON
+
+
+def test_default_yaml_sets_only_known_keys_and_covers_the_trainer_sections():
+    from omegaconf import OmegaConf
+
+    from fused_canon.trainer.config import default_yaml_text
+
+    shipped = OmegaConf.create(default_yaml_text())
+    schema = OmegaConf.structured(TrainConfig)
+    for section in ("model", "data", "actor", "rollout", "trainer", "ray"):  # documented in full
+        assert set(shipped[section].keys()) == set(schema[section].keys()), section
+
+
+@pytest.mark.parametrize("override, message", [
+    ("actor.learning_rate=1", "unknown config key 'actor.learning_rate'"),
+    ("optim.lr=1", "unknown config key 'optim'"),
+    ("algorithm.advantage.estimatr=grpo", "unknown config key 'algorithm.advantage.estimatr'"),
+])
+def test_unknown_keys_are_rejected_with_the_valid_ones_listed(override, message):
+    with pytest.raises(ValueError, match=message) as error:
+        load_config(overrides=[override])
+    assert "valid keys" in str(error.value)
+    if override.startswith("actor."):
+        assert "ppo_epochs" in str(error.value)  # lists the keys of that section
+
+
+@pytest.mark.parametrize("override", ["algorithm.advantage.baseline=median", "rollout.engine=sglang",
+                                      "actor.loss_fn=mse", "data.train_batch_size=0", "actor.ppo_mini_batch_size=5",
+                                      "algorithm.loss_agg_mode=sum"])
+def test_invalid_values_are_rejected(override):
+    with pytest.raises(ValueError):
+        load_config(overrides=[override])
+
+
+def test_train_cli_reports_config_errors(capsys):
+    assert train_main(["actor.nope=1"]) == 2
+    assert "unknown config key 'actor.nope'" in capsys.readouterr().err
+    assert train_main(["not-an-override"]) == 2
+    assert train_main(["--print-config", "actor.lr=0.25"]) == 0
+    assert "lr: 0.25" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- tasks and rewards
+
+def test_rewards():
+    assert tasks.exact_match_reward(" 12", "12") == 1.0 and tasks.exact_match_reward("1", "12") == 0.0
+    assert tasks.positional_reward("4321", "4321") == 1.0
+    assert tasks.positional_reward("43", "4321") == 0.5
+    assert tasks.positional_reward("432100", "4321") == pytest.approx(4 / 6)  # extra characters cost
+    assert tasks.gsm8k_reward("so 3+4 is 7\n#### 7", "7") == 1.0
+    assert tasks.gsm8k_reward("#### 1,234", "1234") == 1.0
+    assert tasks.gsm8k_reward("#### 8", "7") == 0.0 and tasks.gsm8k_reward("7", "7") == 0.0
+
+
+def test_synthetic_tasks_are_reproducible_by_index_and_correct():
+    stream = tasks.SyntheticPrompts("arithmetic", {"max_operand": 9}, seed=3)
+    first = stream.next_batch(5)
+    again = tasks.SyntheticPrompts("arithmetic", {"max_operand": 9}, seed=3)
+    again.position = 2
+    assert again.next_batch(3) == first[2:]
+    for example in first:
+        a, b = example.prompt.rstrip("=").split("+")
+        assert example.answer == f"{int(a) + int(b):02d}"  # zero-padded to the default width 2
+    assert tasks.arithmetic(__import__("random").Random(0), operators="-", width=0).answer.lstrip("-").isdigit()
+    rng_examples = [tasks.SYNTHETIC_TASKS[name].generate(__import__("random").Random(1)) for name in
+                    ("reverse", "sort", "digit_sequence")]
+    reverse, sort, sequence = rng_examples
+    assert reverse.answer == reverse.prompt[1:-1][::-1]
+    assert sort.answer == "".join(sorted(sort.prompt[1:-1]))
+    digits = [int(d) for d in sequence.prompt[:-1] + sequence.answer]
+    assert len({(b - a) % 10 for a, b in zip(digits, digits[1:])}) == 1
+    with pytest.raises(ValueError, match="not options of task 'reverse'"):
+        tasks.SyntheticPrompts("reverse", {"max_operand": 3}, seed=0)
+
+
+def test_gsm8k_jsonl_dataset_and_reward_plugin(tmp_path):
+    path = tmp_path / "tiny.jsonl"
+    rows = [{"question": f"{a}+{a}=", "answer": f"{a} plus {a} is {2 * a}\n#### {2 * a}"} for a in range(1, 4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(overrides=["data.task=gsm8k", f"data.path={path}"])
+    stream = tasks.build_prompts(cfg.data, seed=0)
+    seen = stream.next_batch(3)  # one epoch: a permutation of the records
+    assert sorted(e.answer for e in seen) == ["2", "4", "6"]
+    assert tasks.build_reward(cfg.data) is tasks.gsm8k_reward
+    cfg = load_config(overrides=["data.reward_fn=fused_canon.trainer.tasks:positional_reward"])
+    assert tasks.build_reward(cfg.data) is tasks.positional_reward
+
+
+def test_gsm8k_dataset_trains_one_step(tmp_path):
+    path = tmp_path / "tiny.jsonl"
+    path.write_text("".join(json.dumps({"question": f"What is {a} + 1?", "answer": f"#### {a + 1}"}) + "\n"
+                            for a in range(5)))
+    cfg = tiny_config(tmp_path / "run", "data.task=gsm8k", f"data.path={path}", "trainer.total_steps=1")
+    metrics = train(cfg)
+    assert 0.0 <= metrics["critic/score/mean"] <= 1.0 and "actor/pg_loss" in metrics
+
+
+# ----------------------------------------------------------------------------- engine and learner
+
+def _engine_and_learner(tmp_path, *overrides):
+    cfg = tiny_config(tmp_path, *overrides)
+    tokenizer = CharTokenizer(tasks.SYNTHETIC_TASKS[cfg.data.task].alphabet)
+    engine = HFEngine(cfg.model, tokenizer, "cpu", seed=123)  # its own init: sync must replace it
+    learner = Learner(cfg, tokenizer)
+    return cfg, tokenizer, engine, learner
+
+
+def test_hf_engine_weight_sync_changes_outputs(tmp_path):
+    cfg, tokenizer, engine, learner = _engine_and_learner(tmp_path)
+    prompts = [tokenizer.encode("3+4="), tokenizer.encode("12+9=")]  # different lengths: left padding
+    sampling = Sampling(max_new_tokens=6, seed=7)
+    before = engine.generate(prompts, 4, sampling)
+    repeat = engine.generate(prompts, 4, sampling)
+    assert torch.equal(before.response_ids, repeat.response_ids)  # same seed, same samples
+
+    engine.update_weights(learner.named_weights())
+    synced = engine.generate(prompts, 4, sampling)
+    assert not torch.equal(before.logprobs[synced.response_mask & before.response_mask],
+                           synced.logprobs[synced.response_mask & before.response_mask])
+    # After the sync the engine samples from the learner's policy: same log-probs, token for token.
+    batch = make_batch(prompts, synced, [0.0] * 8, 4, tokenizer.pad_id)
+    learner_logprobs, _ = learner.token_stats(learner.model, batch)
+    mask = synced.response_mask
+    torch.testing.assert_close(learner_logprobs[mask], synced.logprobs[mask], atol=1e-4, rtol=0)
+    assert set(synced.finish_reasons) <= {"stop", "length"}
+    for row, reason in enumerate(synced.finish_reasons):
+        last = synced.response_ids[row][mask[row]][-1].item()
+        assert (last == tokenizer.eos_id) == (reason == "stop")
+
+
+def test_micro_batches_give_the_full_batch_update(tmp_path):
+    """Global token/sequence normalizers: accumulating micro-batches == one full-batch step."""
+    results = []
+    for micro in (0, 3):
+        for agg in ("token-mean", "seq-mean-token-sum"):
+            cfg, tokenizer, engine, learner = _engine_and_learner(tmp_path, f"actor.micro_batch_size={micro}",
+                                                                  f"algorithm.loss_agg_mode={agg}")
+            engine.update_weights(learner.named_weights())
+            prompts = [tokenizer.encode(p) for p in ("1+2=", "5-3=", "9+9=", "0-7=")]
+            rollout = engine.generate(prompts, 4, Sampling(max_new_tokens=5, seed=1))
+            rewards = [float(i % 3 == 0) for i in range(16)]
+            learner.update(make_batch(prompts, rollout, rewards, 4, tokenizer.pad_id), step=1)
+            results.append((micro, agg, torch.cat([p.detach().flatten() for p in learner.model.parameters()])))
+    for agg in ("token-mean", "seq-mean-token-sum"):
+        full, micro = [params for m, a, params in results if a == agg]
+        torch.testing.assert_close(full, micro, atol=1e-6, rtol=1e-5)
+
+
+def test_ppo_epochs_minibatches_kl_and_linear_loss_run(tmp_path):
+    cfg = tiny_config(tmp_path, "trainer.total_steps=2", "actor.ppo_epochs=2", "actor.ppo_mini_batch_size=2",
+                      "actor.micro_batch_size=3", "algorithm.kl_coef=0.1", "actor.loss_fn=linear_policy_loss",
+                      "algorithm.advantage.estimator=grpo",
+                      "data.reward_fn=fused_canon.trainer.tasks:positional_reward")  # dense: non-zero advantages
+    metrics = train(cfg)
+    for key in ("actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/kl_loss", "actor/entropy",
+                "actor/grad_norm", "critic/advantages/mean", "critic/score/mean", "response_length/mean",
+                "timing_s/gen", "timing_s/update_actor"):
+        assert key in metrics and metrics[key] == metrics[key], key  # present and not NaN
+    # The second epoch and mini-batch run on updated weights against the recomputed old log-probs.
+    assert metrics["actor/ppo_kl"] != 0.0
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def test_e2e_reward_improves_and_outputs_are_written(tmp_path):
+    """A shortened default run (same task, model, estimator) whose reward must visibly rise."""
+    out = tmp_path / "run"
+    code = train_main([f"trainer.out_dir={out}", "trainer.total_steps=60", "trainer.progress_bar=false",
+                       "trainer.save_freq=30", "trainer.test_freq=30", "trainer.num_threads=2"])
+    assert code == 0
+    summary = learning_summary(str(out / "metrics.jsonl"))
+    assert summary["steps"] == 60
+    assert summary["improvement"] >= 0.15, summary
+    rows = read_metrics(str(out / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == list(range(1, 61))
+    assert "val/score/mean" in rows[29]["data"] and "val/score/mean" not in rows[30]["data"]
+    assert (out / "metrics.png").stat().st_size > 10_000
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(out / "tensorboard"))
+    assert checkpoint.latest_checkpoint(str(out / "checkpoints")).endswith("global_step_60")
+
+
+def test_console_lines_follow_the_verl_format(tmp_path, capsys):
+    train(tiny_config(tmp_path, "trainer.total_steps=2", "trainer.logger=[console]"))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step:")]
+    assert len(lines) == 2 and lines[1].startswith("step:2 - ")
+    assert " - critic/score/mean:" in lines[0] and " - timing_s/step:" in lines[0]
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ["trainer.total_steps=4", "trainer.save_freq=2", "trainer.max_ckpt_to_keep=0"]
+    train(tiny_config(straight, *common))
+    # Keep only the step-2 checkpoint of the uninterrupted run, as if it had stopped there.
+    shutil.copytree(straight / "checkpoints" / "global_step_2", resumed / "checkpoints" / "global_step_2")
+    (resumed / "checkpoints" / checkpoint.POINTER).write_text("2")
+    train(tiny_config(resumed, *common, "trainer.resume=true"))
+
+    def steps_3_4(run):
+        rows = read_metrics(str(run / "metrics.jsonl"))
+        return {r["step"]: {k: v for k, v in r["data"].items() if not k.startswith("timing_s/")}
+                for r in rows if r["step"] > 2}
+
+    expected, got = steps_3_4(straight), steps_3_4(resumed)
+    assert sorted(got) == [3, 4]
+    assert got == expected  # exactly: same samples, same updates
+
+
+def test_checkpoint_pointer_names_only_complete_checkpoints(tmp_path):
+    root = str(tmp_path)
+    for step in (1, 2, 3):
+        checkpoint.save_checkpoint(root, step, lambda d: open(os.path.join(d, "model.pt"), "w").close(),
+                                   {"data_position": step * 10}, max_to_keep=2)
+    assert checkpoint.latest_checkpoint(root).endswith("global_step_3")
+    assert sorted(os.listdir(root)) == ["global_step_2", "global_step_3", checkpoint.POINTER]
+    assert checkpoint.load_trainer_state(checkpoint.latest_checkpoint(root)) == {"step": 3, "data_position": 30}
+
+
+def test_compare_runs_each_estimator_and_plots(tmp_path, capsys):
+    code = compare_main(["--estimators", "grpo,qae", "--out-dir", str(tmp_path)]
+                        + TINY + ["trainer.total_steps=2"])
+    assert code == 0
+    assert (tmp_path / "compare.png").stat().st_size > 10_000
+    grpo = (tmp_path / "grpo" / "config.yaml").read_text()
+    qae = (tmp_path / "qae" / "config.yaml").read_text()
+    assert "baseline: mean" in grpo and "baseline: quantile" in qae
+    assert compare_main(["--estimators", "ppo"]) == 2
