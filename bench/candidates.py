@@ -103,10 +103,6 @@ def _fused_canon_call(path: str, backend: str, compile_backend: Optional[str]) -
             def call(logits, targets):
                 return fc.token_stats(logits, targets, backend=backend)
             args: Sequence[torch.Tensor] = (inputs["logits"], inputs["targets"])
-            mask = inputs["mask"]
-            prepared = _forward_or_training(path, call, args, inputs)
-            prepared.summarize = lambda stats: _mean_valid(stats[0], mask)
-            return prepared
         elif path in (POLICY_LOSS_FWD, POLICY_LOSS_FWD_BWD):
             kwargs = _policy_kwargs(inputs, config)
 
@@ -122,7 +118,11 @@ def _fused_canon_call(path: str, backend: str, compile_backend: Optional[str]) -
         if compile_backend is not None:
             torch._dynamo.reset()  # a fresh cache per case: recompilation limits would silently fall back to eager
             call = torch.compile(call, backend=compile_backend)
-        return _forward_or_training(path, call, args, inputs)
+        prepared = _forward_or_training(path, call, args, inputs)
+        if path == TOKEN_STATS_FWD:
+            mask = inputs["mask"]
+            prepared.summarize = lambda stats: _mean_valid(stats[0], mask)
+        return prepared
 
     return prepare
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+from torch._dynamo.utils import counters as dynamo_counters
 
 from fused_canon.bench.candidates import COMPILED, EAGER, OURS, Candidate, Settings, candidates_for
 from fused_canon.bench.floors import TARGETS, Ceilings, Work, evaluate_target, measure_ceilings, target_for, work_for
@@ -153,7 +154,7 @@ def _element_size(dtype: torch.dtype) -> int:
 
 def _classify(exc: BaseException) -> str:
     """``unavailable`` for a backend or API that is not there yet, ``oom``, else ``error``."""
-    if isinstance(exc, torch.OutOfMemoryError):
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
         return "oom"
     if isinstance(exc, (ImportError, NotImplementedError)):
         return "unavailable"
@@ -169,7 +170,7 @@ def base_row(path: str, shape: Shape, candidate: Candidate, work: Work, floor: D
         "computes": candidate.computes, "shape": shape.as_dict(), "label": shape.label(), "status": None,
         "detail": None, "time_ms": None, "runs": None, "first_call_s": None, "peak_extra_bytes": None,
         "memory_note": None, "weight_grad_bytes": None, "value": None, "value_of": _value_of(path),
-        "rel_diff": None, "rel_diff_vs": None, "work": work.as_dict(), "floor": floor,
+        "rel_diff": None, "rel_diff_vs": None, "compiled_frames": None, "work": work.as_dict(), "floor": floor,
         "fraction_of_floor": None, "achieved_GBps": None, "achieved_TFLOPs": None,
         "target": target.as_dict() if target else None,
     }
@@ -210,10 +211,12 @@ def run_case(cfg: RunConfig, path: str, shape: Shape, candidate: Candidate, peer
         prepared = candidate.prepare(inputs)
         inputs = None  # from here only what the candidate kept is alive (e.g. Liger's own layout)
         _synchronize(cfg.device)
+        frames_before = dynamo_counters["frames"]["ok"]
         start = time.perf_counter()
         output = prepared.fn()  # compiles kernels / traces torch.compile; never timed
         _synchronize(cfg.device)
         row["first_call_s"] = time.perf_counter() - start
+        row["compiled_frames"] = dynamo_counters["frames"]["ok"] - frames_before
         row["value"] = prepared.summarize(output)
         del output
         if not math.isfinite(row["value"]):

@@ -56,7 +56,10 @@ def test_every_path_has_ours_and_both_references(smoke_run):
         assert {OURS, EAGER, COMPILED} <= impls, path
     # The torch reference always runs on the CPU; ours either ran or says why it could not.
     assert all(r["status"] == "ok" for r in rows if r["impl"] == EAGER)
-    assert any(r["status"] == "ok" for r in rows if r["impl"] == COMPILED)
+    compiled = [r for r in rows if r["impl"] == COMPILED and r["status"] == "ok"]
+    assert {r["path"] for r in compiled} == {TOKEN_STATS_FWD, POLICY_LOSS_FWD_BWD, LINEAR_POLICY_LOSS_FWD_BWD}
+    assert all(r["compiled_frames"] > 0 for r in compiled)  # dynamo did compile the reference
+    assert all(r["compiled_frames"] == 0 for r in rows if r["impl"] == EAGER)
     for row in rows:
         if row["impl"] == OURS:
             assert row["status"] in ("ok", "unavailable"), row["detail"]
