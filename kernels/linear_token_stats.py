@@ -460,12 +460,15 @@ class LinearTokenStatsBlocks:
             raise ValueError(f"backward_chunk_rows must be >= 1, got {self.backward_chunk_rows}")
 
 
-def _launch_options(blocks: LinearTokenStatsBlocks, dot_operand_dtype: torch.dtype) -> dict:
-    """num_warps / num_stages for a kernel whose tl.dot operands have this dtype. fp32 operands
-    take the CUDA-core FMA path, whose software pipelining spills registers at these tiles
-    (ptxas -v, sm_80 and sm_90): those kernels run unpipelined (num_stages=1)."""
-    stages = 1 if dot_operand_dtype == torch.float32 else blocks.num_stages
-    return {"num_warps": blocks.num_warps, "num_stages": stages}
+def _launch_options(blocks: LinearTokenStatsBlocks, dot_operand_dtype: torch.dtype, gemm: bool = False) -> dict:
+    """num_warps / num_stages for a kernel whose tl.dot operands have this dtype (``gemm``: the
+    grad_hidden / grad_weight kernels). fp32 operands take the CUDA-core FMA path, which spills
+    registers at the default tiles when software-pipelined, and in the GEMM kernels also with
+    8 warps on triton 3.6 / sm_90 (ptxas -v, triton 3.6 and 3.7, sm_80 and sm_90): those
+    kernels run unpipelined (num_stages=1), the GEMM ones with 4 warps."""
+    if dot_operand_dtype != torch.float32:
+        return {"num_warps": blocks.num_warps, "num_stages": blocks.num_stages}
+    return {"num_warps": 4 if gemm else blocks.num_warps, "num_stages": 1}
 
 
 def _resolve_blocks(block_sizes) -> LinearTokenStatsBlocks:
@@ -632,7 +635,7 @@ def _backward(hidden, weight, bias, targets, row_index, logp, entropy, lse, zbar
 
     blocks_args = dict(BLOCK_N=blocks.block_n, BLOCK_V=blocks.block_v, BLOCK_H=blocks.block_h)
     dlogits_args = {**blocks_args, **_launch_options(blocks, torch.float32 if upcast_forward else hidden.dtype)}
-    gemm_args = {**blocks_args, **_launch_options(blocks, torch.float32 if upcast_gemm else hidden.dtype)}
+    gemm_args = {**blocks_args, **_launch_options(blocks, torch.float32 if upcast_gemm else hidden.dtype, gemm=True)}
     for chunk in range(num_chunks):
         chunk_start = chunk * chunk_rows
         rows_here = min(chunk_rows, n_valid - chunk_start)
@@ -736,13 +739,13 @@ _AOT_SIZES = {"n_valid": "i32", "vocab_size": "i32", "hidden_size": "i32", "chun
 _TRITON_TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def _aot_entry(kernel, pointer_types, dot_operand_dtype, **constexprs):
+def _aot_entry(kernel, pointer_types, dot_operand_dtype, gemm=False, **constexprs):
     constexprs = {"BLOCK_N": _AOT_BLOCKS.block_n, "BLOCK_V": _AOT_BLOCKS.block_v, "BLOCK_H": _AOT_BLOCKS.block_h,
                   **constexprs}
     types = {**_AOT_SIZES, **pointer_types}
     signature = {arg: ("constexpr" if arg in constexprs else types[arg]) for arg in kernel.arg_names}
     div16 = [arg for arg in signature if arg in ("vocab_size", "hidden_size") or arg.startswith("stride_")]
-    return kernel, signature, constexprs, {**_launch_options(_AOT_BLOCKS, dot_operand_dtype), "div16": div16}
+    return kernel, signature, constexprs, {**_launch_options(_AOT_BLOCKS, dot_operand_dtype, gemm), "div16": div16}
 
 
 def _aot_entries(dtype: torch.dtype):
@@ -754,14 +757,15 @@ def _aot_entries(dtype: torch.dtype):
              "row_index_ptr": "*i64", "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32",
              "zbar_ptr": "*fp32", "coef_logp_ptr": "*fp32", "coef_entropy_ptr": "*fp32",
              "dlogits_ptr": f"*{_TRITON_TYPE[workspace]}"}
-    gemm = {"dlogits_ptr": stats["dlogits_ptr"], "weight_ptr": f"*{ty}", "hidden_ptr": f"*{ty}",
+    gemm_pointers = {"dlogits_ptr": stats["dlogits_ptr"], "weight_ptr": f"*{ty}", "hidden_ptr": f"*{ty}",
             "row_index_ptr": "*i64", "grad_hidden_ptr": f"*{ty}", "grad_weight_ptr": "*fp32", "grad_bias_ptr": "*fp32"}
     return [
         _aot_entry(_linear_token_stats_fwd_kernel, stats, dtype, HAS_BIAS=True, UPCAST_DOT_INPUTS=False),
         _aot_entry(_linear_token_stats_dlogits_kernel, stats, dtype, HAS_BIAS=True, UPCAST_DOT_INPUTS=False),
-        _aot_entry(_linear_token_stats_dhidden_kernel, gemm, gemm_dot, UPCAST_DOT_INPUTS=gemm_dot != dtype),
-        _aot_entry(_linear_token_stats_dweight_kernel, gemm, gemm_dot, ACCUMULATE=True, COMPUTE_BIAS=True,
+        _aot_entry(_linear_token_stats_dhidden_kernel, gemm_pointers, gemm_dot, gemm=True,
                    UPCAST_DOT_INPUTS=gemm_dot != dtype),
+        _aot_entry(_linear_token_stats_dweight_kernel, gemm_pointers, gemm_dot, gemm=True, ACCUMULATE=True,
+                   COMPUTE_BIAS=True, UPCAST_DOT_INPUTS=gemm_dot != dtype),
     ]
 
 
