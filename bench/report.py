@@ -6,6 +6,7 @@ import json
 import os
 import re
 import time
+from collections import Counter
 from typing import Dict, List, Optional
 
 from fused_canon.bench.schema import validate
@@ -54,15 +55,19 @@ def _target_cell(row: Dict) -> str:
     return limit + (": PASS" if target["met"] else ": FAIL")
 
 
+FOLDABLE = ("not installed", "import failed", "skipped")
+
+
 def format_table(doc: Dict) -> str:
-    """One line per row that ran or failed; peers that are not installed get one line each at the end."""
+    """One line per row; rows that did not run for the same reason (a peer not installed, the compiled
+    reference away from the target shape) are folded into one line each under the table."""
     header = ("path", "impl", "shape", "time ms", "floor ms", "% floor", "bound", "extra GiB", "rel diff", "target",
               "status")
+    repeats = Counter((r["impl"], r["status"], r["detail"]) for r in doc["rows"] if r["status"] in FOLDABLE)
+    folded = {key: n for key, n in repeats.items() if n > 1}
     lines: List[tuple] = []
-    hidden_peers = {}
     for row in doc["rows"]:
-        if row["status"] in ("not installed", "import failed"):
-            hidden_peers.setdefault(row["peer"], row["detail"])
+        if (row["impl"], row["status"], row["detail"]) in folded:
             continue
         ok = row["status"] == "ok"
         status = "ok" if ok else f"{row['status']}: {row['detail']}"
@@ -85,8 +90,8 @@ def format_table(doc: Dict) -> str:
             out.append("")
         previous_path = line[0]
         out.append(" | ".join(str(x).ljust(w) for x, w in zip(line, widths)))
-    for peer, detail in hidden_peers.items():
-        out.append(f"(rows of {detail})")
+    for (impl, status, detail), n in folded.items():  # peer rows' detail already names the peer
+        out.append(f"({n} rows of {impl}, {status}: {detail})")
     out.append("rel diff: |value - value of the eager reference| / |reference| on the same inputs (the loss; "
                "the mean valid-token log-prob for token_stats); against ours where the reference did not run")
     ceilings = doc["ceilings"]
