@@ -9,14 +9,12 @@ import sys
 import pytest
 
 from fused_canon.bench.candidates import COMPILED, EAGER, OURS
-from fused_canon.bench.floors import Ceilings, work_for
 from fused_canon.bench.schema import validate
 from fused_canon.bench.workloads import (
     LINEAR_POLICY_LOSS_FWD_BWD,
     PATHS,
     POLICY_LOSS_FWD_BWD,
     TOKEN_STATS_FWD,
-    Shape,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -126,22 +124,3 @@ def test_validator_rejects_broken_documents(smoke_run):
     broken = copy.deepcopy(doc)
     del broken["peers"]["verl"]
     assert any(p.startswith("peers:") for p in validate(broken))
-
-
-def test_floors_reproduce_the_h100_table_of_peers_md():
-    """At 3.0 TB/s and 800 TFLOP/s the floors are PEERS.md §0's: 1.66 ms, 4.98 ms, 102 ms at N = 16k."""
-    h100 = Ceilings(3.0e12, 0, 0.0, 800e12, 0, "bfloat16", 0.0)
-    n, v, h = 16384, 151936, 4096
-    logits = Shape(16, 1024, n, v)
-    assert h100.floor_ms(work_for(TOKEN_STATS_FWD, logits, 2))["floor_ms"] == pytest.approx(1.66, abs=0.01)
-    assert h100.floor_ms(work_for(POLICY_LOSS_FWD_BWD, logits, 2))["floor_ms"] == pytest.approx(4.98, abs=0.01)
-    linear = h100.floor_ms(work_for(LINEAR_POLICY_LOSS_FWD_BWD, Shape(16, 1024, n, v, h), 2))
-    assert linear["bound"] == "compute" and linear["floor_ms"] == pytest.approx(102.0, abs=0.1)
-
-
-def test_padded_rows_count_only_valid_tokens_in_the_reads():
-    dense, padded = Shape(16, 1024, 16384, 1000), Shape(16, 1024, 8192, 1000)
-    reads = work_for(POLICY_LOSS_FWD_BWD, padded, 2).bytes
-    # 2 reads of the 8,192 valid rows, a dlogits write of all 16,384 rows
-    assert reads == (2 * 8192 + 16384) * 1000 * 2 + 16384 * 21
-    assert work_for(POLICY_LOSS_FWD_BWD, dense, 2).bytes > reads
