@@ -249,10 +249,11 @@ def _ours_workspace(path: str) -> Callable[[Shape, int], int]:
 
 def _reference_workspace(path: str) -> Callable[[Shape, int], int]:
     def estimate(shape: Shape, elt: int) -> int:
-        # The reference upcasts the valid rows to fp32 and keeps z, p and p*z; the backward recomputes them
-        # and adds dz. The LM-head path first materialises the logits in the input dtype.
+        # The reference copies the valid rows, upcasts them to fp32 and holds z, p, p*z and a zeros
+        # tensor; its backward frees those, recomputes them and adds dz. The LM-head path first
+        # materialises the logits in the input dtype.
         rows = shape.n_valid * shape.vocab
-        fp32_copies = 7 if has_backward(path) else 4
+        fp32_copies = 6 if has_backward(path) else 4
         total = rows * (FP32 * fp32_copies + elt)
         if shape.hidden is not None:
             total += rows * elt + shape.vocab * shape.hidden * FP32
