@@ -1,7 +1,9 @@
 """Fused LM-head token statistics (kernels/linear_token_stats.py) against a float64 torch reference.
 
-The Triton kernels run under the interpreter on CPU tensors (sm_80 / sm_90 compilation is
-covered by test_aot_compile.py). Block sizes are small and chosen so that N, H and V are never
+By default the Triton kernels run under the interpreter on CPU tensors (TRITON_INTERPRET=1 is
+set here unless the environment sets it); with ``TRITON_INTERPRET=0`` on a CUDA machine the same
+tests run the compiled kernels on the GPU (sm_80 / sm_90 compilation on the CPU is covered by
+test_aot_compile.py). References are computed on the CPU in float64. Block sizes are small and chosen so that N, H and V are never
 multiples of them, and the backward's row chunk is small so that several chunks (and the
 accumulation across chunks) are exercised.
 
@@ -30,7 +32,24 @@ from fused_canon.kernels.linear_token_stats import (  # noqa: E402
     triton_linear_token_stats,
 )
 
-# Interpreter-friendly tiles; the kernels also run with the GPU defaults (see test_default_blocks).
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICE = "cpu" if _INTERPRET or not torch.cuda.is_available() else "cuda"
+pytestmark = pytest.mark.skipif(not _INTERPRET and not torch.cuda.is_available(),
+                                reason="TRITON_INTERPRET=0 and no CUDA device: nothing can run the kernels")
+
+
+def dev(t):
+    return t.to(DEVICE) if isinstance(t, torch.Tensor) else t
+
+
+def call_kernel(hidden, weight, targets, row_index, bias=None, temperature=1.0, block_sizes=None):
+    """triton_linear_token_stats with targets and row_index moved to DEVICE (the differentiable
+    inputs are passed as they are: callers put them on DEVICE themselves, as leaves)."""
+    return triton_linear_token_stats(hidden, weight, dev(targets), dev(row_index), bias, temperature,
+                                     block_sizes=block_sizes)
+
+
+# Small tiles (>= 16, as tl.dot needs on a GPU); the GPU defaults run in test_default_blocks.
 SMALL_BLOCKS = dict(block_n=16, block_v=64, block_h=32)
 FORWARD_TOL = 1e-4
 GRAD_TOL = {torch.float32: 1e-4, torch.float16: 2e-3}
@@ -90,12 +109,17 @@ def make_case(num_rows, hidden_size, vocab_size, dtype, *, with_bias=True, seed=
 
 
 def run_kernel(hidden, weight, bias, targets, row_index, temperature, c_logp, c_ent, blocks):
-    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (hidden, weight, bias)]
-    logp, entropy = triton_linear_token_stats(leaves[0], leaves[1], targets, row_index, leaves[2], temperature,
-                                              block_sizes=blocks)
-    (c_logp * logp + c_ent * entropy).sum().backward()
-    grads = [t.grad if t is not None else None for t in leaves]
-    return dict(logp=logp, entropy=entropy, grad_hidden=grads[0], grad_weight=grads[1], grad_bias=grads[2])
+    """Forward, then backward of sum(c_logp * logp + c_ent * entropy); results on the CPU.
+    ``detach()`` keeps the inputs' strides (``clone()`` would make a strided view contiguous)."""
+    leaves = [dev(t).detach().requires_grad_(True) if t is not None else None for t in (hidden, weight, bias)]
+    logp, entropy = call_kernel(leaves[0], leaves[1], targets, row_index, leaves[2], temperature, blocks)
+    saved = logp.grad_fn.saved_tensors if logp.grad_fn is not None else (None, None)  # before backward frees them
+    (dev(c_logp) * logp + dev(c_ent) * entropy).sum().backward()
+    out = dict(logp=logp, entropy=entropy, grad_hidden=leaves[0].grad, grad_weight=leaves[1].grad,
+               grad_bias=leaves[2].grad if leaves[2] is not None else None)
+    out = {name: value.cpu() if value is not None else None for name, value in out.items()}
+    out["saved_hidden"], out["saved_weight"] = saved[:2]  # what the kernels read (for the in-place tests)
+    return out
 
 
 def check_against_reference(out, ref, dtype, row_index, num_rows):
@@ -225,11 +249,10 @@ def test_spec_worked_example_through_identity_head():
     blocks = LinearTokenStatsBlocks(**SMALL_BLOCKS)
     for temperature, expected in [(1.0, [-0.190051, 0.604766, -0.065440, -0.019741, -0.329534]),
                                   (0.7, [-0.254424, 0.912559, -0.049285, -0.008062, -0.600788])]:
-        h = hidden.clone().requires_grad_(True)
-        logp, entropy = triton_linear_token_stats(h, weight, targets, torch.tensor([0, 1]), None, temperature,
-                                                  block_sizes=blocks)
+        h = dev(hidden).clone().requires_grad_(True)
+        logp, entropy = call_kernel(h, dev(weight), targets, torch.tensor([0, 1]), None, temperature, blocks)
         (0.7 * logp[0] - 0.3 * entropy[0]).backward()
-        assert torch.allclose(h.grad[0], torch.tensor(expected), atol=2e-6)
+        assert torch.allclose(h.grad[0].cpu(), torch.tensor(expected), atol=2e-6)
         assert (h.grad[1] == 0).all()
         if temperature == 1.0:
             assert logp[0].item() == pytest.approx(-2.472261, abs=2e-6)
@@ -246,42 +269,50 @@ def test_single_output_and_partial_input_gradients():
     blocks = LinearTokenStatsBlocks(**SMALL_BLOCKS, backward_chunk_rows=8)
     ref = reference(hidden, weight, bias, targets, row_index, 0.7, c_logp, torch.zeros_like(c_logp))
 
+    hidden, weight, bias, c_logp = dev(hidden), dev(weight), dev(bias), dev(c_logp)
+
     # Only logp is used (the entropy gradient arrives as None); only weight requires grad.
     w = weight.clone().requires_grad_(True)
-    logp, _ = triton_linear_token_stats(hidden, w, targets, row_index, bias, 0.7, block_sizes=blocks)
+    logp, _ = call_kernel(hidden, w, targets, row_index, bias, 0.7, blocks)
     (c_logp * logp).sum().backward()
-    assert_close(w.grad, ref["grad_weight"], 1e-4, "grad_weight")
+    assert_close(w.grad.cpu(), ref["grad_weight"], 1e-4, "grad_weight")
 
     # Only hidden requires grad.
     h = hidden.clone().requires_grad_(True)
-    logp, _ = triton_linear_token_stats(h, weight, targets, row_index, bias, 0.7, block_sizes=blocks)
+    logp, _ = call_kernel(h, weight, targets, row_index, bias, 0.7, blocks)
     (c_logp * logp).sum().backward()
-    assert_close(h.grad, ref["grad_hidden"], 1e-4, "grad_hidden")
+    assert_close(h.grad.cpu(), ref["grad_hidden"], 1e-4, "grad_hidden")
 
     # Only bias requires grad.
     b = bias.clone().requires_grad_(True)
-    logp, _ = triton_linear_token_stats(hidden, weight, targets, row_index, b, 0.7, block_sizes=blocks)
+    logp, _ = call_kernel(hidden, weight, targets, row_index, b, 0.7, blocks)
     (c_logp * logp).sum().backward()
-    assert_close(b.grad, ref["grad_bias"], 1e-4, "grad_bias")
+    assert_close(b.grad.cpu(), ref["grad_bias"], 1e-4, "grad_bias")
 
 
 def test_strided_hidden_is_read_in_place_and_backward_is_deterministic():
     hidden, weight, bias, targets, row_index, c_logp, c_ent = make_case(24, 48, 257, torch.float32)
-    storage = torch.full((24, 48 + 13), 123.0)
-    storage[:, 5:53] = hidden
+    storage = torch.full((24, 48 + 13), 123.0, device=DEVICE)
+    storage[:, 5:53] = dev(hidden)
     strided = storage[:, 5:53]  # row stride 61, last stride 1
     blocks = LinearTokenStatsBlocks(**SMALL_BLOCKS, backward_chunk_rows=8)
     first = run_kernel(strided, weight, bias, targets, row_index, 0.7, c_logp, c_ent, blocks)
-    second = run_kernel(hidden, weight, bias, targets, row_index, 0.7, c_logp, c_ent, blocks)
+    second = run_kernel(strided, weight, bias, targets, row_index, 0.7, c_logp, c_ent, blocks)
+    contiguous = run_kernel(hidden, weight, bias, targets, row_index, 0.7, c_logp, c_ent, blocks)
+    saved_hidden = first.pop("saved_hidden")
+    assert saved_hidden.data_ptr() == strided.data_ptr() and saved_hidden.stride() == (61, 1), "hidden was copied"
+    for out in (first, second, contiguous):
+        out.pop("saved_hidden", None), out.pop("saved_weight")
     for name, value in first.items():
         assert torch.equal(value, second[name]), f"{name} differs between runs (no atomics: must be bitwise equal)"
+        assert torch.equal(value, contiguous[name]), f"{name}: strided and contiguous hidden disagree"
 
 
 def test_empty_selection():
     hidden, weight, bias, targets, _, _, _ = make_case(8, 32, 100, torch.float32)
-    h = hidden.nan_to_num(0.0).requires_grad_(True)
-    w = weight.clone().requires_grad_(True)
-    logp, entropy = triton_linear_token_stats(h, w, targets, torch.zeros(0, dtype=torch.int64), bias, 1.0)
+    h = dev(hidden.nan_to_num(0.0)).requires_grad_(True)
+    w = dev(weight).requires_grad_(True)
+    logp, entropy = call_kernel(h, w, targets, torch.zeros(0, dtype=torch.int64), dev(bias), 1.0)
     assert logp.shape == (0,) and entropy.shape == (0,)
     (logp.sum() + entropy.sum()).backward()
     assert (h.grad == 0).all() and (w.grad == 0).all()
@@ -289,24 +320,27 @@ def test_empty_selection():
 
 def _int64_offsets_case():
     """hidden rows and weight rows whose element offsets (row * stride) exceed 2**31 while every
-    stride fits in int32 (end to end: the launcher passes the strides, nothing is copied). Each backing buffer is ~4.3 GB of *virtual* memory (torch.empty does
-    not touch it; only the rows used are written), so the kernels must form offsets in int64:
-    int32 arithmetic would wrap ~4 GB below the buffer (a crash, hence the subprocess)."""
+    stride fits in int32, read in place (nothing is copied). Each backing buffer is ~4.3 GB of
+    *virtual* memory on the CPU (torch.empty does not touch it; only the rows used are written),
+    so the kernels must form offsets in int64: int32 arithmetic would wrap ~4 GB below the
+    buffer (a crash, hence the subprocess)."""
     hidden_size, vocab_size, stride = 40, 3, 2**30 + 2**20  # 2 * stride > 2**31 - 1
     g = torch.Generator().manual_seed(11)
     hidden_values = torch.randn(3, hidden_size, generator=g).half()
     weight_values = torch.randn(vocab_size, hidden_size, generator=g).half()
-    hidden_base = torch.empty(2 * stride + hidden_size, dtype=torch.float16)
-    weight_base = torch.empty(2 * stride + hidden_size, dtype=torch.float16)
+    hidden_base = torch.empty(2 * stride + hidden_size, dtype=torch.float16, device=DEVICE)
+    weight_base = torch.empty(2 * stride + hidden_size, dtype=torch.float16, device=DEVICE)
     hidden = hidden_base.as_strided((3, hidden_size), (stride, 1))
     weight = weight_base.as_strided((vocab_size, hidden_size), (stride, 1))
-    hidden.copy_(hidden_values)
-    weight.copy_(weight_values)
+    hidden.copy_(dev(hidden_values))
+    weight.copy_(dev(weight_values))
     targets, row_index = torch.tensor([2, 0, 1]), torch.tensor([2, 0])
     c_logp, c_ent = torch.tensor([0.5, -1.0]), torch.tensor([0.25, 0.75])
     blocks = LinearTokenStatsBlocks(**SMALL_BLOCKS, backward_chunk_rows=16)
-    out = run_kernel(hidden.requires_grad_(True), weight.requires_grad_(True), None, targets, row_index, 1.0,
-                     c_logp, c_ent, blocks)
+    out = run_kernel(hidden, weight, None, targets, row_index, 1.0, c_logp, c_ent, blocks)
+    saved_hidden, saved_weight = out.pop("saved_hidden"), out.pop("saved_weight")
+    assert saved_hidden.data_ptr() == hidden.data_ptr() and saved_hidden.stride() == (stride, 1), "hidden copied"
+    assert saved_weight.data_ptr() == weight.data_ptr() and saved_weight.stride() == (stride, 1), "weight copied"
     ref = reference(hidden_values, weight_values, None, targets, row_index, 1.0, c_logp, c_ent)
     check_against_reference(out, ref, torch.float16, row_index, 3)
     print("INT64_OK")
@@ -319,7 +353,7 @@ def test_int64_offsets_beyond_2_31_elements():
     here = os.path.dirname(os.path.abspath(__file__))
     code = (f"import sys; sys.path.insert(0, {here!r}); import test_kernel_linear_token_stats as t; "
             "t._int64_offsets_case()")
-    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TRITON_INTERPRET="1"),
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TRITON_INTERPRET="1" if _INTERPRET else "0"),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "INT64_OK" in proc.stdout, (
         f"rc={proc.returncode} (-11/139: segfault from a wrapped int32 offset)\n{proc.stdout}\n{proc.stderr[-3000:]}")
@@ -394,7 +428,7 @@ def test_no_tensor_of_n_times_v_elements(dtype):
 
 
 def test_input_validation():
-    hidden, weight, bias, targets, row_index, _, _ = make_case(12, 32, 100, torch.float32)
+    hidden, weight, bias, targets, row_index = map(dev, make_case(12, 32, 100, torch.float32)[:5])
     call = lambda **kw: triton_linear_token_stats(  # noqa: E731
         **{**dict(hidden=hidden, weight=weight, targets=targets, row_index=row_index, bias=bias), **kw})
     with pytest.raises(ValueError, match="2-D"):
@@ -420,13 +454,13 @@ def test_input_validation():
         bad[row_index[3]] = 100
         call(targets=bad)
     with pytest.raises(ValueError, match="outside"):
-        call(row_index=torch.tensor([0, 12]))
+        call(row_index=dev(torch.tensor([0, 12])))
     with pytest.raises(ValueError, match="duplicate"):
-        call(row_index=torch.tensor([1, 2, 1]))
+        call(row_index=dev(torch.tensor([1, 2, 1])))
     with pytest.raises(ValueError, match="power of two"):
         call(block_sizes=dict(block_n=24))
     # Out-of-range targets of rows outside row_index are fine (they are never read).
-    assert (targets[~torch.isin(torch.arange(12), row_index)] == -7).all()
+    assert (targets.cpu()[~torch.isin(torch.arange(12), row_index.cpu())] == -7).all()
     logp, _ = call(hidden=hidden)
     assert torch.isfinite(logp).all()
 
