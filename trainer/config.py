@@ -11,7 +11,6 @@ name and is validated by the loss API itself.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Dict, List, Optional
@@ -46,6 +45,7 @@ class DataConfig:
     answer_key: str = "answer"
     reward_fn: str = ""  # "" -> the task's own reward; else "pkg.module:function" (response, answer) -> float
     train_batch_size: int = 16  # prompts per step (each sampled rollout.n times)
+    max_prompt_length: int = 256  # tokens; longer prompts are an error (vLLM sizes its context from this)
     max_response_length: int = 8  # new tokens per response
     val_batch_size: int = 64  # held-out prompts for the greedy validation every trainer.test_freq steps
 
@@ -193,7 +193,3 @@ def _check(cfg: TrainConfig) -> None:
 
 def to_yaml(cfg: TrainConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def to_dict(cfg: TrainConfig) -> Dict[str, Any]:
-    return dataclasses.asdict(cfg)

@@ -46,6 +46,14 @@ def make_batch(prompt_ids: List[List[int]], rollout: Rollout, rewards: List[floa
     return batch
 
 
+def encode_prompt(tokenizer, prompt: str, max_prompt_length: int) -> List[int]:
+    ids = tokenizer.encode(prompt)
+    if len(ids) > max_prompt_length:
+        raise ValueError(f"a prompt has {len(ids)} tokens, more than data.max_prompt_length={max_prompt_length}: "
+                         f"{prompt[:80]!r}...")
+    return ids
+
+
 def decode_responses(tokenizer, rollout: Rollout) -> List[str]:
     return [tokenizer.decode(ids[mask].tolist()) for ids, mask in zip(rollout.response_ids, rollout.response_mask)]
 
@@ -83,7 +91,7 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
     val_prompts = build_prompts(cfg.data, cfg.trainer.seed, split="val")
     reward_fn = build_reward(cfg.data)
     tokenizer = build_tokenizer(cfg.model, prompts.alphabet)
-    learner, engine = start_workers(cfg, tokenizer, out_dir)
+    learner, engine, stop_workers = start_workers(cfg, tokenizer, out_dir)
 
     ckpt_root = os.path.join(out_dir, "checkpoints")
     start_step = 0
@@ -97,39 +105,43 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
 
     tracker = Tracker(out_dir, cfg.trainer.logger, cfg.trainer.total_steps, start_step, cfg.trainer.progress_bar)
     metrics: Dict[str, float] = {}
-    for step in range(start_step + 1, cfg.trainer.total_steps + 1):
-        metrics = {}
-        with timer("step", metrics):
-            examples = prompts.next_batch(cfg.data.train_batch_size)
-            prompt_ids = [tokenizer.encode(e.prompt) for e in examples]
-            sampling = Sampling(max_new_tokens=cfg.data.max_response_length, temperature=cfg.rollout.temperature,
-                                top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, seed=cfg.trainer.seed * 1_000_003 + step)
-            with timer("gen", metrics):
-                rollout = engine.call("generate", prompt_ids, cfg.rollout.n, sampling)
-            with timer("reward", metrics):
-                responses = decode_responses(tokenizer, rollout)
-                answers = [e.answer for e in examples for _ in range(cfg.rollout.n)]
-                rewards = [float(reward_fn(r, a)) for r, a in zip(responses, answers)]
-            batch = make_batch(prompt_ids, rollout, rewards, cfg.rollout.n, tokenizer.pad_id)
+    try:
+        for step in range(start_step + 1, cfg.trainer.total_steps + 1):
+            metrics = {}
+            with timer("step", metrics):
+                examples = prompts.next_batch(cfg.data.train_batch_size)
+                prompt_ids = [encode_prompt(tokenizer, e.prompt, cfg.data.max_prompt_length) for e in examples]
+                sampling = Sampling(max_new_tokens=cfg.data.max_response_length,
+                                    temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                    top_k=cfg.rollout.top_k, seed=cfg.trainer.seed * 1_000_003 + step)
+                with timer("gen", metrics):
+                    rollout = engine.call("generate", prompt_ids, cfg.rollout.n, sampling)
+                with timer("reward", metrics):
+                    responses = decode_responses(tokenizer, rollout)
+                    answers = [e.answer for e in examples for _ in range(cfg.rollout.n)]
+                    rewards = [float(reward_fn(r, a)) for r, a in zip(responses, answers)]
+                batch = make_batch(prompt_ids, rollout, rewards, cfg.rollout.n, tokenizer.pad_id)
 
-            engine.call("sleep")  # frees inference memory while the learner trains (GPU vLLM only)
-            with timer("update_actor", metrics):
-                metrics.update(learner.call("update", batch, step))
-            with timer("update_weights", metrics):
-                engine.call("wake")
-                sync_weights(learner, engine)
-                engine.call("reset_cache")
+                engine.call("sleep")  # frees inference memory while the learner trains (GPU vLLM only)
+                with timer("update_actor", metrics):
+                    metrics.update(learner.call("update", batch, step))
+                with timer("update_weights", metrics):
+                    engine.call("wake")
+                    sync_weights(learner, engine)
+                    engine.call("reset_cache")
 
-            metrics.update(rollout_metrics(rollout, rewards))
-            if cfg.trainer.test_freq and step % cfg.trainer.test_freq == 0:
-                with timer("testing", metrics):
-                    metrics.update(validate(engine, tokenizer, val_prompts, reward_fn, cfg))
-            if step == cfg.trainer.total_steps or (cfg.trainer.save_freq and step % cfg.trainer.save_freq == 0):
-                with timer("save_checkpoint", metrics):
-                    checkpoint.save_checkpoint(ckpt_root, step, lambda d: learner.call("save", d),
-                                               {"data_position": prompts.position}, cfg.trainer.max_ckpt_to_keep)
-        tracker.log(metrics, step)
-    tracker.close()
+                metrics.update(rollout_metrics(rollout, rewards))
+                if cfg.trainer.test_freq and step % cfg.trainer.test_freq == 0:
+                    with timer("testing", metrics):
+                        metrics.update(validate(engine, tokenizer, val_prompts, reward_fn, cfg))
+                if step == cfg.trainer.total_steps or (cfg.trainer.save_freq and step % cfg.trainer.save_freq == 0):
+                    with timer("save_checkpoint", metrics):
+                        checkpoint.save_checkpoint(ckpt_root, step, lambda d: learner.call("save", d),
+                                                   {"data_position": prompts.position}, cfg.trainer.max_ckpt_to_keep)
+            tracker.log(metrics, step)
+    finally:
+        tracker.close()
+        stop_workers()
 
     if cfg.trainer.plot and "jsonl" in cfg.trainer.logger:
         plot_runs({"run": tracker.jsonl_path}, os.path.join(out_dir, "metrics.png"), title=_run_title(cfg))
@@ -141,7 +153,8 @@ def validate(engine, tokenizer, val_prompts, reward_fn, cfg: TrainConfig) -> Dic
     val_prompts.position = 0
     examples: List[Example] = val_prompts.next_batch(cfg.data.val_batch_size)
     sampling = Sampling(max_new_tokens=cfg.data.max_response_length, greedy=True)
-    rollout = engine.call("generate", [tokenizer.encode(e.prompt) for e in examples], 1, sampling)
+    prompt_ids = [encode_prompt(tokenizer, e.prompt, cfg.data.max_prompt_length) for e in examples]
+    rollout = engine.call("generate", prompt_ids, 1, sampling)
     rewards = [float(reward_fn(r, e.answer)) for r, e in zip(decode_responses(tokenizer, rollout), examples)]
     return {"val/score/mean": sum(rewards) / len(rewards)}
 

@@ -56,21 +56,21 @@ def engine_spec(cfg: TrainConfig, tokenizer, out_dir: str) -> Tuple[type, dict]:
     if model_dir == "tiny-char":  # vLLM loads from a directory: save the in-code model's config and weights
         model_dir = os.path.join(out_dir, "rollout_model")
         build_model(cfg.model, tokenizer, cfg.trainer.seed).save_pretrained(model_dir)
-    prompt_budget = 256  # room for the prompt in vLLM's max_model_len
     return VLLMEngine, dict(model_dir=model_dir, tokenizer=tokenizer,
-                            max_model_len=prompt_budget + cfg.data.max_response_length,
+                            max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length,
                             gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, dtype=cfg.model.dtype,
                             enable_sleep_mode=cfg.rollout.free_cache_when_training, seed=cfg.trainer.seed)
 
 
 def start_workers(cfg: TrainConfig, tokenizer, out_dir: str):
-    """Returns (learner, engine) workers; Ray actors when cfg.ray.enabled or cfg.ray.address."""
+    """Returns (learner, engine, stop): Ray actors when cfg.ray.enabled or cfg.ray.address, else
+    objects in this process. ``stop()`` releases the actors and their placement group."""
     engine_cls, engine_kwargs = engine_spec(cfg, tokenizer, out_dir)
     if not (cfg.ray.enabled or cfg.ray.address):
-        return LocalWorker(Learner(cfg, tokenizer)), LocalWorker(engine_cls(**engine_kwargs))
+        return LocalWorker(Learner(cfg, tokenizer)), LocalWorker(engine_cls(**engine_kwargs)), lambda: None
 
     import ray
-    from ray.util.placement_group import placement_group
+    from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     init_ray(cfg)
@@ -93,7 +93,13 @@ def start_workers(cfg: TrainConfig, tokenizer, out_dir: str):
 
     learner = ray.remote(Learner).options(**in_bundle(0, learner_bundle)).remote(cfg, tokenizer)
     engine = ray.remote(engine_cls).options(**in_bundle(1, rollout_bundle)).remote(**engine_kwargs)
-    return RayWorker(learner, cfg.ray.timeout_s), RayWorker(engine, cfg.ray.timeout_s)
+
+    def stop() -> None:  # a later run in this process needs the CPUs back
+        ray.kill(learner)
+        ray.kill(engine)
+        remove_placement_group(group)
+
+    return RayWorker(learner, cfg.ray.timeout_s), RayWorker(engine, cfg.ray.timeout_s), stop
 
 
 def init_ray(cfg: TrainConfig) -> None:
