@@ -101,3 +101,61 @@ def test_padded_rows_count_only_valid_tokens_in_the_reads():
     # 2 reads of the 8,192 valid rows, a dlogits write of all 16,384 rows
     assert reads == (2 * 8192 + 16384) * 1000 * 2 + 16384 * 21
     assert work_for(POLICY_LOSS_FWD_BWD, dense, 2).bytes > reads
+
+
+def _run_fake(prepare, workspace=lambda shape, elt: 0):
+    import torch
+
+    from fused_canon.bench.candidates import Candidate
+    from fused_canon.bench.suite import RunConfig, run_case
+    from fused_canon.bench.timing import WallClockTimer
+    from fused_canon.bench.workloads import SMOKE_GRID
+
+    cfg = RunConfig(mode="smoke", grid=SMOKE_GRID, paths=[TOKEN_STATS_FWD], dtype=torch.float32,
+                    device=torch.device("cpu"), seed=0, compile_backend="eager", timer=WallClockTimer(runs=1),
+                    copy_bytes=2 ** 20, matmul_size=64)
+    candidate = Candidate("stand-in", "ours", "log-prob + entropy", prepare, workspace)
+    ceilings = Ceilings(1e10, 0, 0.0, 1e10, 0, "float32", 0.0)
+    return run_case(cfg, TOKEN_STATS_FWD, SMOKE_GRID.shapes(TOKEN_STATS_FWD)[0], candidate, NO_PEERS, ceilings, "cpu")
+
+
+def test_a_backend_that_has_not_landed_is_reported_with_its_error_text():
+    def prepare(inputs):
+        raise ModuleNotFoundError("No module named 'fused_canon.kernels.token_stats'")
+
+    row = _run_fake(prepare)
+    assert row["status"] == "unavailable" and "fused_canon.kernels.token_stats" in row["detail"]
+    assert row["time_ms"] is None and row["value"] is None
+
+
+def test_failures_non_finite_outputs_and_memory_skips_get_their_own_status():
+    import torch
+
+    from fused_canon.bench.candidates import Prepared
+
+    def broken(inputs):
+        raise RuntimeError("kernel exploded")
+
+    def nan_loss(inputs):
+        return Prepared(lambda: torch.tensor(float("nan")))
+
+    assert _run_fake(broken)["status"] == "error"
+    row = _run_fake(nan_loss)
+    assert row["status"] == "error" and "non-finite" in row["detail"]
+    row = _run_fake(nan_loss, workspace=lambda shape, elt: 2 ** 60)
+    assert row["status"] == "skipped" and "GiB free" in row["detail"]
+
+
+def test_a_working_candidate_is_timed_and_checked():
+    import torch
+
+    from fused_canon.bench.candidates import Prepared
+
+    from fused_canon.bench.workloads import SMOKE_GRID, make_inputs
+
+    row = _run_fake(lambda inputs: Prepared(lambda: inputs["logits"].logsumexp(-1).mean()))
+    assert row["status"] == "ok" and row["time_ms"] > 0 and row["runs"] == 1
+    # the same seed draws the same inputs, so the value is reproducible outside the harness
+    shape = SMOKE_GRID.shapes(TOKEN_STATS_FWD)[0]
+    logits = make_inputs(TOKEN_STATS_FWD, shape, torch.float32, torch.device("cpu"), seed=0)["logits"]
+    assert row["value"] == pytest.approx(float(logits.logsumexp(-1).mean()), rel=1e-6)
