@@ -1,4 +1,8 @@
-"""The benchmark harness end to end on the CPU: ``fused-canon bench --smoke`` and its outputs."""
+"""The benchmark harness end to end on the CPU: ``fused-canon bench --smoke`` and its outputs.
+
+One test runs the CLI once and applies every check: CI runs pytest with xdist, where a
+module-scoped fixture would run the smoke once per worker.
+"""
 
 import copy
 import json
@@ -20,9 +24,7 @@ from fused_canon.bench.workloads import (
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
+def run_smoke(out):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the CLI must set it itself
     proc = subprocess.run([sys.executable, "-m", "fused_canon.bench.cli", "--smoke", "--out", str(out)],
                           capture_output=True, text=True, timeout=600, env=env)
@@ -31,7 +33,19 @@ def smoke_run(tmp_path_factory):
     return proc, out, results, doc
 
 
-def test_smoke_exits_cleanly_and_writes_one_results_file(smoke_run):
+def test_smoke_run(tmp_path):
+    smoke_run = run_smoke(tmp_path)
+    check_exits_cleanly_and_writes_one_results_file(smoke_run)
+    check_results_match_the_schema(smoke_run)
+    check_every_path_has_ours_and_both_references(smoke_run)
+    check_implementations_agree_on_the_same_inputs(smoke_run)
+    check_peers_are_listed_with_their_status(smoke_run)
+    check_rows_carry_floors_and_the_targets_are_recorded(smoke_run)
+    check_plot_is_a_png_or_its_absence_is_explained(smoke_run)
+    check_validator_rejects_broken_documents(smoke_run)
+
+
+def check_exits_cleanly_and_writes_one_results_file(smoke_run):
     proc, _, results, _ = smoke_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert len(results) == 1
@@ -39,7 +53,7 @@ def test_smoke_exits_cleanly_and_writes_one_results_file(smoke_run):
     assert "% floor" in proc.stdout and "target" in proc.stdout  # the console table was printed
 
 
-def test_smoke_results_match_the_schema(smoke_run):
+def check_results_match_the_schema(smoke_run):
     doc = smoke_run[3]
     assert validate(doc) == []
     assert doc["mode"] == "smoke" and doc["complete"] is True
@@ -47,7 +61,7 @@ def test_smoke_results_match_the_schema(smoke_run):
     assert doc["settings"]["dtype"] == "float32"
 
 
-def test_every_path_has_ours_and_both_references(smoke_run):
+def check_every_path_has_ours_and_both_references(smoke_run):
     rows = smoke_run[3]["rows"]
     for path in PATHS:
         impls = {r["impl"] for r in rows if r["path"] == path}
@@ -64,7 +78,7 @@ def test_every_path_has_ours_and_both_references(smoke_run):
             assert row["status"] == "ok" or row["detail"]
 
 
-def test_implementations_agree_on_the_same_inputs(smoke_run):
+def check_implementations_agree_on_the_same_inputs(smoke_run):
     """The cross-check is not vacuous (nonzero losses) and ours matches the reference in fp32."""
     ok = [r for r in smoke_run[3]["rows"] if r["status"] == "ok"]
     assert all(abs(r["value"]) > 1e-6 for r in ok)
@@ -75,7 +89,7 @@ def test_implementations_agree_on_the_same_inputs(smoke_run):
         assert row["rel_diff"] < 1e-4, (row["path"], row["impl"], row["label"], row["rel_diff"])
 
 
-def test_peers_are_listed_with_their_status(smoke_run):
+def check_peers_are_listed_with_their_status(smoke_run):
     doc = smoke_run[3]
     assert set(doc["peers"]) == {"liger-kernel", "verl", "cut-cross-entropy"}
     for name, peer in doc["peers"].items():
@@ -85,7 +99,7 @@ def test_peers_are_listed_with_their_status(smoke_run):
             assert all(r["status"] == "not installed" and r["time_ms"] is None for r in peer_rows)
 
 
-def test_rows_carry_floors_and_the_targets_are_recorded(smoke_run):
+def check_rows_carry_floors_and_the_targets_are_recorded(smoke_run):
     doc = smoke_run[3]
     for row in doc["rows"]:
         assert row["floor"]["floor_ms"] > 0
@@ -97,7 +111,7 @@ def test_rows_carry_floors_and_the_targets_are_recorded(smoke_run):
     assert doc["ceilings"]["bandwidth_GBps"] > 0 and doc["ceilings"]["matmul_TFLOPs"] > 0
 
 
-def test_plot_is_a_png_or_its_absence_is_explained(smoke_run):
+def check_plot_is_a_png_or_its_absence_is_explained(smoke_run):
     _, out, _, doc = smoke_run
     pngs = list(out.glob("*.png"))
     try:
@@ -111,7 +125,7 @@ def test_plot_is_a_png_or_its_absence_is_explained(smoke_run):
     assert height > 200 and width > 400
 
 
-def test_validator_rejects_broken_documents(smoke_run):
+def check_validator_rejects_broken_documents(smoke_run):
     doc = smoke_run[3]
     ok_row = next(i for i, r in enumerate(doc["rows"]) if r["status"] == "ok")
     broken = copy.deepcopy(doc)
