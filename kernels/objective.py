@@ -52,8 +52,11 @@ _KL_TYPES = {"k1": KL_K1, "kl": KL_K1, "abs": KL_ABS, "k2": KL_K2, "mse": KL_K2,
 SUM_PG, SUM_ENTROPY, SUM_KL, SUM_CLIPPED, SUM_PPO_KL, SUM_CLIPPED_LOWER = range(6)
 NUM_SUMS = 6
 
-# Largest token tile of one program (a row longer than this is split over several programs).
-MAX_BLOCK_T = 1024
+# Largest token tile of one program (a row longer than this is split over several programs), and the
+# warps of every launch: 4 tokens per thread at 4 warps compiles without spills on sm_80 / sm_90 for
+# every mode (8 and 16 warps make ptxas aim for occupancy and spill a few bytes in some modes).
+MAX_BLOCK_T = 512
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -280,7 +283,7 @@ class PolicyObjectiveFunction(torch.autograd.Function):
                 adv, adv.stride(0), adv.stride(1), launch["seq_log_ratio"], launch["pg_weight"], launch["weight"],
                 c_logp, c_ent, partial, T, *launch["scalars"],
                 ENTROPY_GRAD=entropy_grad, BLOCK_T=block_t, NUM_SUMS=NUM_SUMS, **launch["constexprs"],
-                num_warps=4 if block_t <= 512 else 8)
+                num_warps=NUM_WARPS)
         sums = partial.sum(0)
         loss = sums[SUM_PG].clone()
         if launch["entropy_coeff"] != 0:
@@ -329,15 +332,17 @@ def triton_policy_objective(logp: torch.Tensor, entropy: torch.Tensor, mask: tor
     seq_log_ratio, selected = pg_weight, mask  # placeholders the kernel does not read in other modes
     if mode in (GSPO, CLIP_COV, KL_COV):
         # The pre-passes see the reference's zero-padded inputs, so they reproduce its numbers exactly.
+        # (logp too: the reference receives zeros there, the kernel tolerates anything.)
         zero_padded = lambda x: torch.where(mask, x.detach().to(logp.dtype), torch.zeros_like(logp))  # noqa: E731
-        padded_old = logp.detach() if old_logp is None else zero_padded(old_logp)
+        padded_logp = zero_padded(logp)
+        padded_old = padded_logp if old_logp is None else zero_padded(old_logp)
         padded_adv = zero_padded(advantages)
         if mode == GSPO:
-            seq_log_ratio = (((logp.detach() - padded_old) * valid).sum(-1) / tokens_per_seq.clamp(min=1)).float()
+            seq_log_ratio = (((padded_logp - padded_old) * valid).sum(-1) / tokens_per_seq.clamp(min=1)).float()
         elif mode == CLIP_COV:
-            selected = clip_cov_selection(logp, padded_old, padded_adv, valid, config, step)
+            selected = clip_cov_selection(padded_logp, padded_old, padded_adv, valid, config, step)
         else:
-            selected = kl_cov_selection(logp, padded_adv, valid, config)
+            selected = kl_cov_selection(padded_logp, padded_adv, valid, config)
 
     launch = {
         "mask": mask.contiguous().view(torch.uint8), "old": old.contiguous(),
@@ -370,3 +375,35 @@ def triton_policy_objective(logp: torch.Tensor, entropy: torch.Tensor, mask: tor
         metrics["actor/kl_loss"] = sums[SUM_KL]
         metrics["actor/kl_coef"] = torch.tensor(config.kl_coef)
     return loss, metrics
+
+
+# Ahead-of-time compile registry (tests/test_aot_compile.py): (kernel, signature, constexprs, options).
+_FWD_SIGNATURE = {
+    "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "mask_ptr": "*u8", "old_ptr": "*fp32", "ref_ptr": "*fp32",
+    "selected_ptr": "*u8", "adv_ptr": "*fp32", "stride_ab": "i32", "stride_at": "i32", "seq_log_ratio_ptr": "*fp32",
+    "pg_weight_ptr": "*fp32", "weight_ptr": "*fp32", "c_logp_ptr": "*fp32", "c_ent_ptr": "*fp32",
+    "partial_ptr": "*fp32", "T": "i32", "clip_low": "fp32", "clip_high": "fp32", "clip_c": "fp32",
+    "ppo_kl_coef": "fp32", "entropy_coeff": "fp32", "kl_coef": "fp32",
+    "LOSS_MODE": "constexpr", "DUAL_CLIP": "constexpr", "HAS_REF": "constexpr", "KL_TYPE": "constexpr",
+    "KL_STRAIGHT_THROUGH": "constexpr", "ENTROPY_GRAD": "constexpr", "BLOCK_T": "constexpr", "NUM_SUMS": "constexpr",
+}
+
+
+def _fwd_constexprs(mode, dual_clip=False, has_ref=True, kl_type=KL_K3, entropy_grad=True, block_t=MAX_BLOCK_T):
+    return {"LOSS_MODE": mode, "DUAL_CLIP": dual_clip, "HAS_REF": has_ref, "KL_TYPE": kl_type,
+            "KL_STRAIGHT_THROUGH": False, "ENTROPY_GRAD": entropy_grad, "BLOCK_T": block_t, "NUM_SUMS": NUM_SUMS}
+
+
+AOT_SIGNATURES = [
+    (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(VANILLA, dual_clip=True), {"num_warps": NUM_WARPS}),
+    (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(VANILLA, has_ref=False, entropy_grad=False),
+     {"num_warps": NUM_WARPS}),
+    (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(GSPO, kl_type=KL_ABS), {"num_warps": NUM_WARPS}),
+    (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(CISPO, kl_type=KL_K2), {"num_warps": NUM_WARPS}),
+    (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(CLIP_COV), {"num_warps": NUM_WARPS}),
+    (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(KL_COV, kl_type=KL_K1), {"num_warps": NUM_WARPS}),
+    (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(VANILLA, dual_clip=True, block_t=128),
+     {"num_warps": NUM_WARPS}),
+]
+# Kernels whose AOT build must not spill registers (the test fails if ptxas reports spills).
+AOT_NO_SPILL = {"_policy_objective_fwd_kernel"}
