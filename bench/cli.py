@@ -86,7 +86,6 @@ def _run(args) -> int:
 
     from fused_canon.bench.report import format_table, results_stem, unused_path, write_json, write_plot
     from fused_canon.bench.suite import RunConfig, default_timer, run_suite
-    from fused_canon.bench.timing import CudaTimer
     from fused_canon.bench.workloads import FULL_GRID, PATHS, SMOKE_GRID, filter_grid
 
     unknown = [p for p in args.paths if p not in PATHS]
@@ -97,7 +96,7 @@ def _run(args) -> int:
     dtype = getattr(torch, DTYPES[args.dtype or ("fp32" if args.smoke else "bf16")])
     grid = filter_grid(SMOKE_GRID if args.smoke else FULL_GRID, args.n, args.vocab, args.hidden,
                        padded=not args.no_padded)
-    timer = CudaTimer(min_runs=args.min_runs) if device.type == "cuda" else default_timer(device, args.smoke)
+    timer = default_timer(device, args.smoke, args.min_runs)
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
         copy_bytes, matmul_size = min(2 * 2 ** 30, free // 8), 8192

@@ -56,9 +56,9 @@ class RunConfig:
     compile_shapes: str = "all"  # where the torch.compile reference runs: see compile_skip_reason
 
 
-def default_timer(device: torch.device, smoke: bool):
+def default_timer(device: torch.device, smoke: bool, min_runs: int = 20):
     if device.type == "cuda":
-        return CudaTimer()
+        return CudaTimer(min_runs=min_runs)
     # The first call of every row is already an untimed warm-up (see run_case).
     return WallClockTimer(runs=3 if smoke else 10, warmup=0)
 
