@@ -40,11 +40,13 @@ gradient counts as 0), processes the valid rows in chunks of ``CHUNK_N`` rows
    into a ``[CHUNK_N, V]`` workspace. The target column is formed from the saved per-row
    ``logp`` and ``entropy`` (``1 - p_y = -expm1(logp)``, ``z_y - zbar = logp + entropy``), so
    that the gradient of a very peaked row keeps its relative precision.
-2. ``_linear_token_stats_dhidden_kernel``, grid ``(cdiv(CHUNK_N, BLOCK_N), cdiv(H, BLOCK_H))``:
+2. ``_linear_token_stats_dhidden_kernel``, grid ``(cdiv(CHUNK_N, G), cdiv(H, G))`` with
+   ``G = gemm_block_out`` (128) output tiles and V in ``gemm_block_k`` (64) steps:
    ``grad_hidden[rows] = dlogits @ W``, the whole V reduction in one fp32 register accumulator,
    written straight into the ``row_index`` rows of ``grad_hidden`` (each row is owned by one
    program, so no accumulation across chunks is needed).
-3. ``_linear_token_stats_dweight_kernel``, grid ``(cdiv(V, BLOCK_V), cdiv(H, BLOCK_H))``:
+3. ``_linear_token_stats_dweight_kernel``, grid ``(cdiv(H, G), cdiv(V, G))``, rows in
+   ``gemm_block_k`` steps:
    ``grad_weight (+)= dlogits.T @ hidden[rows]`` and ``grad_bias (+)= dlogits.sum(0)``,
    fp32 accumulation; from the second chunk on it adds onto the previous chunks' result.
 
@@ -395,8 +397,8 @@ def _linear_token_stats_dweight_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    pid_h = tl.program_id(1)
-    cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    pid_h = tl.program_id(0)  # H blocks first: they share this program's dlogits columns in L2
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < vocab_size
     hs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = hs < hidden_size
@@ -437,22 +439,32 @@ def _linear_token_stats_dweight_kernel(
 
 @dataclass(frozen=True)
 class LinearTokenStatsBlocks:
-    """Tile sizes shared by all four kernels, and the backward's workspace chunk.
+    """Tile sizes of the kernels, and the backward's workspace chunk.
 
-    On a GPU every block must be >= 16 (``tl.dot``) and a power of two. ``backward_chunk_rows``
-    is the number of valid rows whose ``dlogits`` live in the workspace at once (rounded up to a
-    multiple of ``block_n``); None sizes it to ``DEFAULT_WORKSPACE_BYTES``.
+    * ``block_n, block_v, block_h``: the logits-tile kernels (forward, dlogits) build
+      ``[block_n, block_v]`` logits tiles, H in ``block_h`` steps.
+    * ``gemm_block_out, gemm_block_k``: the two backward GEMMs write square
+      ``gemm_block_out``-sized output tiles (grad_hidden: rows x H, grad_weight: V x H) and step
+      through their reduction (V, resp. the chunk's rows) ``gemm_block_k`` at a time. Large
+      output tiles keep their operands' re-reads (and so memory traffic) low.
+    * ``backward_chunk_rows``: the number of valid rows whose ``dlogits`` live in the workspace
+      at once (rounded up to a multiple of ``block_n``); None sizes it to
+      ``DEFAULT_WORKSPACE_BYTES``.
+
+    On a GPU every block must be >= 16 (``tl.dot``); all are powers of two.
     """
 
     block_n: int = 64
     block_v: int = 128
     block_h: int = 32
+    gemm_block_out: int = 128
+    gemm_block_k: int = 64
     num_warps: int = 8
     num_stages: int = 3
     backward_chunk_rows: int | None = None
 
     def __post_init__(self):
-        for name in ("block_n", "block_v", "block_h"):
+        for name in ("block_n", "block_v", "block_h", "gemm_block_out", "gemm_block_k"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two, got {value}")
@@ -460,15 +472,13 @@ class LinearTokenStatsBlocks:
             raise ValueError(f"backward_chunk_rows must be >= 1, got {self.backward_chunk_rows}")
 
 
-def _launch_options(blocks: LinearTokenStatsBlocks, dot_operand_dtype: torch.dtype, gemm: bool = False) -> dict:
-    """num_warps / num_stages for a kernel whose tl.dot operands have this dtype (``gemm``: the
-    grad_hidden / grad_weight kernels). fp32 operands take the CUDA-core FMA path, which spills
-    registers at the default tiles when software-pipelined, and in the GEMM kernels also with
-    8 warps on triton 3.6 / sm_90 (ptxas -v, triton 3.6 and 3.7, sm_80 and sm_90): those
-    kernels run unpipelined (num_stages=1), the GEMM ones with 4 warps."""
-    if dot_operand_dtype != torch.float32:
-        return {"num_warps": blocks.num_warps, "num_stages": blocks.num_stages}
-    return {"num_warps": 4 if gemm else blocks.num_warps, "num_stages": 1}
+def _launch_options(blocks: LinearTokenStatsBlocks, dot_operand_dtype: torch.dtype) -> dict:
+    """num_warps / num_stages for a kernel whose tl.dot operands have this dtype. fp32 operands
+    take the CUDA-core FMA path, which spills registers at the default tiles when
+    software-pipelined (ptxas -v, triton 3.6 and 3.7, sm_80 and sm_90): those kernels run
+    unpipelined (num_stages=1)."""
+    stages = 1 if dot_operand_dtype == torch.float32 else blocks.num_stages
+    return {"num_warps": blocks.num_warps, "num_stages": stages}
 
 
 def _resolve_blocks(block_sizes) -> LinearTokenStatsBlocks:
@@ -633,9 +643,12 @@ def _backward(hidden, weight, bias, targets, row_index, logp, entropy, lse, zbar
         if need_bias:
             bias_out = torch.zeros(vocab_size, dtype=torch.float32, device=device)
 
-    blocks_args = dict(BLOCK_N=blocks.block_n, BLOCK_V=blocks.block_v, BLOCK_H=blocks.block_h)
-    dlogits_args = {**blocks_args, **_launch_options(blocks, torch.float32 if upcast_forward else hidden.dtype)}
-    gemm_args = {**blocks_args, **_launch_options(blocks, torch.float32 if upcast_gemm else hidden.dtype, gemm=True)}
+    dlogits_args = dict(BLOCK_N=blocks.block_n, BLOCK_V=blocks.block_v, BLOCK_H=blocks.block_h,
+                        **_launch_options(blocks, torch.float32 if upcast_forward else hidden.dtype))
+    gemm_options = _launch_options(blocks, torch.float32 if upcast_gemm else hidden.dtype)
+    out_block, k_block = blocks.gemm_block_out, blocks.gemm_block_k
+    dhidden_args = dict(BLOCK_N=out_block, BLOCK_V=k_block, BLOCK_H=out_block, **gemm_options)
+    dweight_args = dict(BLOCK_N=k_block, BLOCK_V=out_block, BLOCK_H=out_block, **gemm_options)
     for chunk in range(num_chunks):
         chunk_start = chunk * chunk_rows
         rows_here = min(chunk_rows, n_valid - chunk_start)
@@ -646,19 +659,22 @@ def _backward(hidden, weight, bias, targets, row_index, logp, entropy, lse, zbar
             chunk_start, rows_here, vocab_size, hidden_size, hidden.stride(0), weight.stride(0),
             inv_temperature, HAS_BIAS=bias is not None, UPCAST_DOT_INPUTS=upcast_forward, **dlogits_args,
         )
+        # Grid axis 0 varies fastest in launch order, so programs that run at the same time share
+        # an operand stream in L2: the row blocks of one H block (the same W columns) for
+        # grad_hidden, the H blocks of one vocabulary block (the same dlogits columns) for grad_weight.
         if need_hidden:
-            grid = (triton.cdiv(rows_here, blocks.block_n), triton.cdiv(hidden_size, blocks.block_h))
+            grid = (triton.cdiv(rows_here, out_block), triton.cdiv(hidden_size, out_block))
             _linear_token_stats_dhidden_kernel[grid](
                 dlogits, weight, row_index, grad_hidden,
                 chunk_start, rows_here, vocab_size, hidden_size, weight.stride(0), grad_hidden.stride(0),
-                UPCAST_DOT_INPUTS=upcast_gemm, **gemm_args,
+                UPCAST_DOT_INPUTS=upcast_gemm, **dhidden_args,
             )
         if need_weight_kernel:
-            grid = (triton.cdiv(vocab_size, blocks.block_v), triton.cdiv(hidden_size, blocks.block_h))
+            grid = (triton.cdiv(hidden_size, out_block), triton.cdiv(vocab_size, out_block))
             _linear_token_stats_dweight_kernel[grid](
                 dlogits, hidden, row_index, weight_out, bias_out if need_bias else weight_out,
                 chunk_start, rows_here, vocab_size, hidden_size, hidden.stride(0), weight_out.stride(0),
-                ACCUMULATE=chunk > 0, COMPUTE_BIAS=need_bias, UPCAST_DOT_INPUTS=upcast_gemm, **gemm_args,
+                ACCUMULATE=chunk > 0, COMPUTE_BIAS=need_bias, UPCAST_DOT_INPUTS=upcast_gemm, **dweight_args,
             )
     del dlogits
     if need_weight:
@@ -739,13 +755,12 @@ _AOT_SIZES = {"n_valid": "i32", "vocab_size": "i32", "hidden_size": "i32", "chun
 _TRITON_TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def _aot_entry(kernel, pointer_types, dot_operand_dtype, gemm=False, **constexprs):
-    constexprs = {"BLOCK_N": _AOT_BLOCKS.block_n, "BLOCK_V": _AOT_BLOCKS.block_v, "BLOCK_H": _AOT_BLOCKS.block_h,
-                  **constexprs}
+def _aot_entry(kernel, pointer_types, dot_operand_dtype, blocks, **constexprs):
+    constexprs = {"BLOCK_N": blocks[0], "BLOCK_V": blocks[1], "BLOCK_H": blocks[2], **constexprs}
     types = {**_AOT_SIZES, **pointer_types}
     signature = {arg: ("constexpr" if arg in constexprs else types[arg]) for arg in kernel.arg_names}
     div16 = [arg for arg in signature if arg in ("vocab_size", "hidden_size") or arg.startswith("stride_")]
-    return kernel, signature, constexprs, {**_launch_options(_AOT_BLOCKS, dot_operand_dtype, gemm), "div16": div16}
+    return kernel, signature, constexprs, {**_launch_options(_AOT_BLOCKS, dot_operand_dtype), "div16": div16}
 
 
 def _aot_entries(dtype: torch.dtype):
@@ -759,12 +774,18 @@ def _aot_entries(dtype: torch.dtype):
              "dlogits_ptr": f"*{_TRITON_TYPE[workspace]}"}
     gemm_pointers = {"dlogits_ptr": stats["dlogits_ptr"], "weight_ptr": f"*{ty}", "hidden_ptr": f"*{ty}",
             "row_index_ptr": "*i64", "grad_hidden_ptr": f"*{ty}", "grad_weight_ptr": "*fp32", "grad_bias_ptr": "*fp32"}
+    b = _AOT_BLOCKS
+    tile_blocks = (b.block_n, b.block_v, b.block_h)  # (BLOCK_N, BLOCK_V, BLOCK_H) as _backward passes them
+    dhidden_blocks = (b.gemm_block_out, b.gemm_block_k, b.gemm_block_out)
+    dweight_blocks = (b.gemm_block_k, b.gemm_block_out, b.gemm_block_out)
     return [
-        _aot_entry(_linear_token_stats_fwd_kernel, stats, dtype, HAS_BIAS=True, UPCAST_DOT_INPUTS=False),
-        _aot_entry(_linear_token_stats_dlogits_kernel, stats, dtype, HAS_BIAS=True, UPCAST_DOT_INPUTS=False),
-        _aot_entry(_linear_token_stats_dhidden_kernel, gemm_pointers, gemm_dot, gemm=True,
+        _aot_entry(_linear_token_stats_fwd_kernel, stats, dtype, tile_blocks, HAS_BIAS=True,
+                   UPCAST_DOT_INPUTS=False),
+        _aot_entry(_linear_token_stats_dlogits_kernel, stats, dtype, tile_blocks, HAS_BIAS=True,
+                   UPCAST_DOT_INPUTS=False),
+        _aot_entry(_linear_token_stats_dhidden_kernel, gemm_pointers, gemm_dot, dhidden_blocks,
                    UPCAST_DOT_INPUTS=gemm_dot != dtype),
-        _aot_entry(_linear_token_stats_dweight_kernel, gemm_pointers, gemm_dot, gemm=True, ACCUMULATE=True,
+        _aot_entry(_linear_token_stats_dweight_kernel, gemm_pointers, gemm_dot, dweight_blocks, ACCUMULATE=True,
                    COMPUTE_BIAS=True, UPCAST_DOT_INPUTS=gemm_dot != dtype),
     ]
 

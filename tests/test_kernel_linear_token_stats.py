@@ -50,7 +50,7 @@ def call_kernel(hidden, weight, targets, row_index, bias=None, temperature=1.0, 
 
 
 # Small tiles (>= 16, as tl.dot needs on a GPU); the GPU defaults run in test_default_blocks.
-SMALL_BLOCKS = dict(block_n=16, block_v=64, block_h=32)
+SMALL_BLOCKS = dict(block_n=16, block_v=64, block_h=32, gemm_block_out=32, gemm_block_k=32)
 FORWARD_TOL = 1e-4
 GRAD_TOL = {torch.float32: 1e-4, torch.float16: 2e-3}
 BF16_GRAD_NORM_TOL = 1e-2
