@@ -55,10 +55,15 @@ fixed order, so forward and backward are **deterministic** (bitwise reproducible
 block configuration and chunk size).
 
 Cost: forward ``2 N H V`` FLOPs; backward ``6 N H V`` (``2NHV`` logits recompute + ``2NHV``
-for grad_hidden + ``2NHV`` for grad_weight), so ``8 N H V`` for forward + backward. The
-forward holds one vocabulary sweep per BLOCK_N rows, so W is read ``cdiv(N, BLOCK_N)`` times
-(from L2 mostly; the arithmetic intensity is about BLOCK_N FLOP/byte). The backward reads W
-twice and ``grad_weight``'s accumulator once (read + write) per chunk.
+for grad_hidden + ``2NHV`` for grad_weight), so ``8 N H V`` for forward + backward.
+Memory traffic (estimated, not measured: no GPU was available when this was written): the
+forward and dlogits kernels sweep all of W once per BLOCK_N rows; programs that run at the
+same time start at the same vocabulary tile, so they mostly share W tiles through L2 (about
+``cdiv(N, BLOCK_N) / #SMs`` sweeps of W from DRAM). Per backward chunk, grad_hidden streams W
+once per 128-row block (shared in L2 by the row blocks running together), grad_weight reads
+the workspace once and ``hidden[chunk]`` (L2-resident: CHUNK_N * H * 2 bytes), and reads and
+writes the fp32 grad_weight accumulator: ``8 V H`` bytes, 5 GB per chunk at V = 151,936,
+H = 4,096 (about 1.7 ms on an H100), which is why chunks are large.
 
 Memory (besides the inputs, the three gradients and O(N) fp32 vectors: logp, entropy, lse,
 zbar, the two coefficients):
@@ -89,6 +94,7 @@ realistic bf16 GPU configuration (plus fp32 / fp16 variants) for ahead-of-time c
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -580,8 +586,6 @@ def _check_inputs(hidden, weight, targets, row_index, bias, temperature):
 
 
 def _interpreter_enabled() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

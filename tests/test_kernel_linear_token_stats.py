@@ -3,9 +3,9 @@
 By default the Triton kernels run under the interpreter on CPU tensors (TRITON_INTERPRET=1 is
 set here unless the environment sets it); with ``TRITON_INTERPRET=0`` on a CUDA machine the same
 tests run the compiled kernels on the GPU (sm_80 / sm_90 compilation on the CPU is covered by
-test_aot_compile.py). References are computed on the CPU in float64. Block sizes are small and chosen so that N, H and V are never
-multiples of them, and the backward's row chunk is small so that several chunks (and the
-accumulation across chunks) are exercised.
+test_aot_compile.py). References are computed on the CPU in float64. Block sizes are small and
+chosen so that N, H and V are never multiples of them, and the backward's row chunk is small so
+that several chunks (and the accumulation across chunks) are exercised.
 
 Tolerances, with |a - e| <= tol * (|e| + max|e| / 100) elementwise (see ``assert_close``):
 * fp32: 1e-4 for logp, entropy and all three gradients.
@@ -353,7 +353,8 @@ def test_int64_offsets_beyond_2_31_elements():
     here = os.path.dirname(os.path.abspath(__file__))
     code = (f"import sys; sys.path.insert(0, {here!r}); import test_kernel_linear_token_stats as t; "
             "t._int64_offsets_case()")
-    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TRITON_INTERPRET="1" if _INTERPRET else "0"),
+    env = dict(os.environ, TRITON_INTERPRET="1" if _INTERPRET else "0")
+    proc = subprocess.run([sys.executable, "-c", code], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "INT64_OK" in proc.stdout, (
         f"rc={proc.returncode} (-11/139: segfault from a wrapped int32 offset)\n{proc.stdout}\n{proc.stderr[-3000:]}")
