@@ -706,6 +706,7 @@ class TritonLinearTokenStats(torch.autograd.Function):
         hidden = _last_dim_contiguous(hidden)
         weight = _last_dim_contiguous(weight)
         bias = bias.contiguous() if bias is not None else None
+        targets, row_index = targets.contiguous(), row_index.contiguous()  # the kernels index them with stride 1
         inv_temperature = 1.0 / temperature
         logp, entropy, lse, zbar = _forward(hidden, weight, bias, targets, row_index, inv_temperature, blocks)
         ctx.save_for_backward(hidden, weight, bias, targets, row_index, logp, entropy, lse, zbar)

@@ -290,7 +290,7 @@ def test_single_output_and_partial_input_gradients():
     assert_close(b.grad.cpu(), ref["grad_bias"], 1e-4, "grad_bias")
 
 
-def test_strided_hidden_is_read_in_place_and_backward_is_deterministic():
+def test_strided_inputs_and_deterministic_backward():
     hidden, weight, bias, targets, row_index, c_logp, c_ent = make_case(24, 48, 257, torch.float32)
     storage = torch.full((24, 48 + 13), 123.0, device=DEVICE)
     storage[:, 5:53] = dev(hidden)
@@ -301,11 +301,17 @@ def test_strided_hidden_is_read_in_place_and_backward_is_deterministic():
     contiguous = run_kernel(hidden, weight, bias, targets, row_index, 0.7, c_logp, c_ent, blocks)
     saved_hidden = first.pop("saved_hidden")
     assert saved_hidden.data_ptr() == strided.data_ptr() and saved_hidden.stride() == (61, 1), "hidden was copied"
-    for out in (first, second, contiguous):
+    # Strided targets and row_index (views with stride 2) are read correctly too.
+    strided_targets = torch.stack([targets, torch.full_like(targets, -5)], dim=1)[:, 0]
+    strided_rows = torch.stack([row_index, row_index], dim=1)[:, 0]
+    assert strided_targets.stride() == (2,) and strided_rows.stride() == (2,)
+    from_strided_ints = run_kernel(hidden, weight, bias, strided_targets, strided_rows, 0.7, c_logp, c_ent, blocks)
+    for out in (first, second, contiguous, from_strided_ints):
         out.pop("saved_hidden", None), out.pop("saved_weight")
     for name, value in first.items():
         assert torch.equal(value, second[name]), f"{name} differs between runs (no atomics: must be bitwise equal)"
         assert torch.equal(value, contiguous[name]), f"{name}: strided and contiguous hidden disagree"
+        assert torch.equal(value, from_strided_ints[name]), f"{name}: strided targets / row_index disagree"
 
 
 def test_empty_selection():
