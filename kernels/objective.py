@@ -48,6 +48,12 @@ TRITON_LOSS_MODES = {"vanilla": VANILLA, "clip_cov": CLIP_COV, "kl_cov": KL_COV,
 KL_K1, KL_ABS, KL_K2, KL_K3 = 0, 1, 2, 3
 _KL_TYPES = {"k1": KL_K1, "kl": KL_K1, "abs": KL_ABS, "k2": KL_K2, "mse": KL_K2, "k3": KL_K3, "low_var_kl": KL_K3}
 
+# The reference's clamps, as kernel constants: vanilla/cispo log-ratio, GSPO's sequence log-ratio,
+# and k3's value (its -d shares the log-ratio clamp).
+_LOG_RATIO_CLAMP = tl.constexpr(LOG_RATIO_CLAMP)
+_GSPO_LOG_RATIO_MAX = tl.constexpr(GSPO_LOG_RATIO_MAX)
+_K3_VALUE_CLAMP = tl.constexpr(10.0)
+
 # Columns of the per-program partial-sum buffer.
 SUM_PG, SUM_ENTROPY, SUM_KL, SUM_CLIPPED, SUM_PPO_KL, SUM_CLIPPED_LOWER = range(6)
 NUM_SUMS = 6
@@ -105,15 +111,16 @@ def _policy_objective_fwd_kernel(
     # Per-token loss value, its derivative w.r.t. logp, and the metric indicators.
     raw_log_ratio = logp - old
     if (LOSS_MODE == 0) or (LOSS_MODE == 4):  # vanilla, cispo: verl clamps the log-ratio to +-20
-        log_ratio = tl.minimum(tl.maximum(raw_log_ratio, -20.0), 20.0)
-        d_log_ratio = ((raw_log_ratio >= -20.0) & (raw_log_ratio <= 20.0)).to(tl.float32)  # torch.clamp: inclusive
+        log_ratio = tl.minimum(tl.maximum(raw_log_ratio, -_LOG_RATIO_CLAMP), _LOG_RATIO_CLAMP)
+        # torch.clamp passes the gradient at the bounds too (inclusive).
+        d_log_ratio = ((raw_log_ratio >= -_LOG_RATIO_CLAMP) & (raw_log_ratio <= _LOG_RATIO_CLAMP)).to(tl.float32)
     else:
         log_ratio = raw_log_ratio
         d_log_ratio = tl.full([BLOCK_T], 1.0, tl.float32)
     if LOSS_MODE == 3:  # gspo: the ratio's value is the row's, its gradient path the token's own logp
         seq_log_ratio = tl.load(seq_log_ratio_ptr + b)
-        ratio = tl.exp(tl.minimum(seq_log_ratio, 10.0)) + tl.zeros([BLOCK_T], tl.float32)
-        d_ratio = tl.where(seq_log_ratio <= 10.0, ratio, 0.0)
+        ratio = tl.exp(tl.minimum(seq_log_ratio, _GSPO_LOG_RATIO_MAX)) + tl.zeros([BLOCK_T], tl.float32)
+        d_ratio = tl.where(seq_log_ratio <= _GSPO_LOG_RATIO_MAX, ratio, 0.0)
     else:
         ratio = tl.exp(log_ratio)
         d_ratio = ratio * d_log_ratio
@@ -179,11 +186,12 @@ def _policy_objective_fwd_kernel(
             kl = 0.5 * d * d
             d_kl = d
         else:  # k3 = exp(-d) + d - 1 with -d clamped to +-20 and the value to +-10; no gradient where clamped
-            neg = tl.minimum(tl.maximum(-d, -20.0), 20.0)
+            neg = tl.minimum(tl.maximum(-d, -_LOG_RATIO_CLAMP), _LOG_RATIO_CLAMP)
             exp_neg = tl.exp(neg)
             k3 = exp_neg - neg - 1.0
-            kl = tl.minimum(tl.maximum(k3, -10.0), 10.0)
-            live = (-d >= -20.0) & (-d <= 20.0) & (k3 >= -10.0) & (k3 <= 10.0)
+            kl = tl.minimum(tl.maximum(k3, -_K3_VALUE_CLAMP), _K3_VALUE_CLAMP)
+            live = ((-d >= -_LOG_RATIO_CLAMP) & (-d <= _LOG_RATIO_CLAMP)
+                    & (k3 >= -_K3_VALUE_CLAMP) & (k3 <= _K3_VALUE_CLAMP))
             d_kl = tl.where(live, 1.0 - exp_neg, 0.0)
         if KL_STRAIGHT_THROUGH:
             d_kl = d
@@ -325,7 +333,9 @@ def triton_policy_objective(logp: torch.Tensor, entropy: torch.Tensor, mask: tor
     tokens_per_seq = valid.sum(-1)
     pg_agg_mode = "seq-mean-token-mean" if mode == GSPO else config.loss_agg_mode  # GSPO forces its own
     weight = _row_weights(tokens_per_seq, config.loss_agg_mode, norm, T).float()
-    pg_weight = weight if pg_agg_mode == config.loss_agg_mode else _row_weights(tokens_per_seq, pg_agg_mode, norm, T).float()
+    pg_weight = weight
+    if pg_agg_mode != config.loss_agg_mode:
+        pg_weight = _row_weights(tokens_per_seq, pg_agg_mode, norm, T).float()
 
     # On-policy (old_logp None): old = logp itself, log-ratio 0, gradient through the ratio only.
     old = logp.detach() if old_logp is None else old_logp.detach()
