@@ -194,3 +194,20 @@ def test_unsupported_inputs_raise():
     config.loss_mode = "my_registered_mode"
     with pytest.raises(ValueError, match="has no Triton kernel"):
         triton_policy_objective(*args, inputs["ref_logp"], config, Normalizers())
+
+
+def test_backward_scales_by_grad_output_and_is_deterministic():
+    inputs = _inputs(seed=14)
+    config = _config("vanilla", entropy_coeff=0.01, kl_coef=0.1)
+    results = []
+    for _ in range(2):
+        logp = inputs["logp"].clone().requires_grad_()
+        entropy = inputs["entropy"].clone().requires_grad_()
+        loss, _ = triton_policy_objective(logp, entropy, inputs["mask"], inputs["advantages"], inputs["old_logp"],
+                                          inputs["ref_logp"], config, Normalizers())
+        results.append((loss, torch.autograd.grad(loss, [logp, entropy], grad_outputs=torch.tensor(-2.5))))
+    (loss, grads), (loss_again, grads_again) = results
+    assert torch.equal(loss, loss_again) and all(torch.equal(a, b) for a, b in zip(grads, grads_again))
+    _, _, unit_grads = _run(policy_objective, inputs, config, Normalizers())
+    for grad, unit in zip(grads, unit_grads):
+        assert _relative_error(grad, -2.5 * unit) <= TOL
