@@ -18,7 +18,7 @@ import torch
 
 from .config import LossConfig
 from .estimators import compute_advantages
-from .losses import Normalizers, policy_objective
+from .losses import Normalizers, is_builtin_policy_loss, policy_objective
 from .token_stats import resolve_backend, row_token_stats, scatter_rows, valid_row_index
 from .validation import (check_advantages, check_logits_and_targets, check_mask, check_per_token, check_tensor,
                          check_targets_in_range, FLOAT_DTYPES)
@@ -40,8 +40,17 @@ def _check_normalizer(name: str, value) -> None:
         raise ValueError(f"{name} must be > 0 (the global count over all micro-batches and ranks), got {value}")
 
 
-def _loss_from_stats(logp_rows, entropy_rows, row_index, mask, *, rewards, group_ids, advantages, old_logprobs,
-                     ref_logprobs, metric, config, step, global_num_tokens, global_num_seqs) -> LossOutput:
+def _objective(backend, logp, entropy, mask, advantages, old, ref, config, norm, step):
+    """Stage 2's objective: the Triton kernel for built-in losses on fp32 statistics, else the reference."""
+    objective = policy_objective
+    if backend == "triton" and logp.dtype == torch.float32 and is_builtin_policy_loss(config.loss_mode):
+        from .kernels.objective import triton_policy_objective as objective
+    return objective(logp, entropy, mask, advantages, old, ref, config, norm, step=step)
+
+
+def _loss_from_stats(logp_rows, entropy_rows, row_index, mask, *, backend, rewards, group_ids, advantages,
+                     old_logprobs, ref_logprobs, metric, config, step, global_num_tokens,
+                     global_num_seqs) -> LossOutput:
     """Stages 2-3 shared by the logits and the LM-head paths."""
     shape = mask.shape
     logp = scatter_rows(logp_rows, row_index, shape)
@@ -62,13 +71,14 @@ def _loss_from_stats(logp_rows, entropy_rows, row_index, mask, *, rewards, group
         needs_entropy = config.advantage.estimator == "canon" and config.advantage.canon_metric == "entropy"
         reported_advantages = compute_advantages(
             rewards.to(logp.dtype) if rewards.is_floating_point() else rewards, group_ids, config.advantage,
-            metric=metric, mask=mask, token_entropy=entropy.detach() if needs_entropy else None, step=step)
+            metric=metric, mask=mask, token_entropy=entropy.detach() if needs_entropy else None, step=step,
+            backend=backend)
         token_advantages = reported_advantages[:, None].expand(shape)
 
     old = check_per_token("old_logprobs", old_logprobs, shape, device, mask)
     ref = check_per_token("ref_logprobs", ref_logprobs, shape, device, mask)
     norm = Normalizers(global_num_tokens, global_num_seqs, config.loss_scale_factor)
-    loss, metrics = policy_objective(logp, entropy, mask, token_advantages, old, ref, config, norm, step=step)
+    loss, metrics = _objective(backend, logp, entropy, mask, token_advantages, old, ref, config, norm, step)
 
     valid_advantages = token_advantages.detach()[mask]
     if valid_advantages.numel() > 0:
@@ -116,8 +126,9 @@ def policy_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
     row_index = valid_row_index(mask)
     logp_rows, entropy_rows = row_token_stats(logits, targets, row_index, config.temperature, backend,
                                               inplace_backward=inplace_backward)
-    return _loss_from_stats(logp_rows, entropy_rows, row_index, mask, rewards=rewards, group_ids=group_ids,
-                            advantages=advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+    return _loss_from_stats(logp_rows, entropy_rows, row_index, mask, backend=backend, rewards=rewards,
+                            group_ids=group_ids, advantages=advantages, old_logprobs=old_logprobs,
+                            ref_logprobs=ref_logprobs,
                             metric=metric, config=config, step=step, global_num_tokens=global_num_tokens,
                             global_num_seqs=global_num_seqs)
 
@@ -187,8 +198,9 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
 
         logp_rows, entropy_rows = triton_linear_token_stats(flat_hidden, weight, flat_targets, row_index, bias=bias,
                                                             temperature=config.temperature)
-    return _loss_from_stats(logp_rows, entropy_rows, row_index, mask, rewards=rewards, group_ids=group_ids,
-                            advantages=advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+    return _loss_from_stats(logp_rows, entropy_rows, row_index, mask, backend=backend, rewards=rewards,
+                            group_ids=group_ids, advantages=advantages, old_logprobs=old_logprobs,
+                            ref_logprobs=ref_logprobs,
                             metric=metric, config=config, step=step, global_num_tokens=global_num_tokens,
                             global_num_seqs=global_num_seqs)
 

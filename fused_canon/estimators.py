@@ -222,6 +222,14 @@ def canon(rewards, groups, config, *, metric, step=0):
     return (weight * inter + (1.0 - weight) * intra) / config.token_budget
 
 
+BUILTIN_ESTIMATORS = dict(ESTIMATORS)  # what the Triton group kernel implements
+
+
+def _is_builtin(name: str) -> bool:
+    """True when ``name`` still means the built-in estimator (a user may re-register a name)."""
+    return BUILTIN_ESTIMATORS.get(name) is ESTIMATORS.get(name) is not None
+
+
 # ---------------------------------------------------------------------------------------------
 # Public entry point
 # ---------------------------------------------------------------------------------------------
@@ -265,15 +273,20 @@ def _checked_vector(name: str, x: torch.Tensor, length: int, device) -> torch.Te
 @torch.no_grad()
 def compute_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, config: Optional[AdvantageConfig] = None,
                        metric: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
-                       token_entropy: Optional[torch.Tensor] = None, step: int = 0) -> torch.Tensor:
+                       token_entropy: Optional[torch.Tensor] = None, step: int = 0,
+                       backend: str = "torch") -> torch.Tensor:
     """Per-response advantages [B] (float32; float64 for float64 rewards). Always detached.
 
     rewards [B] outcome scores; group_ids [B] int prompt ids (any order, groups need not be
     contiguous); metric [B] the CANON sort key (overrides the one derived from mask/token_entropy);
     mask [B, T] valid response tokens (CANON length and entropy); token_entropy [B, T] the rollout
     policy's token entropy (CANON entropy); step the trainer's global step (CANON schedules, random).
+    backend "triton" runs the built-in estimators on float32 rewards in one Triton program per group
+    (kernels/advantages.py); everything else (float64, user-registered estimators) runs here.
     """
     config = config or AdvantageConfig()
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"backend={backend!r} is not valid for compute_advantages; choose 'torch' or 'triton'")
     if config.estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {config.estimator!r}; registered: {sorted(ESTIMATORS)}")
     if not torch.is_tensor(rewards) or rewards.dim() != 1:
@@ -295,7 +308,12 @@ def compute_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, config: O
     key = None
     if config.estimator == "canon":
         key = _canon_metric(config, rewards, groups, metric, mask, token_entropy, step)
-    advantages = ESTIMATORS[config.estimator](rewards, groups, config, metric=key, step=step)
+    if backend == "triton" and dtype == torch.float32 and _is_builtin(config.estimator):
+        from .kernels.advantages import triton_compute_advantages
+
+        advantages = triton_compute_advantages(rewards, groups.index, config, metric=key, step=step)
+    else:
+        advantages = ESTIMATORS[config.estimator](rewards, groups, config, metric=key, step=step)
     if not torch.isfinite(advantages).all():
         raise FloatingPointError(f"estimator {config.estimator!r} produced non-finite advantages")
     return advantages

@@ -18,7 +18,7 @@ import torch
 from .config import LossConfig
 
 __all__ = ["kl_penalty", "agg_loss", "masked_mean", "register_policy_loss", "POLICY_LOSSES", "TokenLoss",
-           "policy_objective"]
+           "policy_objective", "clip_cov_selection", "kl_cov_selection"]
 
 LOG_RATIO_CLAMP = 20.0  # verl clamps log(pi/pi_old) to ±20 in vanilla, cispo (and k3's d)
 GSPO_LOG_RATIO_MAX = 10.0
@@ -177,10 +177,32 @@ def cispo(logp, old_logp, advantages, mask, config, *, step=0):
     return TokenLoss(-advantages * clipped_ratio * logp, metrics)
 
 
-def _centered_covariance(advantages, logp, mask, mean):
-    """(A - mean(A)) (logp - mean(logp)) per token, logp detached (§4.1)."""
+def clip_cov_selection(logp, old, advantages, valid, config: LossConfig, step: int) -> torch.Tensor:
+    """Tokens whose loss Clip-Cov multiplies by 0, [B, T] bool: shared by
+    ``clip_cov`` and the Triton objective (inputs zero-padded as ``policy_objective`` passes them)."""
     logp = logp.detach()
-    return (advantages - mean(advantages)) * (logp - mean(logp))
+    unclipped, clipped = _clipped_pair(advantages, torch.exp(logp - old), config)
+    is_valid = valid > 0
+    cov = (advantages - masked_mean(advantages, valid)) * (logp - masked_mean(logp, valid))
+    eligible = is_valid & ~(clipped > unclipped) & (cov > config.clip_cov_lb) & (cov < config.clip_cov_ub)
+    candidates = eligible.reshape(-1).nonzero().squeeze(-1)
+    num_clip = max(int(config.clip_cov_ratio * int(is_valid.sum())), 1)
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+    chosen = candidates[torch.randperm(len(candidates), generator=generator)[:num_clip].to(candidates.device)]
+    return torch.zeros(valid.numel(), dtype=torch.bool, device=valid.device).index_fill_(0, chosen, True) \
+        .reshape(valid.shape)
+
+
+def kl_cov_selection(logp, advantages, valid, config: LossConfig) -> torch.Tensor:
+    """Tokens KL-Cov penalises, [B, T] bool: shared by ``kl_cov`` and the Triton objective."""
+    valid_index = (valid > 0).reshape(-1).nonzero().squeeze(-1)
+    penalized = torch.zeros(valid.numel(), dtype=torch.bool, device=valid.device)
+    if len(valid_index) > 0:
+        valid_adv, valid_logp = advantages.reshape(-1)[valid_index], logp.detach().reshape(-1)[valid_index]
+        cov = (valid_adv - valid_adv.mean()) * (valid_logp - valid_logp.mean())
+        k = max(1, int(len(cov) * config.kl_cov_ratio))
+        penalized.index_fill_(0, valid_index[torch.topk(cov, k, largest=True).indices], True)
+    return penalized.reshape(valid.shape)
 
 
 @register_policy_loss("clip_cov")
@@ -190,15 +212,7 @@ def clip_cov(logp, old_logp, advantages, mask, config, *, step=0):
     and step (upstream: unseeded)."""
     log_ratio = logp - old_logp
     unclipped, clipped = _clipped_pair(advantages, torch.exp(log_ratio), config)
-    valid = mask > 0
-    cov = _centered_covariance(advantages, logp, mask, lambda x: masked_mean(x, mask))
-    eligible = valid & ~(clipped > unclipped) & (cov > config.clip_cov_lb) & (cov < config.clip_cov_ub)
-    candidates = eligible.reshape(-1).nonzero().squeeze(-1)
-    num_clip = max(int(config.clip_cov_ratio * int(valid.sum())), 1)
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-    chosen = candidates[torch.randperm(len(candidates), generator=generator)[:num_clip].to(candidates.device)]
-    keep = torch.ones(mask.numel(), device=logp.device, dtype=logp.dtype).index_fill_(0, chosen, 0.0)
-    keep = keep.reshape(mask.shape)
+    keep = (~clip_cov_selection(logp, old_logp, advantages, mask, config, step)).to(logp.dtype)
     metrics = {"actor/pg_clipfrac": masked_mean((keep == 0).float(), mask),
                "actor/ppo_kl": masked_mean(-log_ratio, mask)}
     return TokenLoss(torch.maximum(unclipped, clipped) * keep, metrics)
@@ -209,17 +223,17 @@ def kl_cov(logp, old_logp, advantages, mask, config, *, step=0):
     """Unclipped -A rho, plus ppo_kl_coef |logp - old| on the top-k tokens by covariance."""
     log_ratio = logp - old_logp
     abs_kl = log_ratio.abs()
-    loss = -advantages * torch.exp(log_ratio)
-    valid_index = (mask > 0).reshape(-1).nonzero().squeeze(-1)
-    if len(valid_index) > 0:
-        flat = lambda x: x.reshape(-1)[valid_index]  # noqa: E731
-        valid_adv, valid_logp = flat(advantages), flat(logp.detach())
-        cov = (valid_adv - valid_adv.mean()) * (valid_logp - valid_logp.mean())
-        k = max(1, int(len(cov) * config.kl_cov_ratio))
-        top = valid_index[torch.topk(cov, k, largest=True).indices]
-        penalized = torch.zeros(mask.numel(), dtype=torch.bool, device=logp.device).index_fill_(0, top, True)
-        loss = loss + config.ppo_kl_coef * abs_kl * penalized.reshape(mask.shape)
+    penalized = kl_cov_selection(logp, advantages, mask, config)
+    loss = -advantages * torch.exp(log_ratio) + config.ppo_kl_coef * abs_kl * penalized
     return TokenLoss(loss, {"actor/ppo_kl": masked_mean(abs_kl, mask)})
+
+
+BUILTIN_POLICY_LOSSES = dict(POLICY_LOSSES)  # what the Triton objective kernel implements
+
+
+def is_builtin_policy_loss(name: str) -> bool:
+    """True when ``name`` still means the built-in loss (a user may re-register a name)."""
+    return BUILTIN_POLICY_LOSSES.get(name) is POLICY_LOSSES.get(name) is not None
 
 
 # ---------------------------------------------------------------------------------------------

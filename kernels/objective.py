@@ -22,7 +22,8 @@ O(N) torch pre-passes, where a token needs something of its whole row or batch:
   * GSPO's sequence mean log-ratio;
   * Clip-Cov / KL-Cov token selection: the selection depends on batch statistics, a seeded random
     permutation (Clip-Cov) or a top-k (KL-Cov), so it runs in torch with the reference's own ops
-    (``clip_cov_selection`` / ``kl_cov_selection`` below) and reaches the kernel as a 0/1 mask.
+    (``clip_cov_selection`` / ``kl_cov_selection`` of fused_canon.losses) and reaches the kernel as a
+    0/1 mask.
 
 Padded positions are never read (loads are masked by ``mask``), so they may hold garbage: they
 contribute nothing and get zero gradient. An empty mask gives loss 0 with zero gradient.
@@ -37,10 +38,10 @@ import triton
 import triton.language as tl
 
 from fused_canon.config import LossConfig
-from fused_canon.losses import GSPO_LOG_RATIO_MAX, LOG_RATIO_CLAMP, Normalizers, _clipped_pair, masked_mean
+from fused_canon.losses import (GSPO_LOG_RATIO_MAX, LOG_RATIO_CLAMP, Normalizers, clip_cov_selection,
+                                kl_cov_selection)
 
-__all__ = ["triton_policy_objective", "PolicyObjectiveFunction", "TRITON_LOSS_MODES", "clip_cov_selection",
-           "kl_cov_selection"]
+__all__ = ["triton_policy_objective", "PolicyObjectiveFunction", "TRITON_LOSS_MODES"]
 
 # Loss modes and KL estimators as kernel constexprs.
 VANILLA, CLIP_COV, KL_COV, GSPO, CISPO = 0, 1, 2, 3, 4
@@ -209,34 +210,6 @@ def _policy_objective_fwd_kernel(
 # ---------------------------------------------------------------------------------------------
 # Token selection of Clip-Cov and KL-Cov (torch, the reference's own ops on the same inputs)
 # ---------------------------------------------------------------------------------------------
-
-def clip_cov_selection(logp, old, advantages, valid, config: LossConfig, step: int) -> torch.Tensor:
-    """Tokens whose loss Clip-Cov multiplies by 0, [B, T] bool: the same ops as
-    ``fused_canon.losses.clip_cov`` (inputs zero-padded as ``policy_objective`` passes them)."""
-    logp = logp.detach()
-    unclipped, clipped = _clipped_pair(advantages, torch.exp(logp - old), config)
-    is_valid = valid > 0
-    cov = (advantages - masked_mean(advantages, valid)) * (logp - masked_mean(logp, valid))
-    eligible = is_valid & ~(clipped > unclipped) & (cov > config.clip_cov_lb) & (cov < config.clip_cov_ub)
-    candidates = eligible.reshape(-1).nonzero().squeeze(-1)
-    num_clip = max(int(config.clip_cov_ratio * int(is_valid.sum())), 1)
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-    chosen = candidates[torch.randperm(len(candidates), generator=generator)[:num_clip].to(candidates.device)]
-    return torch.zeros(valid.numel(), dtype=torch.bool, device=valid.device).index_fill_(0, chosen, True) \
-        .reshape(valid.shape)
-
-
-def kl_cov_selection(logp, advantages, valid, config: LossConfig) -> torch.Tensor:
-    """Tokens KL-Cov penalises, [B, T] bool: the same ops as ``fused_canon.losses.kl_cov``."""
-    valid_index = (valid > 0).reshape(-1).nonzero().squeeze(-1)
-    penalized = torch.zeros(valid.numel(), dtype=torch.bool, device=valid.device)
-    if len(valid_index) > 0:
-        valid_adv, valid_logp = advantages.reshape(-1)[valid_index], logp.detach().reshape(-1)[valid_index]
-        cov = (valid_adv - valid_adv.mean()) * (valid_logp - valid_logp.mean())
-        k = max(1, int(len(cov) * config.kl_cov_ratio))
-        penalized.index_fill_(0, valid_index[torch.topk(cov, k, largest=True).indices], True)
-    return penalized.reshape(valid.shape)
-
 
 # ---------------------------------------------------------------------------------------------
 # Host side: per-row weights, pre-passes, launch, autograd.Function

@@ -189,3 +189,21 @@ def test_policy_loss_allocates_no_row_by_vocab_tensor_besides_dlogits():
     vocabulary_sized = [(op, n) for op, n in recorder.created if n >= 1000]
     assert vocabulary_sized and all(n == logits.numel() for _, n in vocabulary_sized), vocabulary_sized
     assert len(vocabulary_sized) == 1, vocabulary_sized  # dlogits, once
+
+
+def test_triton_backend_runs_every_stage_in_triton(monkeypatch):
+    import fused_canon.kernels.advantages as advantages_module
+    import fused_canon.kernels.objective as objective_module
+    import fused_canon.kernels.token_stats as token_stats_module
+
+    calls = []
+    for module, name in ((token_stats_module, "triton_token_stats"), (objective_module, "triton_policy_objective"),
+                         (advantages_module, "triton_compute_advantages")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    batch = make_batch()
+    config = fc.LossConfig(advantage=ESTIMATORS["canon_entropy"], entropy_coeff=0.01)
+    out = fc.policy_loss(batch["logits"].requires_grad_(), batch["targets"], batch["mask"], rewards=batch["rewards"],
+                         group_ids=batch["group_ids"], config=config, backend="triton")
+    out.loss.backward()
+    assert sorted(calls) == ["triton_compute_advantages", "triton_policy_objective", "triton_token_stats"]
