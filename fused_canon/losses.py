@@ -18,7 +18,7 @@ import torch
 from .config import LossConfig
 
 __all__ = ["kl_penalty", "agg_loss", "masked_mean", "register_policy_loss", "POLICY_LOSSES", "TokenLoss",
-           "policy_objective", "clip_cov_selection", "kl_cov_selection"]
+           "policy_objective", "clip_cov_selection", "kl_cov_selection", "aggregation_weights"]
 
 LOG_RATIO_CLAMP = 20.0  # verl clamps log(pi/pi_old) to ±20 in vanilla, cispo (and k3's d)
 GSPO_LOG_RATIO_MAX = 10.0
@@ -76,26 +76,30 @@ class Normalizers:
     loss_scale_factor: Optional[float] = None
 
 
-def agg_loss(values: torch.Tensor, mask: torch.Tensor, mode: str, norm: Normalizers = Normalizers()) -> torch.Tensor:
-    """Aggregate a per-token quantity [B, T] over the valid tokens (mask: float 0/1).
+def aggregation_weights(tokens_per_seq: torch.Tensor, mode: str, norm: Normalizers, padded_length: int) -> torch.Tensor:
+    """Weight w_b of each valid token of row b in the aggregated loss, [B]: agg = sum_b w_b sum_t m l.
 
-    An empty mask gives 0 (with zero gradient), never 0/0.
+    One definition of the normalizers, used by ``agg_loss`` and by the Triton objective kernel.
+    Local counts are floored at 1, so an empty mask gives 0 (with zero gradient), never 0/0.
     """
-    token_sum = (values * mask).sum(-1)
-    tokens_per_seq = mask.sum(-1)
     if mode == "token-mean":
         num_tokens = norm.num_tokens if norm.num_tokens is not None else tokens_per_seq.sum().clamp(min=1)
-        return token_sum.sum() / num_tokens
+        return torch.ones_like(tokens_per_seq) / num_tokens
     num_seqs = norm.num_seqs if norm.num_seqs is not None else (tokens_per_seq > 0).sum().clamp(min=1)
     if mode == "seq-mean-token-mean":
-        return (token_sum / (tokens_per_seq + 1e-8)).sum() / num_seqs
-    loss = token_sum.sum() / num_seqs
+        return 1.0 / ((tokens_per_seq + 1e-8) * num_seqs)
     if mode == "seq-mean-token-sum":
-        return loss
+        return torch.ones_like(tokens_per_seq) / num_seqs
     if mode == "seq-mean-token-sum-norm":
-        scale = norm.loss_scale_factor if norm.loss_scale_factor is not None else values.shape[-1]
-        return loss / scale
+        scale = norm.loss_scale_factor if norm.loss_scale_factor is not None else padded_length
+        return torch.ones_like(tokens_per_seq) / (num_seqs * scale)
     raise ValueError(f"unknown loss_agg_mode {mode!r}")
+
+
+def agg_loss(values: torch.Tensor, mask: torch.Tensor, mode: str, norm: Normalizers = Normalizers()) -> torch.Tensor:
+    """Aggregate a per-token quantity [B, T] over the valid tokens (mask: float 0/1)."""
+    weights = aggregation_weights(mask.sum(-1), mode, norm, values.shape[-1])
+    return ((values * mask).sum(-1) * weights).sum()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 
 from fused_canon.config import LossConfig
-from fused_canon.losses import (GSPO_LOG_RATIO_MAX, LOG_RATIO_CLAMP, Normalizers, clip_cov_selection,
-                                kl_cov_selection)
+from fused_canon.losses import (GSPO_LOG_RATIO_MAX, LOG_RATIO_CLAMP, Normalizers, aggregation_weights,
+                                clip_cov_selection, kl_cov_selection)
 
 __all__ = ["triton_policy_objective", "PolicyObjectiveFunction", "TRITON_LOSS_MODES"]
 
@@ -215,22 +215,6 @@ def _policy_objective_fwd_kernel(
 # Host side: per-row weights, pre-passes, launch, autograd.Function
 # ---------------------------------------------------------------------------------------------
 
-def _row_weights(tokens_per_seq: torch.Tensor, mode: str, norm: Normalizers, padded_length: int) -> torch.Tensor:
-    """Weight w_b of one valid token of row b in ``agg_loss(values, mask, mode, norm)``, [B] fp32."""
-    if mode == "token-mean":
-        num_tokens = norm.num_tokens if norm.num_tokens is not None else tokens_per_seq.sum().clamp(min=1)
-        return torch.ones_like(tokens_per_seq) / num_tokens
-    num_seqs = norm.num_seqs if norm.num_seqs is not None else (tokens_per_seq > 0).sum().clamp(min=1)
-    if mode == "seq-mean-token-mean":
-        return 1.0 / ((tokens_per_seq + 1e-8) * num_seqs)
-    if mode == "seq-mean-token-sum":
-        return torch.ones_like(tokens_per_seq) / num_seqs
-    if mode == "seq-mean-token-sum-norm":
-        scale = norm.loss_scale_factor if norm.loss_scale_factor is not None else padded_length
-        return torch.ones_like(tokens_per_seq) / (num_seqs * scale)
-    raise ValueError(f"unknown loss_agg_mode {mode!r}")
-
-
 def _kl_constexprs(kl_type: str) -> Tuple[int, bool]:
     base = kl_type[:-1] if kl_type.endswith("+") else kl_type
     if base not in _KL_TYPES:
@@ -305,10 +289,10 @@ def triton_policy_objective(logp: torch.Tensor, entropy: torch.Tensor, mask: tor
     valid = mask.to(logp.dtype)
     tokens_per_seq = valid.sum(-1)
     pg_agg_mode = "seq-mean-token-mean" if mode == GSPO else config.loss_agg_mode  # GSPO forces its own
-    weight = _row_weights(tokens_per_seq, config.loss_agg_mode, norm, T).float()
+    weight = aggregation_weights(tokens_per_seq, config.loss_agg_mode, norm, T).float()
     pg_weight = weight
     if pg_agg_mode != config.loss_agg_mode:
-        pg_weight = _row_weights(tokens_per_seq, pg_agg_mode, norm, T).float()
+        pg_weight = aggregation_weights(tokens_per_seq, pg_agg_mode, norm, T).float()
 
     # On-policy (old_logp None): old = logp itself, log-ratio 0, gradient through the ratio only.
     old = logp.detach() if old_logp is None else old_logp.detach()
