@@ -347,18 +347,25 @@ def _bwd_sig(dtype, stride_ty="i32"):
             "BLOCK_V": "constexpr", "HAS_C_LOGP": "constexpr", "HAS_C_ENT": "constexpr"}
 
 
+# Options as the JIT launches them at V = 151,936: the warps of _num_warps, and "div16", the integer
+# arguments it specialises as divisible by 16 there (V and the row strides), which is what lets
+# every thread move 16 bytes per access (tests/test_aot_compile.py checks the PTX for it).
 _BV = default_block_v(151936)
+_DIV16 = ("stride_lb", "stride_lt", "stride_db", "stride_dt", "V")
+
+
+def _aot_entry(kernel, signature, **constexprs):
+    options = {"num_warps": _num_warps(_BV), "div16": [arg for arg in _DIV16 if arg in signature]}
+    return kernel, signature, {"BLOCK_V": _BV, **constexprs}, options
+
+
 AOT_SIGNATURES = [
-    (_token_stats_fwd_kernel, _fwd_sig("bf16"), {"BLOCK_V": _BV, "EXTRA_STATS": False}, {"num_warps": _num_warps(_BV)}),
-    (_token_stats_fwd_kernel, _fwd_sig("bf16", "i64"), {"BLOCK_V": _BV, "EXTRA_STATS": True},
-     {"num_warps": _num_warps(_BV)}),
-    (_token_stats_fwd_kernel, _fwd_sig("fp32"), {"BLOCK_V": _BV, "EXTRA_STATS": False}, {"num_warps": _num_warps(_BV)}),
-    (_token_stats_bwd_kernel, _bwd_sig("bf16"), {"BLOCK_V": _BV, "HAS_C_LOGP": True, "HAS_C_ENT": True},
-     {"num_warps": _num_warps(_BV)}),
-    (_token_stats_bwd_kernel, _bwd_sig("fp16", "i64"), {"BLOCK_V": _BV, "HAS_C_LOGP": True, "HAS_C_ENT": False},
-     {"num_warps": _num_warps(_BV)}),
-    (_token_stats_bwd_kernel, _bwd_sig("fp32"), {"BLOCK_V": _BV, "HAS_C_LOGP": True, "HAS_C_ENT": True},
-     {"num_warps": _num_warps(_BV)}),
+    _aot_entry(_token_stats_fwd_kernel, _fwd_sig("bf16"), EXTRA_STATS=False),
+    _aot_entry(_token_stats_fwd_kernel, _fwd_sig("bf16", "i64"), EXTRA_STATS=True),
+    _aot_entry(_token_stats_fwd_kernel, _fwd_sig("fp32"), EXTRA_STATS=False),
+    _aot_entry(_token_stats_bwd_kernel, _bwd_sig("bf16"), HAS_C_LOGP=True, HAS_C_ENT=True),
+    _aot_entry(_token_stats_bwd_kernel, _bwd_sig("fp16", "i64"), HAS_C_LOGP=True, HAS_C_ENT=False),
+    _aot_entry(_token_stats_bwd_kernel, _bwd_sig("fp32"), HAS_C_LOGP=True, HAS_C_ENT=True),
 ]
 # Kernels whose AOT build must not spill registers (the test fails if ptxas reports spills).
 AOT_NO_SPILL = {"_token_stats_fwd_kernel", "_token_stats_bwd_kernel"}
