@@ -21,7 +21,9 @@ with ``p_k = exp(z_k - lse)`` recomputed from the logits and the two saved per-r
 Rows that are not in ``row_index`` are written with zeros and never read.
 
 Memory: the forward saves 2 fp32 scalars per valid row; the only ``[B, T, V]`` tensor ever
-allocated is dlogits (none with ``inplace_backward=True``).
+allocated is dlogits (none with ``inplace_backward=True``). Accesses are 16 bytes per thread when
+V and the row strides are multiples of 16 (as padded vocabularies such as 151,936 are); otherwise
+the JIT cannot prove alignment and falls back to narrower loads.
 """
 
 import math
