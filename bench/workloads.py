@@ -13,6 +13,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+import fused_canon as fc
+
 TOKEN_STATS_FWD = "token_stats/fwd"
 POLICY_LOSS_FWD = "policy_loss/fwd"
 POLICY_LOSS_FWD_BWD = "policy_loss/fwd+bwd"
@@ -122,8 +124,8 @@ def make_inputs(path: str, shape: Shape, dtype: torch.dtype, device: torch.devic
 
     Logits are standard normal (hidden and weight are scaled so logits come out about that size);
     ``old_logprobs`` sit near ``-log V``, the log-prob of a standard-normal row, so ratios stay
-    near 1 as in on-policy training. ``advantages`` are the group-normalised rewards (GRPO), for
-    the peers that take advantages instead of rewards.
+    near 1 as in on-policy training. ``advantages`` are ``fc.compute_advantages(rewards, group_ids)``
+    (default config: GRPO), as our path computes them, for the peers that take advantages instead of rewards.
     """
     # Large tensors are drawn on the device: a CPU draw of a 2.5 GB weight or a 20 GB logits tensor
     # takes seconds to minutes per case. Small ones come from a CPU generator.
@@ -150,16 +152,5 @@ def make_inputs(path: str, shape: Shape, dtype: torch.dtype, device: torch.devic
     inputs["rewards"] = rewards.to(device)
     inputs["group_ids"] = group_ids.to(device)
     inputs["old_logprobs"] = (-math.log(v) + 0.1 * torch.randn(b, t, generator=gen)).to(device)
-    inputs["advantages"] = group_normalised(rewards, group_ids).to(device)
+    inputs["advantages"] = fc.compute_advantages(rewards, group_ids).to(device)
     return inputs
-
-
-def group_normalised(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """GRPO advantages (r - mean_group) / (std_group + eps), for peers that take advantages."""
-    out = torch.zeros_like(rewards)
-    for g in group_ids.unique():
-        sel = group_ids == g
-        r = rewards[sel]
-        std = r.std() if r.numel() > 1 else torch.tensor(0.0)
-        out[sel] = (r - r.mean()) / (std + eps)
-    return out
