@@ -78,6 +78,17 @@ def triton_available() -> bool:
     return True
 
 
+def triton_interpreter_enabled() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter: ``TRITON_INTERPRET`` as Triton itself reads
+    it (its knobs accept 1/true/yes/on), or any value but "" and "0" on a Triton without knobs."""
+    try:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """"auto" -> "triton" on CUDA (when Triton imports), else "torch". Checks explicit choices."""
     if backend not in ("auto", "triton", "torch"):
@@ -87,7 +98,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package: pip install 'fused-canon[triton]'")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if device.type != "cuda" and not triton_interpreter_enabled():
             raise RuntimeError(
                 f"backend='triton' on a {device.type} tensor needs Triton's interpreter: set TRITON_INTERPRET=1 "
                 "before importing fused_canon (or use backend='torch')"

@@ -1,6 +1,6 @@
 """Triton kernels of fused-canon (installed as ``fused_canon.kernels``)."""
 
-import os as _os
+from fused_canon.token_stats import triton_interpreter_enabled
 
 
 def _patch_triton36_interpreter_for_numpy24():
@@ -9,7 +9,7 @@ def _patch_triton36_interpreter_for_numpy24():
     every kernel with a runtime-bounded ``range()`` loop fails. Triton 3.7 squeezes first; do the
     same on 3.6 (the GPU machine pairs triton 3.6.0 with numpy 2.5). Interpreter only, no-op
     elsewhere."""
-    if _os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if not triton_interpreter_enabled():
         return
     try:
         import triton

@@ -94,12 +94,13 @@ realistic bf16 GPU configuration (plus fp32 / fp16 variants) for ahead-of-time c
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from fused_canon.token_stats import triton_interpreter_enabled
 
 __all__ = [
     "AOT_NO_SPILL",
@@ -556,7 +557,7 @@ def _check_inputs(hidden, weight, targets, row_index, bias, temperature):
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) != 1:
         raise ValueError(f"all tensors must be on one device, got {devices}")
-    if hidden.device.type == "cpu" and not _interpreter_enabled():
+    if hidden.device.type == "cpu" and not triton_interpreter_enabled():
         raise RuntimeError("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before "
                            "fused_canon.kernels is imported")
     if isinstance(temperature, torch.Tensor):
@@ -583,10 +584,6 @@ def _check_inputs(hidden, weight, targets, row_index, bias, temperature):
         if bad_targets:
             raise ValueError(f"targets of valid rows must lie in [0, V) = [0, {vocab_size})")
     return temperature
-
-
-def _interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fused_canon.token_stats import triton_interpreter_enabled
+
 _NEG_INF = float("-inf")
 
 
@@ -144,15 +146,6 @@ def _token_stats_bwd_kernel(
             tl.store(d_row + offs, g.to(dlogits_ptr.dtype.element_ty), mask=mask)
 
 
-def _interpreting() -> bool:
-    try:
-        return bool(triton.knobs.runtime.interpret)
-    except AttributeError:  # older triton without knobs
-        import os
-
-        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def default_block_v(V: int) -> int:
     """Power of two, whole row up to 4096 (16 fp32 per thread at 8 warps)."""
     return min(triton.next_power_of_2(V), 4096)
@@ -193,7 +186,7 @@ def _check_inputs(logits, targets, row_index, temperature, block_v):
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
     if block_v is not None and (block_v < 16 or block_v & (block_v - 1)):
         raise ValueError(f"block_v must be a power of two >= 16, got {block_v}")
-    if logits.device.type != "cuda" and not _interpreting():
+    if logits.device.type != "cuda" and not triton_interpreter_enabled():
         raise RuntimeError(f"Triton kernels need CUDA tensors (got {logits.device}); on CPU set "
                            "TRITON_INTERPRET=1 before importing triton, or use the torch backend")
     # Out-of-range or repeated rows would read out of bounds / lose gradient: one host sync.

@@ -435,6 +435,6 @@ def test_input_validation():
 def test_cpu_tensors_without_interpreter_get_a_clear_error(monkeypatch):
     import fused_canon.kernels.token_stats as ts
 
-    monkeypatch.setattr(ts, "_interpreting", lambda: False)  # as if TRITON_INTERPRET were unset
+    monkeypatch.setattr(ts, "triton_interpreter_enabled", lambda: False)  # as if TRITON_INTERPRET were unset
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         triton_token_stats(torch.randn(1, 1, 16), torch.zeros(1, 1, dtype=torch.int64), torch.tensor([0]))
