@@ -12,7 +12,7 @@ import json
 import random
 import re
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 Reward = Callable[[str, str], float]
 
@@ -140,12 +140,16 @@ class DatasetPrompts:
             raise ValueError(f"dataset {path} has no field(s) {missing}; fields: {sorted(records[0])}")
         self.examples = [Example(str(r[prompt_key]), _reference_answer(str(r[answer_key]))) for r in records]
         self.seed, self.position = seed, 0
+        self._cached_order: Optional[Tuple[int, List[int]]] = None
         self.alphabet = "".join(sorted({ch for e in self.examples for ch in e.prompt + e.answer} | set("#0123456789 ")))
 
     def _order(self, epoch: int) -> List[int]:
-        order = list(range(len(self.examples)))
-        random.Random(f"{self.seed}/epoch/{epoch}").shuffle(order)
-        return order
+        """The epoch's permutation, built once per epoch (the last one is cached)."""
+        if self._cached_order is None or self._cached_order[0] != epoch:
+            order = list(range(len(self.examples)))
+            random.Random(f"{self.seed}/epoch/{epoch}").shuffle(order)
+            self._cached_order = (epoch, order)
+        return self._cached_order[1]
 
     def next_batch(self, size: int) -> List[Example]:
         batch = []
