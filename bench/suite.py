@@ -21,7 +21,16 @@ import torch
 from torch._dynamo.utils import counters as dynamo_counters
 
 from fused_canon.bench.candidates import COMPILED, EAGER, OURS, Candidate, Settings, candidates_for
-from fused_canon.bench.floors import TARGETS, Ceilings, Work, evaluate_target, measure_ceilings, target_for, work_for
+from fused_canon.bench.floors import (
+    TARGETS,
+    Ceilings,
+    Target,
+    Work,
+    evaluate_target,
+    measure_ceilings,
+    target_for,
+    work_for,
+)
 from fused_canon.bench.peers import Peer, probe_peers
 from fused_canon.bench.timing import CudaTimer, WallClockTimer, peak_extra_memory
 from fused_canon.bench.workloads import (
@@ -163,8 +172,8 @@ def _classify(exc: BaseException) -> str:
     return "error"
 
 
-def base_row(path: str, shape: Shape, candidate: Candidate, work: Work, floor: Dict[str, object]) -> Dict[str, object]:
-    target = target_for(candidate.impl, path, shape)
+def base_row(path: str, shape: Shape, candidate: Candidate, work: Work, floor: Dict[str, object],
+             target: Optional[Target]) -> Dict[str, object]:
     return {
         "path": path, "impl": candidate.impl, "kind": candidate.kind, "peer": candidate.peer,
         "computes": candidate.computes, "shape": shape.as_dict(), "label": shape.label(), "status": None,
@@ -176,21 +185,18 @@ def base_row(path: str, shape: Shape, candidate: Candidate, work: Work, floor: D
     }
 
 
-def skipped_row(cfg: RunConfig, path: str, shape: Shape, candidate: Candidate, ceilings: Ceilings,
-                reason: str) -> Dict[str, object]:
-    work = work_for(path, shape, _element_size(cfg.dtype))
-    row = base_row(path, shape, candidate, work, ceilings.floor_ms(work))
-    row["status"], row["detail"] = "skipped", reason
-    return row
-
-
 def run_case(cfg: RunConfig, path: str, shape: Shape, candidate: Candidate, peers: Dict[str, Peer],
-             ceilings: Ceilings, device_name: str) -> Dict[str, object]:
+             ceilings: Ceilings, device_name: str, shape_index: int = 0) -> Dict[str, object]:
+    """One row; ``shape_index`` is the index of ``shape`` in ``cfg.grid.shapes(path)`` (see compile_skip_reason)."""
     elt = _element_size(cfg.dtype)
     work = work_for(path, shape, elt)
     floor = ceilings.floor_ms(work)
     target = target_for(candidate.impl, path, shape)
-    row = base_row(path, shape, candidate, work, floor)
+    row = base_row(path, shape, candidate, work, floor, target)
+    reason = compile_skip_reason(cfg.compile_shapes, path, shape_index, shape) if candidate.impl == COMPILED else None
+    if reason:
+        row["status"], row["detail"] = "skipped", reason
+        return row
     if candidate.peer is not None and not peers[candidate.peer].available:
         row["status"] = peers[candidate.peer].status.split(":")[0]
         row["detail"] = f"{candidate.peer}: {peers[candidate.peer].status}"
@@ -285,13 +291,7 @@ def run_suite(cfg: RunConfig, on_update: Callable[[Dict[str, object]], None] = l
             for candidate in candidates_for(path, peers, settings):
                 if cfg.impl_filter and not any(f in candidate.impl for f in cfg.impl_filter):
                     continue
-                reason = None
-                if candidate.impl == COMPILED:
-                    reason = compile_skip_reason(cfg.compile_shapes, path, i, shape)
-                if reason:
-                    row = skipped_row(cfg, path, shape, candidate, ceilings, reason)
-                else:
-                    row = run_case(cfg, path, shape, candidate, peers, ceilings, str(info["name"]))
+                row = run_case(cfg, path, shape, candidate, peers, ceilings, str(info["name"]), shape_index=i)
                 rows.append(row)
                 case_rows.append(row)
                 shown = f"{row['time_ms']:.3f} ms" if row["status"] == "ok" else f"{row['status']}"
