@@ -133,6 +133,8 @@ class Learner:
                     if single_fused_call:  # what the call computed, for the metrics below
                         advantages, old_logprobs = out.advantages, out.logprobs
                     for key, value in out.metrics.items():
+                        if key.startswith("critic/"):  # reported once below (advantages) and by the trainer (score)
+                            continue
                         if key in GLOBALLY_NORMALIZED:  # a micro-batch's share of the mini-batch value
                             mini_batch_terms[key] = mini_batch_terms.get(key, 0.0) + value
                         else:  # a mean over this micro-batch's tokens
@@ -147,7 +149,10 @@ class Learner:
                 grad_norms.append(float(grad_norm))
 
         metrics = averages.means()
-        metrics.update(self._advantage_metrics(advantages, mask))
+        # Over the whole batch's [B] advantages, not averaged over micro-batches.
+        metrics.update({"critic/advantages/mean": float(advantages.mean()),
+                        "critic/advantages/max": float(advantages.max()),
+                        "critic/advantages/min": float(advantages.min())})
         metrics["actor/grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["actor/lr"] = self.optimizer.param_groups[0]["lr"]
         if "rollout_logprobs" in batch:  # how far the engine's sampling distribution is from the learner's
@@ -171,13 +176,6 @@ class Learner:
             return fc.linear_policy_loss(hidden, head.weight, targets, mask, bias=head.bias, **common)
         logits = self._response_tensors(self.model, batch, rows, hidden=False)
         return fc.policy_loss(logits, targets, mask, **common)
-
-    @staticmethod
-    def _advantage_metrics(advantages: torch.Tensor, mask: torch.Tensor) -> Dict[str, float]:
-        if advantages.dim() == 2:  # token-level advantages: statistics over valid tokens
-            advantages = advantages[mask.bool()]
-        return {"critic/advantages/mean": float(advantages.mean()), "critic/advantages/max": float(advantages.max()),
-                "critic/advantages/min": float(advantages.min())}
 
     def _micro_rows(self, batch) -> int:
         num_rows = batch["response_ids"].shape[0]
