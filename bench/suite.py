@@ -139,6 +139,16 @@ def compile_skip_reason(policy: str, path: str, shape_index: int, shape: Shape) 
     return f"smoke: torch.compile runs once per entry point ({', '.join(SMOKE_COMPILED_PATHS)}; first shape)"
 
 
+def memory_skip_reason(path: str, shape: Shape, candidate: Candidate, device: torch.device, elt: int) -> Optional[str]:
+    """Why the case is estimated not to fit in free memory (it is then skipped unrun), or None when it fits."""
+    needed = input_bytes(path, shape, elt) + candidate.workspace_bytes(shape, elt)
+    free = _free_memory(device)
+    if needed > MEMORY_HEADROOM * free:
+        return (f"estimated {needed / 2**30:.1f} GiB (inputs + workspace) > {MEMORY_HEADROOM:.0%} of "
+                f"{free / 2**30:.1f} GiB free")
+    return None
+
+
 def _value_of(path: str) -> str:
     return "mean log-prob of the valid tokens" if path == TOKEN_STATS_FWD else "loss"
 
@@ -204,12 +214,9 @@ def run_case(cfg: RunConfig, path: str, shape: Shape, candidate: Candidate, peer
     if candidate.cuda_only and cfg.device.type != "cuda":
         row["status"], row["detail"] = "skipped", f"needs a CUDA device: {candidate.cuda_only}"
         return row
-    needed = input_bytes(path, shape, elt) + candidate.workspace_bytes(shape, elt)
-    free = _free_memory(cfg.device)
-    if needed > MEMORY_HEADROOM * free:
-        row["status"] = "skipped"
-        row["detail"] = (f"estimated {needed / 2**30:.1f} GiB (inputs + workspace) > {MEMORY_HEADROOM:.0%} of "
-                         f"{free / 2**30:.1f} GiB free")
+    reason = memory_skip_reason(path, shape, candidate, cfg.device, elt)
+    if reason:
+        row["status"], row["detail"] = "skipped", reason
         return row
     inputs = prepared = None
     try:

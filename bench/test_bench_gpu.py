@@ -15,8 +15,9 @@ pytest.importorskip("pytest_benchmark")
 from fused_canon.bench.candidates import Settings, candidates_for  # noqa: E402
 from fused_canon.bench.floors import measure_ceilings, work_for  # noqa: E402
 from fused_canon.bench.peers import probe_peers  # noqa: E402
-from fused_canon.bench.timing import CudaTimer  # noqa: E402
-from fused_canon.bench.workloads import PATHS, Shape, input_bytes, is_linear, make_inputs  # noqa: E402
+from fused_canon.bench.suite import _element_size, memory_skip_reason  # noqa: E402
+from fused_canon.bench.timing import CudaTimer, _reset_grads  # noqa: E402
+from fused_canon.bench.workloads import PATHS, Shape, is_linear, make_inputs  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -42,19 +43,16 @@ def test_bench(benchmark, ceilings, path, impl):
     candidate = next(c for c in candidates_for(path, PEERS, SETTINGS) if c.impl == impl)
     if candidate.peer is not None and not PEERS[candidate.peer].available:
         pytest.skip(f"{candidate.peer}: {PEERS[candidate.peer].status}")
-    device, shape, elt = torch.device("cuda"), target_shape(path), torch.empty((), dtype=DTYPE).element_size()
-    torch.cuda.empty_cache()
-    needed = input_bytes(path, shape, elt) + candidate.workspace_bytes(shape, elt)
-    free = torch.cuda.mem_get_info(device)[0]
-    if needed > 0.9 * free:
-        pytest.skip(f"estimated {needed / 2**30:.1f} GiB > 90% of {free / 2**30:.1f} GiB free")
+    device, shape, elt = torch.device("cuda"), target_shape(path), _element_size(DTYPE)
+    reason = memory_skip_reason(path, shape, candidate, device, elt)
+    if reason:
+        pytest.skip(reason)
     prepared = candidate.prepare(make_inputs(path, shape, DTYPE, device, seed=0))
     prepared.fn()  # compile / autotune outside the timed rounds
     torch.cuda.synchronize()
 
     def one_call():
-        for t in prepared.grad_to_none:
-            t.grad = None
+        _reset_grads(prepared.grad_to_none)
         prepared.fn()
         torch.cuda.synchronize()
 
