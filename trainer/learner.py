@@ -132,13 +132,14 @@ class Learner:
                     out.loss.backward()
                     if single_fused_call:  # what the call computed, for the metrics below
                         advantages, old_logprobs = out.advantages, out.logprobs
+                    tokens = float(mask[rows].sum())  # the weight of this micro-batch's token means
                     for key, value in out.metrics.items():
                         if key.startswith("critic/"):  # reported once below (advantages) and by the trainer (score)
                             continue
                         if key in GLOBALLY_NORMALIZED:  # a micro-batch's share of the mini-batch value
                             mini_batch_terms[key] = mini_batch_terms.get(key, 0.0) + value
                         else:  # a mean over this micro-batch's tokens
-                            averages.add(key, value, weight=float(mask[rows].sum()))
+                            averages.add(key, value, weight=tokens)
                 for key, value in mini_batch_terms.items():
                     averages.add(key, value, weight=1.0)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.actor.grad_clip)
