@@ -36,7 +36,8 @@ class Peer:
         return {"status": self.status, "version": self.version, "provides": self.provides}
 
 
-def _version(dist: str) -> Optional[str]:
+def dist_version(dist: str) -> Optional[str]:
+    """The installed version of distribution ``dist``, or None when it is not installed."""
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -49,8 +50,8 @@ def _probe(name: str, top_module: str, load) -> Peer:
     try:
         entry_points = load()
     except Exception as exc:  # a broken install must show up in the report, not abort the run
-        return Peer(name, f"import failed: {type(exc).__name__}: {exc}", _version(name))
-    return Peer(name, "installed", _version(name), sorted(entry_points), entry_points)
+        return Peer(name, f"import failed: {type(exc).__name__}: {exc}", dist_version(name))
+    return Peer(name, "installed", dist_version(name), sorted(entry_points), entry_points)
 
 
 def _load_liger() -> Dict[str, object]:

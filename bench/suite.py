@@ -31,7 +31,7 @@ from fused_canon.bench.floors import (
     target_for,
     work_for,
 )
-from fused_canon.bench.peers import Peer, probe_peers
+from fused_canon.bench.peers import Peer, dist_version, probe_peers
 from fused_canon.bench.timing import CudaTimer, WallClockTimer, peak_extra_memory
 from fused_canon.bench.workloads import (
     LINEAR_POLICY_LOSS_FWD_BWD,
@@ -82,16 +82,8 @@ def device_info(device: torch.device) -> Dict[str, object]:
 
 
 def versions(peers: Dict[str, Peer]) -> Dict[str, Optional[str]]:
-    import importlib.metadata
-
-    def dist(name):
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
     out = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
-           "triton": dist("triton"), "fused-canon": dist("fused-canon")}
+           "triton": dist_version("triton"), "fused-canon": dist_version("fused-canon")}
     out.update({name: peer.version for name, peer in peers.items()})
     return out
 
