@@ -36,10 +36,13 @@ class Groups:
         """Group size of each response, [B]."""
         return self.count[self.index]
 
-    def sum(self, values: torch.Tensor, where: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Per-group sum of ``values`` ([B] -> [G]), optionally only over rows where ``where``."""
-        if where is not None:
-            values = torch.where(where, values, torch.zeros_like(values))
+    @property
+    def starts(self) -> torch.Tensor:
+        """Position of each group's first row in the grouped order of ``sorted_order``, [G]."""
+        return torch.cumsum(self.count, 0) - self.count
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-group sum of ``values``, [B] -> [G]."""
         return torch.zeros(len(self.count), dtype=values.dtype, device=values.device).index_add_(0, self.index, values)
 
     def sorted_order(self, key: torch.Tensor) -> torch.Tensor:
@@ -49,10 +52,12 @@ class Groups:
 
     def rank(self, key: torch.Tensor) -> torch.Tensor:
         """0-based rank of each row inside its group by ascending ``key`` (stable), [B]."""
-        order = self.sorted_order(key)
-        starts = torch.cumsum(self.count, 0) - self.count
+        return self.rank_in(self.sorted_order(key))
+
+    def rank_in(self, order: torch.Tensor) -> torch.Tensor:
+        """0-based position of each row inside its group in ``order`` (a result of ``sorted_order``), [B]."""
         rank = torch.empty_like(order)
-        rank[order] = torch.arange(len(order), device=order.device) - starts[self.index[order]]
+        rank[order] = torch.arange(len(order), device=order.device) - self.starts[self.index[order]]
         return rank
 
 
@@ -79,14 +84,12 @@ def _baseline_per_part(rewards: torch.Tensor, part: torch.Tensor, num_parts: int
 
     Empty parts give 0 (only CANON's low half of a singleton is empty).
     """
-    count = torch.bincount(part, minlength=num_parts)
+    parts = Groups(index=part, count=torch.bincount(part, minlength=num_parts))
     if config.baseline == "mean":
-        total = torch.zeros(num_parts, dtype=rewards.dtype, device=rewards.device).index_add_(0, part, rewards)
-        return total / count.clamp(min=1)
-    order = Groups(index=part, count=count).sorted_order(rewards)
-    starts = torch.cumsum(count, 0) - count
-    value = _quantile_of_sorted(rewards[order], starts, count.clamp(min=1), config.quantile_k)
-    return torch.where(count > 0, value, torch.zeros_like(value))
+        return parts.sum(rewards) / parts.count.clamp(min=1)
+    order = parts.sorted_order(rewards)
+    value = _quantile_of_sorted(rewards[order], parts.starts, parts.count.clamp(min=1), config.quantile_k)
+    return torch.where(parts.count > 0, value, torch.zeros_like(value))
 
 
 def group_baseline(rewards: torch.Tensor, groups: Groups, config: AdvantageConfig) -> torch.Tensor:
@@ -111,8 +114,8 @@ def leave_one_out_baseline(rewards: torch.Tensor, groups: Groups, config: Advant
     # Quantile of the group with row i removed: in the group's ascending order, position m of the
     # reduced run is position m (m < rank_i) or m + 1 (m >= rank_i) of the full run.
     order = groups.sorted_order(rewards)
-    rank = groups.rank(rewards)
-    starts = (torch.cumsum(groups.count, 0) - groups.count)[groups.index]
+    rank = groups.rank_in(order)
+    starts = groups.starts[groups.index]
     sorted_rewards = rewards[order]
     pos = config.quantile_k * (n - 2).clamp(min=0).to(rewards.dtype)
     lo, hi = torch.floor(pos).long(), torch.ceil(pos).long()
@@ -234,7 +237,7 @@ def _is_builtin(name: str) -> bool:
 # Public entry point
 # ---------------------------------------------------------------------------------------------
 
-def _canon_metric(config, rewards, groups, metric, mask, token_entropy, step):
+def _canon_metric(config, rewards, metric, mask, token_entropy, step):
     """The per-response sort key of CANON's split (§2.2), in the statistics dtype."""
     dtype, device = rewards.dtype, rewards.device
     kind = config.canon_metric
@@ -307,11 +310,11 @@ def compute_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, config: O
     groups = Groups.from_ids(group_ids)
     key = None
     if config.estimator == "canon":
-        key = _canon_metric(config, rewards, groups, metric, mask, token_entropy, step)
+        key = _canon_metric(config, rewards, metric, mask, token_entropy, step)
     if backend == "triton" and dtype == torch.float32 and _is_builtin(config.estimator):
         from .kernels.advantages import triton_compute_advantages
 
-        advantages = triton_compute_advantages(rewards, groups.index, config, metric=key, step=step)
+        advantages = triton_compute_advantages(rewards, groups, config, metric=key, step=step)
     else:
         advantages = ESTIMATORS[config.estimator](rewards, groups, config, metric=key, step=step)
     if not torch.isfinite(advantages).all():

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from fused_canon.config import AdvantageConfig
-from fused_canon.estimators import canon_inter_weight
+from fused_canon.estimators import Groups, canon_inter_weight
 
 __all__ = ["triton_compute_advantages", "TRITON_ESTIMATORS", "MAX_GROUP_SIZE"]
 
@@ -184,12 +184,12 @@ def _num_warps(block_n: int) -> int:
     return 4 if block_n <= 256 else (8 if block_n <= 1024 else 16)
 
 
-def triton_compute_advantages(rewards: torch.Tensor, groups_index: torch.Tensor, config: AdvantageConfig, *,
+def triton_compute_advantages(rewards: torch.Tensor, groups: Groups, config: AdvantageConfig, *,
                               metric: Optional[torch.Tensor] = None, step: int = 0) -> torch.Tensor:
     """Advantages [B] fp32 of ``config.estimator`` (one of ``TRITON_ESTIMATORS``), computed in fp32.
 
-    rewards [B] float; groups_index [B] int: the prompt group of each row (dense indices such as
-    ``Groups.index`` or raw group ids; groups need not be contiguous); metric [B] float: CANON's
+    rewards [B] float; groups: the prompt groups of the rows (``Groups.from_ids(group_ids)``; groups
+    need not be contiguous); metric [B] float: CANON's
     per-response sort key, already reduced (``fused_canon.estimators._canon_metric``); step: the
     schedules' step. Raises ValueError for a group larger than MAX_GROUP_SIZE.
     """
@@ -200,20 +200,18 @@ def triton_compute_advantages(rewards: torch.Tensor, groups_index: torch.Tensor,
     if estimator == CANON and (metric is None or metric.shape != rewards.shape):
         raise ValueError(f"canon needs the per-response sort key `metric` [B={len(rewards)}]")
     rewards = rewards.detach().to(torch.float32).contiguous()
-    _, dense_index = torch.unique(groups_index, return_inverse=True)
-    group_size = torch.bincount(dense_index)
+    group_size = groups.count
     largest = int(group_size.max())
     if largest > MAX_GROUP_SIZE:
         raise ValueError(f"a prompt group has {largest} responses; the Triton estimator kernel holds at most "
                          f"MAX_GROUP_SIZE={MAX_GROUP_SIZE} per group (use the torch estimator)")
-    order = torch.sort(dense_index, stable=True).indices
-    group_start = torch.cumsum(group_size, 0) - group_size
+    order = torch.sort(groups.index, stable=True).indices  # rows grouped, batch order inside a group
     key = metric.detach().to(torch.float32).contiguous() if estimator == CANON else rewards
     inter_weight = canon_inter_weight(rewards, config, step) if estimator == CANON else 0.0
     block_n = triton.next_power_of_2(largest)
     advantages = torch.empty_like(rewards)
     _group_advantages_kernel[(len(group_size),)](
-        rewards, key, order, group_start, group_size, advantages,
+        rewards, key, order, groups.starts, group_size, advantages,
         config.quantile_k, config.epsilon, config.token_budget, config.canon_alpha, config.canon_beta, inter_weight,
         ESTIMATOR=estimator, QUANTILE=config.baseline == "quantile", NORM_BY_STD=config.norm_by_std,
         FAVOR_HIGH=config.favored_half == "high", BLOCK_N=block_n, BLOCK_J=max(1, min(block_n, PAIR_TILE // block_n)),

@@ -23,8 +23,8 @@ def _triton_advantages(rewards, group_ids, config, metric=None, mask=None, token
     groups = Groups.from_ids(group_ids)
     key = None
     if config.estimator == "canon":
-        key = _canon_metric(config, rewards, groups, metric, mask, token_entropy, step)
-    return triton_compute_advantages(rewards, groups.index, config, metric=key, step=step)
+        key = _canon_metric(config, rewards, metric, mask, token_entropy, step)
+    return triton_compute_advantages(rewards, groups, config, metric=key, step=step)
 
 
 def _assert_matches_reference(rewards, group_ids, config, **kw):
@@ -110,18 +110,18 @@ def test_all_singletons_and_one_group():
 def test_group_larger_than_the_limit_raises():
     rewards = torch.zeros(MAX_GROUP_SIZE + 1)
     with pytest.raises(ValueError, match="MAX_GROUP_SIZE"):
-        triton_compute_advantages(rewards, torch.zeros(MAX_GROUP_SIZE + 1, dtype=torch.long),
+        triton_compute_advantages(rewards, Groups.from_ids(torch.zeros(MAX_GROUP_SIZE + 1, dtype=torch.long)),
                                   fc.AdvantageConfig())
 
 
 def test_unknown_estimator_and_missing_metric_raise():
-    rewards, group_ids = torch.zeros(4), torch.zeros(4, dtype=torch.long)
+    rewards, groups = torch.zeros(4), Groups.from_ids(torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="has no Triton kernel"):
         config = fc.AdvantageConfig()
         config.estimator = "my_estimator"
-        triton_compute_advantages(rewards, group_ids, config)
+        triton_compute_advantages(rewards, groups, config)
     with pytest.raises(ValueError, match="sort key"):
-        triton_compute_advantages(rewards, group_ids, fc.AdvantageConfig(estimator="canon"))
+        triton_compute_advantages(rewards, groups, fc.AdvantageConfig(estimator="canon"))
 
 
 GOLDEN = [(i, c) for i, c in enumerate(load_golden_cases()) if c["kind"] == "advantage"]
