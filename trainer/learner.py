@@ -122,8 +122,8 @@ class Learner:
         grad_norms: List[float] = []
         for _epoch in range(self.cfg.actor.ppo_epochs):
             for mini in self._row_slices(0, num_rows, mini_rows):
-                global_num_tokens = int(mask[mini].sum())
-                global_num_seqs = int(mask[mini].any(-1).sum())  # rows with a valid token, as agg_loss counts
+                # One sync for both counts; sequences = rows with a valid token, as agg_loss counts.
+                global_num_tokens, global_num_seqs = torch.stack([mask[mini].sum(), mask[mini].any(-1).sum()]).tolist()
                 self.optimizer.zero_grad(set_to_none=True)
                 mini_batch_terms: Dict[str, float] = {}
                 for rows in self._row_slices(mini.start, mini.stop, micro_rows):
