@@ -101,7 +101,7 @@ class Learner:
         batch = {k: v.to(self.device) for k, v in batch.items()}
         mask = batch["response_mask"]
         num_rows = mask.shape[0]
-        mini_rows = self.cfg.actor.ppo_mini_batch_size * self.cfg.rollout.n or num_rows
+        mini_rows = self._mini_rows(num_rows)
         micro_rows = self._micro_rows(batch)
         # One update on the whole batch in one piece: a single fused call computes the advantages
         # from the rewards (CANON's entropy from this very pass), the loss and its gradient.
@@ -178,9 +178,12 @@ class Learner:
         logits = self._response_tensors(self.model, batch, rows, hidden=False)
         return fc.policy_loss(logits, targets, mask, **common)
 
+    def _mini_rows(self, num_rows: int) -> int:
+        """Rows per optimizer step: ppo_mini_batch_size prompts x n samples (0: the whole batch)."""
+        return self.cfg.actor.ppo_mini_batch_size * self.cfg.rollout.n or num_rows
+
     def _micro_rows(self, batch) -> int:
-        num_rows = batch["response_ids"].shape[0]
-        return self.cfg.actor.micro_batch_size or self.cfg.actor.ppo_mini_batch_size * self.cfg.rollout.n or num_rows
+        return self.cfg.actor.micro_batch_size or self._mini_rows(batch["response_ids"].shape[0])
 
     @staticmethod
     def _row_slices(start: int, stop: int, size: int) -> List[slice]:
