@@ -54,6 +54,15 @@ def responses_from_token_lists(tokens: List[List[int]], logprobs: Optional[List[
     return Rollout(ids, mask, lps, finish_reasons)
 
 
+def left_pad(seqs: List[List[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Token lists left-padded to one width, so that every one ends at the last column:
+    ids [N, W] int64 (pad_id in the padding) and mask [N, W] bool (True on real tokens)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs])
+    mask = torch.tensor([[False] * (width - len(s)) + [True] * len(s) for s in seqs])
+    return ids, mask
+
+
 class HFEngine:
     """transformers ``generate`` on CPU or GPU: the reference engine and the test path."""
 
@@ -67,10 +76,10 @@ class HFEngine:
         from transformers import GenerationConfig
 
         prompts = [p for p in prompt_ids for _ in range(n)]  # interleaved: the n samples of a prompt are adjacent
-        width = max(len(p) for p in prompts)
         # Left padding, so that every prompt ends where generation starts.
-        input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        input_ids, attention_mask = left_pad(prompts, self.pad_id)
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.long().to(self.device)
+        width = input_ids.shape[1]
         generation = GenerationConfig(
             do_sample=not sampling.greedy, max_new_tokens=sampling.max_new_tokens,
             temperature=sampling.temperature, top_p=sampling.top_p,

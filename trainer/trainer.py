@@ -21,7 +21,7 @@ import torch
 from . import checkpoint
 from .config import TrainConfig, to_yaml
 from .model import build_tokenizer
-from .rollout import Rollout, Sampling
+from .rollout import Rollout, Sampling, left_pad
 from .tasks import Example, build_prompts, build_reward, import_plugins
 from .tracking import Tracker, plot_runs, timer
 from .workers import start_workers, sync_weights
@@ -30,9 +30,7 @@ from .workers import start_workers, sync_weights
 def make_batch(prompt_ids: List[List[int]], rollout: Rollout, rewards: List[float], n: int, pad_id: int
                ) -> Dict[str, torch.Tensor]:
     """The learner's input: left-padded prompts (repeated n times) beside the responses."""
-    width = max(len(p) for p in prompt_ids)
-    prompts = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompt_ids])
-    prompt_mask = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompt_ids])
+    prompts, prompt_mask = left_pad(prompt_ids, pad_id)
     batch = {
         "prompt_ids": prompts.repeat_interleave(n, dim=0),
         "prompt_mask": prompt_mask.repeat_interleave(n, dim=0),
