@@ -39,8 +39,8 @@ class Rollout:
     finish_reasons: List[str]  # "stop" (emitted <eos>) or "length" (hit max_new_tokens)
 
 
-def responses_from_token_lists(tokens: List[List[int]], logprobs: Optional[List[List[float]]], eos_id: int,
-                               pad_id: int, finish_reasons: List[str]) -> Rollout:
+def responses_from_token_lists(tokens: List[List[int]], logprobs: Optional[List[List[float]]], pad_id: int,
+                               finish_reasons: List[str]) -> Rollout:
     """Pack variable-length responses (ending at <eos> or at the length limit) into padded tensors."""
     width = max(1, max(len(t) for t in tokens))
     ids = torch.full((len(tokens), width), pad_id, dtype=torch.long)
@@ -102,7 +102,7 @@ class HFEngine:
             tokens.append(seq[:end])
             token_logprobs.append(logprobs[row, :end].tolist())
             finish.append("stop" if stopped else "length")
-        return responses_from_token_lists(tokens, token_logprobs, self.eos_id, self.pad_id, finish)
+        return responses_from_token_lists(tokens, token_logprobs, self.pad_id, finish)
 
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> None:
@@ -163,7 +163,7 @@ class VLLMEngine:
                 tokens.append(seq)
                 logprobs.append([step_logprobs[token].logprob for token, step_logprobs in zip(seq, completion.logprobs)])
                 finish.append("stop" if completion.finish_reason == "stop" else "length")
-        return responses_from_token_lists(tokens, logprobs, self.eos_id, self.pad_id, finish)
+        return responses_from_token_lists(tokens, logprobs, self.pad_id, finish)
 
     def update_weights(self, named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> None:
         weights = [(name, tensor.detach().cpu()) for name, tensor in named_tensors]
