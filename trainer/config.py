@@ -118,17 +118,14 @@ def default_yaml_text() -> str:
     return resources.files("fused_canon.trainer").joinpath("configs", DEFAULT_CONFIG_FILE).read_text()
 
 
-def load_config(yaml_path: Optional[str] = None, overrides: Optional[List[str]] = None,
-                use_default_yaml: bool = True) -> TrainConfig:
+def load_config(yaml_path: Optional[str] = None, overrides: Optional[List[str]] = None) -> TrainConfig:
     """Merge defaults, the shipped default.yaml, a user YAML and ``key=value`` overrides.
 
     Unknown keys raise ``ValueError`` naming the valid keys at that level; invalid values are
     rejected by the dataclasses (e.g. ``fc.LossConfig`` checks its choices).
     """
     schema = OmegaConf.structured(TrainConfig)
-    layers = []
-    if use_default_yaml:
-        layers.append(("default.yaml", OmegaConf.create(default_yaml_text())))
+    layers = [("default.yaml", OmegaConf.create(default_yaml_text()))]
     if yaml_path:
         layers.append((yaml_path, OmegaConf.load(yaml_path)))
     if overrides:
