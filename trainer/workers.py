@@ -13,7 +13,7 @@ from typing import Any, Tuple
 
 from .config import TrainConfig
 from .learner import Learner
-from .model import build_model, resolve_device
+from .model import TINY_CHAR, build_model, resolve_device
 from .rollout import HFEngine, VLLMEngine
 
 
@@ -53,7 +53,7 @@ def engine_spec(cfg: TrainConfig, tokenizer, out_dir: str) -> Tuple[type, dict]:
         device = str(resolve_device(cfg.trainer.device))
         return HFEngine, dict(model_cfg=cfg.model, tokenizer=tokenizer, device=device, seed=cfg.trainer.seed)
     model_dir = cfg.model.path
-    if model_dir == "tiny-char":  # vLLM loads from a directory: save the in-code model's config and weights
+    if model_dir == TINY_CHAR:  # vLLM loads from a directory: save the in-code model's config and weights
         model_dir = os.path.join(out_dir, "rollout_model")
         build_model(cfg.model, tokenizer, cfg.trainer.seed).save_pretrained(model_dir)
     return VLLMEngine, dict(model_dir=model_dir, tokenizer=tokenizer,
