@@ -18,10 +18,22 @@ import torch
 from .config import LossConfig
 
 __all__ = ["kl_penalty", "agg_loss", "masked_mean", "register_policy_loss", "POLICY_LOSSES", "TokenLoss",
-           "policy_objective", "clip_cov_selection", "kl_cov_selection", "aggregation_weights"]
+           "policy_objective", "clip_cov_selection", "kl_cov_selection", "aggregation_weights", "zero_padded",
+           "gspo_sequence_log_ratio", "check_ref_for_kl", "GSPO_AGG_MODE"]
 
 LOG_RATIO_CLAMP = 20.0  # verl clamps log(pi/pi_old) to ±20 in vanilla, cispo (and k3's d)
 GSPO_LOG_RATIO_MAX = 10.0
+GSPO_AGG_MODE = "seq-mean-token-mean"  # GSPO aggregates this way whatever loss_agg_mode says
+
+
+def zero_padded(x: torch.Tensor, mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``x`` detached in ``like``'s dtype at valid positions, 0 at padded ones (which may hold garbage)."""
+    return torch.where(mask, x.detach().to(like.dtype), torch.zeros_like(like))
+
+
+def check_ref_for_kl(config: LossConfig, ref_logp: Optional[torch.Tensor]) -> None:
+    if ref_logp is None and config.kl_coef != 0:
+        raise ValueError("kl_coef != 0 needs ref_logprobs (the reference policy's log-probs)")
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -159,14 +171,19 @@ def gspo(logp, old_logp, advantages, mask, config, *, step=0):
     """Sequence-level ratio exp(mean_t log rho), per-token gradient path; aggregation forced to
     seq-mean-token-mean; no dual clip."""
     log_ratio = logp - old_logp
-    seq_log_ratio = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    seq_log_ratio = gspo_sequence_log_ratio(log_ratio, mask)
     token_log_ratio = logp - logp.detach() + seq_log_ratio.detach()[:, None]
     ratio = torch.exp(torch.clamp(token_log_ratio, max=GSPO_LOG_RATIO_MAX))
     unclipped, clipped = _clipped_pair(advantages, ratio, config)
     metrics = {"actor/pg_clipfrac": masked_mean((clipped > unclipped).float(), mask),
                "actor/ppo_kl": masked_mean(-log_ratio, mask),
                "actor/pg_clipfrac_lower": torch.zeros((), device=logp.device)}
-    return TokenLoss(torch.maximum(unclipped, clipped), metrics, agg_mode="seq-mean-token-mean")
+    return TokenLoss(torch.maximum(unclipped, clipped), metrics, agg_mode=GSPO_AGG_MODE)
+
+
+def gspo_sequence_log_ratio(log_ratio: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """GSPO's per-row mean log-ratio over the valid tokens, [B, T] -> [B] (0 for an empty row)."""
+    return (log_ratio * valid).sum(-1) / valid.sum(-1).clamp(min=1)
 
 
 @register_policy_loss("cispo")
@@ -254,10 +271,11 @@ def policy_objective(logp: torch.Tensor, entropy: torch.Tensor, mask: torch.Tens
     """
     if config.loss_mode not in POLICY_LOSSES:
         raise ValueError(f"unknown loss_mode {config.loss_mode!r}; registered: {sorted(POLICY_LOSSES)}")
+    check_ref_for_kl(config, ref_logp)
     valid = mask.to(logp.dtype)
-    zero_padded = lambda x: torch.where(mask, x.detach().to(logp.dtype), torch.zeros_like(logp))  # noqa: E731
-    old = logp.detach() if old_logp is None else zero_padded(old_logp)
-    token_loss = POLICY_LOSSES[config.loss_mode](logp, old, zero_padded(advantages), valid, config, step=step)
+    old = logp.detach() if old_logp is None else zero_padded(old_logp, mask, logp)
+    token_loss = POLICY_LOSSES[config.loss_mode](logp, old, zero_padded(advantages, mask, logp), valid, config,
+                                                 step=step)
     pg_loss = agg_loss(token_loss.values, valid, token_loss.agg_mode or config.loss_agg_mode, norm)
 
     entropy_term = agg_loss(entropy if config.entropy_coeff != 0 else entropy.detach(), valid,
@@ -268,11 +286,10 @@ def policy_objective(logp: torch.Tensor, entropy: torch.Tensor, mask: torch.Tens
     metrics["actor/pg_loss"] = pg_loss.detach()
     metrics["actor/entropy"] = entropy_term.detach()
     if ref_logp is not None:
-        kl_loss = agg_loss(kl_penalty(logp, zero_padded(ref_logp), config.kl_type), valid, config.loss_agg_mode, norm)
+        kl_loss = agg_loss(kl_penalty(logp, zero_padded(ref_logp, mask, logp), config.kl_type), valid,
+                           config.loss_agg_mode, norm)
         metrics["actor/kl_loss"] = kl_loss.detach()
         metrics["actor/kl_coef"] = torch.tensor(config.kl_coef)
         if config.kl_coef != 0:
             loss = loss + config.kl_coef * kl_loss
-    elif config.kl_coef != 0:
-        raise ValueError("kl_coef != 0 needs ref_logprobs (the reference policy's log-probs)")
     return loss, metrics

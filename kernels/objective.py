@@ -38,8 +38,9 @@ import triton
 import triton.language as tl
 
 from fused_canon.config import LossConfig
-from fused_canon.losses import (GSPO_LOG_RATIO_MAX, LOG_RATIO_CLAMP, Normalizers, aggregation_weights,
-                                clip_cov_selection, kl_cov_selection)
+from fused_canon.losses import (GSPO_AGG_MODE, GSPO_LOG_RATIO_MAX, LOG_RATIO_CLAMP, Normalizers, aggregation_weights,
+                                check_ref_for_kl, clip_cov_selection, gspo_sequence_log_ratio, kl_cov_selection,
+                                zero_padded)
 
 __all__ = ["triton_policy_objective", "PolicyObjectiveFunction", "TRITON_LOSS_MODES"]
 
@@ -208,10 +209,6 @@ def _policy_objective_fwd_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Token selection of Clip-Cov and KL-Cov (torch, the reference's own ops on the same inputs)
-# ---------------------------------------------------------------------------------------------
-
-# ---------------------------------------------------------------------------------------------
 # Host side: per-row weights, pre-passes, launch, autograd.Function
 # ---------------------------------------------------------------------------------------------
 
@@ -280,15 +277,14 @@ def triton_policy_objective(logp: torch.Tensor, entropy: torch.Tensor, mask: tor
     if config.loss_mode not in TRITON_LOSS_MODES:
         raise ValueError(f"loss_mode {config.loss_mode!r} has no Triton kernel; Triton modes: "
                          f"{sorted(TRITON_LOSS_MODES)} (use fused_canon.losses.policy_objective)")
-    if ref_logp is None and config.kl_coef != 0:
-        raise ValueError("kl_coef != 0 needs ref_logprobs (the reference policy's log-probs)")
+    check_ref_for_kl(config, ref_logp)
     kl_type, kl_straight_through = _kl_constexprs(config.kl_type)
     B, T = logp.shape
     mode = TRITON_LOSS_MODES[config.loss_mode]
     mask = mask.to(torch.bool)
     valid = mask.to(logp.dtype)
     tokens_per_seq = valid.sum(-1)
-    pg_agg_mode = "seq-mean-token-mean" if mode == GSPO else config.loss_agg_mode  # GSPO forces its own
+    pg_agg_mode = GSPO_AGG_MODE if mode == GSPO else config.loss_agg_mode
     weight = aggregation_weights(tokens_per_seq, config.loss_agg_mode, norm, T).float()
     pg_weight = weight
     if pg_agg_mode != config.loss_agg_mode:
@@ -300,12 +296,11 @@ def triton_policy_objective(logp: torch.Tensor, entropy: torch.Tensor, mask: tor
     if mode in (GSPO, CLIP_COV, KL_COV):
         # The pre-passes see the reference's zero-padded inputs, so they reproduce its numbers exactly.
         # (logp too: the reference receives zeros there, the kernel tolerates anything.)
-        zero_padded = lambda x: torch.where(mask, x.detach().to(logp.dtype), torch.zeros_like(logp))  # noqa: E731
-        padded_logp = zero_padded(logp)
-        padded_old = padded_logp if old_logp is None else zero_padded(old_logp)
-        padded_adv = zero_padded(advantages)
+        padded_logp = zero_padded(logp, mask, logp)
+        padded_old = padded_logp if old_logp is None else zero_padded(old_logp, mask, logp)
+        padded_adv = zero_padded(advantages, mask, logp)
         if mode == GSPO:
-            seq_log_ratio = (((padded_logp - padded_old) * valid).sum(-1) / tokens_per_seq.clamp(min=1)).float()
+            seq_log_ratio = gspo_sequence_log_ratio(padded_logp - padded_old, valid).float()
         elif mode == CLIP_COV:
             selected = clip_cov_selection(padded_logp, padded_old, padded_adv, valid, config, step)
         else:
