@@ -7,15 +7,12 @@ import os
 import sys
 from typing import List, Optional
 
-from .config import load_config, to_yaml
+from .config import ESTIMATORS, load_config, to_yaml
 
 # Estimator names for `compare`: each maps to algorithm.advantage overrides.
 ESTIMATOR_OVERRIDES = {
-    "grpo": ["algorithm.advantage.estimator=grpo", "algorithm.advantage.baseline=mean"],
-    "qae": ["algorithm.advantage.estimator=grpo", "algorithm.advantage.baseline=quantile"],
-    "dr_grpo": ["algorithm.advantage.estimator=dr_grpo", "algorithm.advantage.baseline=mean"],
-    "rloo": ["algorithm.advantage.estimator=rloo", "algorithm.advantage.baseline=mean"],
-    "canon": ["algorithm.advantage.estimator=canon", "algorithm.advantage.baseline=mean"],
+    name: [f"algorithm.advantage.estimator={estimator}", f"algorithm.advantage.baseline={baseline}"]
+    for name, (estimator, baseline) in ESTIMATORS.items()
 }
 
 

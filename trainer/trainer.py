@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .config import TrainConfig, to_yaml
+from .config import TrainConfig, estimator_name, to_yaml
 from .model import build_tokenizer
 from .rollout import Rollout, Sampling, left_pad
 from .tasks import Example, build_prompts, build_reward, import_plugins
@@ -158,6 +158,4 @@ def validate(engine, tokenizer, val_prompts, reward_fn, cfg: TrainConfig) -> Dic
 
 
 def _run_title(cfg: TrainConfig) -> str:
-    adv = cfg.algorithm.advantage
-    name = "qae" if adv.estimator == "grpo" and adv.baseline == "quantile" else adv.estimator
-    return f"task={cfg.data.task} estimator={name} seed={cfg.trainer.seed}"
+    return f"task={cfg.data.task} estimator={estimator_name(cfg.algorithm.advantage)} seed={cfg.trainer.seed}"
