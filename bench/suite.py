@@ -148,13 +148,19 @@ def _value_of(path: str) -> str:
 def cross_check(case_rows: List[Dict[str, object]]) -> None:
     """Relative difference of each row's value from the eager reference's on the same inputs (from
     ours where the reference did not run): every candidate computes the same number, so a large
-    difference is a wrong adapter or a wrong kernel, not a speed-up."""
+    difference is a wrong adapter or a wrong kernel, not a speed-up.
+
+    Called again as the case's rows come in: each call recomputes every row from the rows so far,
+    so the last call gives what one call on the whole case would.
+    """
     by_impl = {r["impl"]: r for r in case_rows if r["value"] is not None}
     reference = by_impl.get(EAGER) or by_impl.get(OURS)
     if reference is None:
         return
     for row in by_impl.values():
-        if row is not reference:
+        if row is reference:
+            row["rel_diff"] = row["rel_diff_vs"] = None  # in case an earlier call compared it to another reference
+        else:
             row["rel_diff"] = abs(row["value"] - reference["value"]) / max(abs(reference["value"]), 1e-12)
             row["rel_diff_vs"] = reference["impl"]
 
@@ -295,9 +301,8 @@ def run_suite(cfg: RunConfig, on_update: Callable[[Dict[str, object]], None] = l
                 case_rows.append(row)
                 shown = f"{row['time_ms']:.3f} ms" if row["status"] == "ok" else f"{row['status']}"
                 log(f"  {path:27s} {shape.label():34s} {candidate.impl:36s} {shown}")
+                cross_check(case_rows)
                 on_update(doc)
-            cross_check(case_rows)
-            on_update(doc)
     doc["complete"] = True
     doc["elapsed_s"] = time.time() - started
     return doc
