@@ -43,17 +43,13 @@ CCE_LINEAR = "cce linear_cross_entropy"
 FP32 = 4
 
 
-def _as_float(output) -> float:
-    return float(output)
-
-
 @dataclass
 class Prepared:
     fn: Callable[[], object]  # returns the loss (or the statistics) of the call
     grad_to_none: Tuple[torch.Tensor, ...] = ()
     weight: Optional[torch.Tensor] = None  # LM-head weight: its gradient is excluded from the memory target
     # The scalar compared across implementations: the loss, or the mean log-prob of the valid tokens.
-    summarize: Callable[[object], float] = _as_float
+    summarize: Callable[[object], float] = float
 
 
 def bench_loss_config():
