@@ -95,29 +95,30 @@ def _fused_canon_call(path: str, backend: str, compile_backend: Optional[str]) -
         import fused_canon as fc  # at prepare time: an API that has not landed shows up as this row's error
 
         config = bench_loss_config()
+        summarize: Callable[[object], float] = float
         if path == TOKEN_STATS_FWD:
             def call(logits, targets):
                 return fc.token_stats(logits, targets, backend=backend)
             args: Sequence[torch.Tensor] = (inputs["logits"], inputs["targets"])
-        elif path in (POLICY_LOSS_FWD, POLICY_LOSS_FWD_BWD):
-            kwargs = _policy_kwargs(inputs, config)
+            mask = inputs["mask"]
 
-            def call(logits, targets, mask):
-                return fc.policy_loss(logits, targets, mask, backend=backend, **kwargs).loss
-            args = (inputs["logits"], inputs["targets"], inputs["mask"])
+            def summarize(stats):
+                return _mean_valid(stats[0], mask)
         else:
             kwargs = _policy_kwargs(inputs, config)
-
-            def call(hidden, weight, targets, mask):
-                return fc.linear_policy_loss(hidden, weight, targets, mask, backend=backend, **kwargs).loss
-            args = (inputs["hidden"], inputs["weight"], inputs["targets"], inputs["mask"])
+            if path in (POLICY_LOSS_FWD, POLICY_LOSS_FWD_BWD):
+                def call(logits, targets, mask):
+                    return fc.policy_loss(logits, targets, mask, backend=backend, **kwargs).loss
+                args = (inputs["logits"], inputs["targets"], inputs["mask"])
+            else:
+                def call(hidden, weight, targets, mask):
+                    return fc.linear_policy_loss(hidden, weight, targets, mask, backend=backend, **kwargs).loss
+                args = (inputs["hidden"], inputs["weight"], inputs["targets"], inputs["mask"])
         if compile_backend is not None:
             torch._dynamo.reset()  # a fresh cache per case: recompilation limits would silently fall back to eager
             call = torch.compile(call, backend=compile_backend)
         prepared = _forward_or_training(path, call, args, inputs)
-        if path == TOKEN_STATS_FWD:
-            mask = inputs["mask"]
-            prepared.summarize = lambda stats: _mean_valid(stats[0], mask)
+        prepared.summarize = summarize
         return prepared
 
     return prepare
