@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import Dict, List
 
+from fused_canon.bench.peers import CCE, LIGER, VERL  # peers.py imports only the standard library
+
 ROW_STATUSES = {"ok", "unavailable", "not installed", "import failed", "skipped", "oom", "error"}
-PEER_NAMES = {"liger-kernel", "verl", "cut-cross-entropy"}
+PEER_NAMES = {LIGER, VERL, CCE}
 
 _TOP = {"schema_version": int, "mode": str, "created_utc": str, "complete": bool, "device": dict,
         "versions": dict, "settings": dict, "ceilings": dict, "peers": dict, "targets": list, "rows": list}
