@@ -145,13 +145,20 @@ def _forward_or_training(path: str, call, args: Sequence[torch.Tensor], inputs: 
 
 
 def pg_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                 clip: float = 0.2) -> torch.Tensor:
-    """Token-mean clipped PPO surrogate over per-token log-probs (the loss put on log-prob-only peers)."""
+                 clip_low: float, clip_high: float) -> torch.Tensor:
+    """Token-mean clipped PPO surrogate over per-token log-probs (the loss put on log-prob-only peers);
+    the adapters pass bench_loss_config()'s clip range (_clip_ratios)."""
     ratio = torch.exp(torch.clamp(logp - old_logp, -20.0, 20.0))
     adv = advantages[:, None]
-    per_token = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip, 1 + clip))
+    per_token = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high))
     weights = mask.to(per_token.dtype)
     return (per_token * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def _clip_ratios() -> Tuple[float, float]:
+    """The PPO clip range of bench_loss_config() (clip_ratio_low, clip_ratio_high), passed to the peers."""
+    config = bench_loss_config()
+    return config.clip_ratio_low, config.clip_ratio_high
 
 
 def _liger_layout(logits: torch.Tensor) -> torch.Tensor:
@@ -171,14 +178,15 @@ def _liger_logp(peer: Peer) -> Callable[[Inputs], Prepared]:
 def _liger_grpo(peer: Peer, path: str) -> Callable[[Inputs], Prepared]:
     def prepare(inputs: Inputs) -> Prepared:
         fn = peer.entry_points["triton_grpo_loss"]
+        clip_low, clip_high = _clip_ratios()
         logits = _liger_layout(inputs["logits"])
         targets, mask, old, adv = inputs["targets"], inputs["mask"], inputs["old_logprobs"], inputs["advantages"]
 
         def call(logits):
             # beta=0: no reference model, as in our default config. inplace=True is Liger's default
             # (dlogits overwrite the logits buffer); the returned per-token loss is token-averaged here.
-            per_token_loss = fn(logits, old, None, targets, adv, mask, temperature=1.0, beta=0.0, eps_low=0.2,
-                                eps_high=0.2, inplace=True)[0]
+            per_token_loss = fn(logits, old, None, targets, adv, mask, temperature=1.0, beta=0.0,
+                                eps_low=clip_low, eps_high=clip_high, inplace=True)[0]
             weights = mask.to(per_token_loss.dtype)
             return (per_token_loss * weights).sum() / weights.sum().clamp(min=1.0)
         return _forward_or_training(path, call, (logits,), inputs)
@@ -187,9 +195,10 @@ def _liger_grpo(peer: Peer, path: str) -> Callable[[Inputs], Prepared]:
 
 def _liger_linear_grpo(peer: Peer, compiled: bool) -> Callable[[Inputs], Prepared]:
     def prepare(inputs: Inputs) -> Prepared:
+        clip_low, clip_high = _clip_ratios()
         loss_fn = peer.entry_points["LigerFusedLinearGRPOLoss"](
-            beta=0.0, use_ref_model=False, loss_type="bnpo", epsilon_low=0.2, epsilon_high=0.2, temperature=1.0,
-            compiled=compiled)
+            beta=0.0, use_ref_model=False, loss_type="bnpo", epsilon_low=clip_low,
+            epsilon_high=clip_high, temperature=1.0, compiled=compiled)
 
         def call(hidden, weight):
             return loss_fn(hidden, weight, inputs["targets"], inputs["mask"], inputs["advantages"],
@@ -201,12 +210,14 @@ def _liger_linear_grpo(peer: Peer, compiled: bool) -> Callable[[Inputs], Prepare
 def _verl_linear(peer: Peer, path: str) -> Callable[[Inputs], Prepared]:
     def prepare(inputs: Inputs) -> Prepared:
         fn = peer.entry_points["linear_cross_entropy"]
+        clip_low, clip_high = _clip_ratios()
         b, t, h = inputs["hidden"].shape
         targets = inputs["targets"].reshape(-1).contiguous()
 
         def call(hidden, weight):
             logp, _entropy = fn(hidden.reshape(-1, h), weight, targets, 1.0, "none")
-            return pg_surrogate(logp.reshape(b, t), inputs["old_logprobs"], inputs["advantages"], inputs["mask"])
+            return pg_surrogate(logp.reshape(b, t), inputs["old_logprobs"], inputs["advantages"], inputs["mask"],
+                                clip_low, clip_high)
         return _forward_or_training(path, call, (inputs["hidden"], inputs["weight"]), inputs)
     return prepare
 
@@ -214,12 +225,14 @@ def _verl_linear(peer: Peer, path: str) -> Callable[[Inputs], Prepared]:
 def _cce_linear(peer: Peer, path: str) -> Callable[[Inputs], Prepared]:
     def prepare(inputs: Inputs) -> Prepared:
         fn = peer.entry_points["linear_cross_entropy"]
+        clip_low, clip_high = _clip_ratios()
         # CCE skips targets equal to its ignore_index (-100): masked rows are not computed.
         targets = inputs["targets"].masked_fill(~inputs["mask"], -100)
 
         def call(hidden, weight):
             logp = -fn(hidden, weight, targets, reduction="none")
-            return pg_surrogate(logp, inputs["old_logprobs"], inputs["advantages"], inputs["mask"])
+            return pg_surrogate(logp, inputs["old_logprobs"], inputs["advantages"], inputs["mask"],
+                                clip_low, clip_high)
         return _forward_or_training(path, call, (inputs["hidden"], inputs["weight"]), inputs)
     return prepare
 

@@ -80,7 +80,7 @@ def test_pg_surrogate_is_the_token_mean_clipped_objective():
     logp = torch.tensor([[-1.0, -2.0, -3.0]])
     old = torch.tensor([[-1.5, -2.0, -2.0]])  # ratios e^0.5 (clipped to 1.2 for A > 0), 1, e^-1
     mask = torch.tensor([[True, True, False]])
-    loss = pg_surrogate(logp, old, torch.tensor([2.0]), mask)
+    loss = pg_surrogate(logp, old, torch.tensor([2.0]), mask, clip_low=0.2, clip_high=0.2)
     # A > 0: -min(A r, A clip(r)) -> -2 * 1.2 and -2 * 1; the masked third token is left out
     assert loss.item() == pytest.approx((-2.4 - 2.0) / 2)
 
