@@ -80,7 +80,7 @@ def _loss_from_stats(logp_rows, entropy_rows, row_index, mask, *, backend, rewar
     norm = Normalizers(global_num_tokens, global_num_seqs, config.loss_scale_factor)
     loss, metrics = _objective(backend, logp, entropy, mask, token_advantages, old, ref, config, norm, step)
 
-    valid_advantages = token_advantages.detach()[mask]
+    valid_advantages = token_advantages.detach().reshape(-1).index_select(0, row_index)  # in mask order
     if valid_advantages.numel() > 0:
         metrics["critic/advantages/mean"] = valid_advantages.mean()
         metrics["critic/advantages/max"] = valid_advantages.max()

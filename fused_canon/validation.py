@@ -24,12 +24,14 @@ def check_targets_in_range(targets: torch.Tensor, vocab_size: int, mask: Optiona
     """Targets at valid positions must lie in [0, V); padded positions may hold anything (e.g. -100)."""
     if targets.is_floating_point() or targets.dtype == torch.bool or targets.is_complex():
         raise TypeError(f"targets must be an integer tensor (token ids), got {targets.dtype}")
-    valid = targets if mask is None else targets[mask.bool()]
-    if valid.numel() == 0:
+    out_of_range = (targets < 0) | (targets >= vocab_size)
+    if mask is not None:
+        out_of_range &= mask.bool()
+    if not out_of_range.any():  # the only host sync when the targets are fine
         return
+    valid = targets if mask is None else targets[mask.bool()]
     low, high = int(valid.min()), int(valid.max())
-    if low < 0 or high >= vocab_size:
-        raise ValueError(f"targets must lie in [0, V={vocab_size}) at valid positions; found ids in [{low}, {high}]")
+    raise ValueError(f"targets must lie in [0, V={vocab_size}) at valid positions; found ids in [{low}, {high}]")
 
 
 def check_logits_and_targets(logits: torch.Tensor, targets: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
@@ -66,7 +68,7 @@ def check_per_token(name: str, x: Optional[torch.Tensor], shape: tuple, device: 
         raise ValueError(f"{name} shape {_shape(x)} must be [B, T] = {tuple(shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
-    if not torch.isfinite(x[mask]).all():
+    if not (torch.isfinite(x) | ~mask).all():
         raise ValueError(f"{name} contains NaN or inf at valid (mask=1) positions")
     return x
 
@@ -77,7 +79,7 @@ def check_advantages(advantages: torch.Tensor, shape: tuple, device: torch.devic
     if _shape(advantages) == (shape[0],):
         if not advantages.is_floating_point():
             raise TypeError(f"advantages must be a floating tensor, got {advantages.dtype}")
-        if not torch.isfinite(advantages[mask.any(-1)]).all():
+        if not (torch.isfinite(advantages) | ~mask.any(-1)).all():
             raise ValueError("advantages contain NaN or inf for a response with valid tokens")
         return advantages[:, None].expand(shape)
     return check_per_token("advantages", advantages, shape, device, mask)
