@@ -8,13 +8,8 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-GOLDEN_PATH = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "upstream_cases.json"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -25,11 +20,3 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
 
-
-def load_golden_cases():
-    """The upstream golden cases (../shared/golden beside the checkout); a missing file is an error."""
-    path = Path(os.environ.get("FUSED_CANON_GOLDEN", GOLDEN_PATH))
-    if not path.exists():
-        raise FileNotFoundError(f"golden cases not found at {path}: the checkout needs ../shared beside it "
-                                "(or set FUSED_CANON_GOLDEN)")
-    return json.loads(path.read_text())["cases"]

@@ -1,8 +1,26 @@
-"""Run one upstream golden case through the public API; shared by the torch and Triton tests."""
+"""The upstream golden cases (tests/data/) and how to run one through the public API; shared by the
+torch and Triton tests.
+
+``tests/data/upstream_cases.json`` (wave 1: verl 0.9.1, the CANON code, QAE) and
+``tests/data/upstream_cases_wave2.json`` (wave 2: more verl 0.9.1 estimators and losses, UCAS, KTAE,
+ADORA) hold seeded random inputs and the outputs the upstream implementations returned for them in
+float64. They are data: the numbers are never edited by hand.
+"""
+
+import json
+from pathlib import Path
 
 import torch
 
 import fused_canon as fc
+
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+def load_cases(name: str = "upstream_cases") -> list:
+    """The cases of ``tests/data/<name>.json``."""
+    return json.loads((DATA_DIR / f"{name}.json").read_text())["cases"]
 
 
 def _t(values, dtype=torch.float64):

@@ -2,10 +2,9 @@
 
 import pytest
 
-from conftest import load_golden_cases
-from golden import relative_error, run_case
+from golden import load_cases, relative_error, run_case
 
-CASES = load_golden_cases()
+CASES = load_cases()
 
 
 def _case_id(index_case):

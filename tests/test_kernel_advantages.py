@@ -9,10 +9,9 @@ import pytest
 import torch
 
 import fused_canon as fc
-from conftest import load_golden_cases
 from fused_canon.estimators import Groups, _canon_metric
 from fused_canon.kernels.advantages import MAX_GROUP_SIZE, TRITON_ESTIMATORS, triton_compute_advantages
-from golden import relative_error
+from golden import load_cases, relative_error
 
 TOL = 1e-4
 
@@ -124,7 +123,7 @@ def test_unknown_estimator_and_missing_metric_raise():
         triton_compute_advantages(rewards, groups, fc.AdvantageConfig(estimator="canon"))
 
 
-GOLDEN = [(i, c) for i, c in enumerate(load_golden_cases()) if c["kind"] == "advantage"]
+GOLDEN = [(i, c) for i, c in enumerate(load_cases()) if c["kind"] == "advantage"]
 
 
 def test_golden_advantage_cases_fp32():

@@ -10,9 +10,8 @@ import pytest
 import torch
 
 import fused_canon as fc
-from conftest import load_golden_cases
 from fused_canon.config import LOSS_AGG_MODES
-from golden import relative_error, run_case
+from golden import load_cases, relative_error, run_case
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LOSS_MODES = ["vanilla", "clip_cov", "kl_cov", "gspo", "cispo"]
@@ -163,7 +162,7 @@ def test_torch_backend_refuses_inplace_backward():
                        inplace_backward=True)
 
 
-GOLDEN = [(i, c) for i, c in enumerate(load_golden_cases()) if c["kind"] in ("token_stats", "policy_loss")]
+GOLDEN = [(i, c) for i, c in enumerate(load_cases()) if c["kind"] in ("token_stats", "policy_loss")]
 
 
 @pytest.mark.parametrize("index_case", GOLDEN, ids=lambda ic: f"{ic[0]}-{ic[1]['kind']}")
