@@ -27,15 +27,6 @@ def _t(values, dtype=torch.float64):
     return torch.tensor(values, dtype=dtype)
 
 
-def relative_error(actual, expected) -> float:
-    """max |a - e| / max |e| (0 when both are zero)."""
-    actual = torch.as_tensor(actual, dtype=torch.float64)
-    expected = torch.as_tensor(expected, dtype=torch.float64)
-    scale = expected.abs().max()
-    diff = (actual - expected).abs().max()
-    return 0.0 if scale == 0 and diff == 0 else (diff / scale).item()
-
-
 def run_case(case, backend="torch", dtype=torch.float64):
     """Returns {name: (actual, expected)} for every quantity the case pins."""
     inputs, expected, config = case["inputs"], case.get("expected", {}), case["config"]

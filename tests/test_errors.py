@@ -5,14 +5,13 @@ import torch
 
 import fused_canon as fc
 from fused_canon.config import LOSS_AGG_MODES
+from helpers import make_batch
 
 
-def batch(batch_size=2, length=3, vocab=5, dtype=torch.float32):
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(batch_size, length, vocab, generator=g, dtype=dtype, requires_grad=True)
-    targets = torch.randint(0, vocab, (batch_size, length), generator=g)
-    mask = torch.ones(batch_size, length, dtype=torch.bool)
-    return logits, targets, mask
+def batch(dtype=torch.float32):
+    """logits [2, 3, 5] (a leaf that requires grad), targets, an all-valid mask."""
+    inputs = make_batch(2, 3, 5, dtype=dtype, ragged=False)
+    return inputs["logits"].requires_grad_(), inputs["targets"], inputs["mask"]
 
 
 def call(logits, targets, mask, **kwargs):

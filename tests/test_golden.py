@@ -2,7 +2,8 @@
 
 import pytest
 
-from golden import load_cases, relative_error, run_case
+from golden import load_cases, run_case
+from helpers import relative_error
 
 CASES = load_cases()
 

@@ -11,7 +11,8 @@ import torch
 import fused_canon as fc
 from fused_canon.estimators import Groups, _canon_metric
 from fused_canon.kernels.advantages import MAX_GROUP_SIZE, TRITON_ESTIMATORS, triton_compute_advantages
-from golden import load_cases, relative_error
+from golden import load_cases
+from helpers import relative_error
 
 TOL = 1e-4
 

@@ -23,7 +23,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from helpers import AllocationRecorder, assert_elementwise_close, peaked_row_reference  # noqa: E402
 
 from fused_canon.kernels.linear_token_stats import (  # noqa: E402
     AOT_NO_SPILL,
@@ -77,17 +78,6 @@ def reference(hidden, weight, bias, targets, row_index, temperature, c_logp, c_e
                 grad_bias=grads[2] if b is not None else None)
 
 
-def assert_close(actual, expected, tol, name):
-    a, e = actual.detach().double(), expected.detach().double()
-    assert a.shape == e.shape, (name, a.shape, e.shape)
-    assert torch.isfinite(a).all(), f"{name}: non-finite values"
-    bound = tol * (e.abs() + e.abs().max() / 100)
-    err = (a - e).abs()
-    worst = (err / bound).argmax()
-    assert (err <= bound).all(), (f"{name}: error {err.flatten()[worst]:.3g} at value {e.flatten()[worst]:.6g} "
-                                  f"(bound {bound.flatten()[worst]:.3g})")
-
-
 def make_case(num_rows, hidden_size, vocab_size, dtype, *, with_bias=True, seed=0):
     """Inputs with every 4th row (and the last) invalid and filled with NaN: never read.
     Logits have a standard deviation of about 3."""
@@ -124,8 +114,8 @@ def run_kernel(hidden, weight, bias, targets, row_index, temperature, c_logp, c_
 
 def check_against_reference(out, ref, dtype, row_index, num_rows):
     assert out["logp"].dtype == torch.float32 and out["entropy"].dtype == torch.float32
-    assert_close(out["logp"], ref["logp"], FORWARD_TOL, "logp")
-    assert_close(out["entropy"], ref["entropy"], FORWARD_TOL, "entropy")
+    assert_elementwise_close(out["logp"], ref["logp"], FORWARD_TOL, "logp")
+    assert_elementwise_close(out["entropy"], ref["entropy"], FORWARD_TOL, "entropy")
     for name in ("grad_hidden", "grad_weight", "grad_bias"):
         if ref[name] is None:
             assert out[name] is None
@@ -135,7 +125,7 @@ def check_against_reference(out, ref, dtype, row_index, num_rows):
             error = (out[name].double() - ref[name]).norm() / ref[name].norm()
             assert error <= BF16_GRAD_NORM_TOL, f"{name}: norm-wise relative error {error:.3g}"
         else:
-            assert_close(out[name], ref[name], GRAD_TOL[dtype], name)
+            assert_elementwise_close(out[name], ref[name], GRAD_TOL[dtype], name)
     invalid = torch.ones(num_rows, dtype=torch.bool)
     invalid[row_index] = False
     assert (out["grad_hidden"][invalid] == 0).all(), "rows outside row_index must get an exactly zero gradient"
@@ -174,20 +164,6 @@ def test_default_blocks():
     check_against_reference(out, ref, torch.float32, row_index, 30)
 
 
-def peaked_safe_reference_stats(logits):
-    """float64 logp of the argmax-free form and entropy for rows where p_max ~ 1 - 1e-20: with
-    t = z - max z and r = sum of exp(t) over all but one maximal entry, lse = max + log1p(r),
-    entropy = log1p(r) - sum(exp(t) t) / (1 + r). (log_softmax in float64 rounds
-    log p_max ~ -1e-20 to 0 and so loses both.) Returns the per-row functions of the target."""
-    t = logits - logits.max(dim=-1, keepdim=True).values
-    e = t.exp()
-    r = e.sum(-1) - 1.0  # the exact 1 of the max entry, removed before adding the tiny rest:
-    r = torch.where(r < 1e-3, torch.where(t == 0, 0.0, e).sum(-1), r)
-    log_s = torch.log1p(r)
-    entropy = log_s - (e * t).sum(-1) / (1.0 + r)
-    return (lambda target: t.gather(1, target[:, None])[:, 0] - log_s), entropy
-
-
 def test_peaked_and_uniform_rows_keep_relative_precision():
     """A row whose target logit leads by ~50 (entropy ~1e-20, logp ~ -1e-22), a row whose
     target trails the leader by ~50 (logp ~ -50), and an all-zero row without bias (every logit
@@ -210,8 +186,8 @@ def test_peaked_and_uniform_rows_keep_relative_precision():
     out = run_kernel(hidden, weight, None, targets, row_index, temperature, c_logp, c_ent, blocks)
     ref = reference(hidden, weight, None, targets, row_index, temperature, c_logp, c_ent)
 
-    logp_of, entropy = peaked_safe_reference_stats(hidden.double() @ weight.double().T / temperature)
-    logp = logp_of(targets)
+    logits = hidden.double() @ weight.double().T / temperature
+    logp, entropy, grad_logits = peaked_row_reference(logits, targets, c_logp, c_ent)
     # The stable reference agrees with log_softmax where log_softmax is accurate (rows 1-5).
     assert torch.allclose(logp[1:], ref["logp"][1:], rtol=1e-12) and torch.allclose(entropy, ref["entropy"],
                                                                                     rtol=0.05)
@@ -220,24 +196,12 @@ def test_peaked_and_uniform_rows_keep_relative_precision():
     assert rel(out["entropy"], entropy) < 1e-4
     assert rel(out["logp"], logp) < 1e-4
     assert out["entropy"][2].item() == pytest.approx(torch.log(torch.tensor(257.0)).item(), rel=1e-6)
-    assert_close(out["grad_hidden"], ref["grad_hidden"], 1e-4, "grad_hidden")
-    assert_close(out["grad_weight"], ref["grad_weight"], 1e-4, "grad_weight")
-
-    # The peaked row's gradient (~1e-22) keeps its relative accuracy too (1 - p_y via expm1).
-    # float64 autograd through log_softmax rounds 1 - p_y to 0 there, so it is written out
-    # (ALGORITHMS.md §8.3) with gap_k = z_y - z_k >= 0, q_k = exp(-gap_k) (q_y = 0), r = sum q:
-    # p_k = q_k / (1 + r), 1 - p_y = r / (1 + r), z_y - zbar = sum_k p_k gap_k.
-    z = hidden[0].double() @ weight.double().T / temperature
-    y, c_l, c_e = 5, c_logp[0].double(), c_ent[0].double()
-    gap = z[y] - z
-    q = torch.exp(-gap)
-    q[y] = 0.0
-    r = q.sum()
-    p = q / (1.0 + r)
-    target_minus_zbar = (p * gap).sum()
-    dz = -p * (c_l + c_e * (target_minus_zbar - gap))
-    dz[y] = c_l * r / (1.0 + r) - c_e * target_minus_zbar / (1.0 + r)
-    assert_close(out["grad_hidden"][0], (dz / temperature) @ weight.double(), 1e-3, "grad_hidden, peaked row")
+    assert_elementwise_close(out["grad_hidden"], ref["grad_hidden"], 1e-4, "grad_hidden")
+    assert_elementwise_close(out["grad_weight"], ref["grad_weight"], 1e-4, "grad_weight")
+    # The peaked row's gradient (~1e-22) keeps its relative accuracy too (1 - p_y via expm1): float64
+    # autograd through log_softmax rounds 1 - p_y to 0 there, so it comes from peaked_row_reference.
+    assert_elementwise_close(out["grad_hidden"][0], (grad_logits[0] / temperature) @ weight.double(), 1e-3,
+                             "grad_hidden, peaked row")
 
 
 def test_spec_worked_example_through_identity_head():
@@ -275,19 +239,19 @@ def test_single_output_and_partial_input_gradients():
     w = weight.clone().requires_grad_(True)
     logp, _ = call_kernel(hidden, w, targets, row_index, bias, 0.7, blocks)
     (c_logp * logp).sum().backward()
-    assert_close(w.grad.cpu(), ref["grad_weight"], 1e-4, "grad_weight")
+    assert_elementwise_close(w.grad.cpu(), ref["grad_weight"], 1e-4, "grad_weight")
 
     # Only hidden requires grad.
     h = hidden.clone().requires_grad_(True)
     logp, _ = call_kernel(h, weight, targets, row_index, bias, 0.7, blocks)
     (c_logp * logp).sum().backward()
-    assert_close(h.grad.cpu(), ref["grad_hidden"], 1e-4, "grad_hidden")
+    assert_elementwise_close(h.grad.cpu(), ref["grad_hidden"], 1e-4, "grad_hidden")
 
     # Only bias requires grad.
     b = bias.clone().requires_grad_(True)
     logp, _ = call_kernel(hidden, weight, targets, row_index, b, 0.7, blocks)
     (c_logp * logp).sum().backward()
-    assert_close(b.grad.cpu(), ref["grad_bias"], 1e-4, "grad_bias")
+    assert_elementwise_close(b.grad.cpu(), ref["grad_bias"], 1e-4, "grad_bias")
 
 
 def test_strided_inputs_and_deterministic_backward():
@@ -393,24 +357,6 @@ def test_kernels_form_offsets_in_int64():
 # ----------------------------------------------------------------------------- memory
 
 
-class _AllocationRecorder(TorchDispatchMode):
-    """Records the shape of every tensor an aten op returns that does not alias one of its
-    inputs (views and the interpreter's byte views of argument storages are not allocations)."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
-        input_storages = {t.untyped_storage().data_ptr() for t in leaves if isinstance(t, torch.Tensor)}
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in input_storages:
-                self.shapes.append((str(func), tuple(t.shape)))
-        return out
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_no_tensor_of_n_times_v_elements(dtype):
     """Forward + backward allocate nothing with N*V or more elements. The largest [*, V] tensor
@@ -421,7 +367,7 @@ def test_no_tensor_of_n_times_v_elements(dtype):
     n_valid = row_index.numel()
     assert n_valid > 2 * chunk and hidden_size < n_valid
     blocks = LinearTokenStatsBlocks(**SMALL_BLOCKS, backward_chunk_rows=chunk)
-    with _AllocationRecorder() as recorder:
+    with AllocationRecorder() as recorder:
         out = run_kernel(hidden, weight, bias, targets, row_index, 0.7, c_logp, c_ent, blocks)
     assert out["grad_weight"] is not None and len(recorder.shapes) > 10
     numels = [(torch.Size(s).numel(), op, s) for op, s in recorder.shapes]

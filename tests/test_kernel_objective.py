@@ -13,14 +13,10 @@ import fused_canon as fc
 from fused_canon.config import LOSS_AGG_MODES
 from fused_canon.kernels.objective import TRITON_LOSS_MODES, triton_policy_objective
 from fused_canon.losses import Normalizers, policy_objective
+from helpers import relative_error
 
 TOL = 1e-4
-
-
-def _relative_error(actual, expected):
-    """max |a - e| / max |e|, with a floor of 1e-6 on the scale (metrics can be exactly 0)."""
-    actual, expected = actual.detach().double(), expected.detach().double()
-    return ((actual - expected).abs().max() / expected.abs().max().clamp(min=1e-6)).item()
+SCALE_FLOOR = 1e-6  # relative errors are taken against at least this scale: metrics can be exactly 0
 
 
 def _inputs(B=5, T=11, seed=0, padded_fill=None):
@@ -59,15 +55,16 @@ def _assert_matches_reference(inputs, config, norm=Normalizers(), step=0, kernel
     ref_loss, ref_metrics, ref_grads = _run(policy_objective, inputs, config, norm, step)
     loss, metrics, grads = _run(triton_policy_objective, kernel_inputs or inputs, config, norm, step)
     assert loss.shape == () and loss.dtype == ref_loss.dtype
-    assert _relative_error(loss, ref_loss) <= TOL, (loss.item(), ref_loss.item())
+    assert relative_error(loss, ref_loss, scale_floor=SCALE_FLOOR) <= TOL, (loss.item(), ref_loss.item())
     assert list(metrics) == list(ref_metrics)
     for name in ref_metrics:
         assert metrics[name].shape == ()
-        assert _relative_error(metrics[name], ref_metrics[name]) <= TOL, (name, metrics[name], ref_metrics[name])
+        error = relative_error(metrics[name], ref_metrics[name], scale_floor=SCALE_FLOOR)
+        assert error <= TOL, (name, metrics[name], ref_metrics[name])
     for name, grad, ref_grad in zip(("logp", "entropy"), grads, ref_grads):
         assert (grad is None) == (ref_grad is None), name
         if ref_grad is not None:
-            assert _relative_error(grad, ref_grad) <= TOL, name
+            assert relative_error(grad, ref_grad, scale_floor=SCALE_FLOOR) <= TOL, name
             assert (grad[~inputs["mask"]] == 0).all(), f"padded positions get a {name} gradient"
     return ref_loss, ref_metrics, ref_grads
 
@@ -210,4 +207,4 @@ def test_backward_scales_by_grad_output_and_is_deterministic():
     assert torch.equal(loss, loss_again) and all(torch.equal(a, b) for a, b in zip(grads, grads_again))
     _, _, unit_grads = _run(policy_objective, inputs, config, Normalizers())
     for grad, unit in zip(grads, unit_grads):
-        assert _relative_error(grad, -2.5 * unit) <= TOL
+        assert relative_error(grad, -2.5 * unit, scale_floor=SCALE_FLOOR) <= TOL

@@ -17,7 +17,7 @@ import math  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from allocation import AllocationRecorder  # noqa: E402
+from helpers import AllocationRecorder, assert_elementwise_close  # noqa: E402
 
 from fused_canon.kernels.token_stats import (  # noqa: E402
     _token_stats_fwd_kernel,
@@ -72,22 +72,6 @@ def reference(logits, targets, row_index, temperature=1.0, c_logp=None, c_ent=No
                 target_logit=target_logit, grad=grad)
 
 
-def assert_rel(actual, expected, tol, name=""):
-    """|a - e| <= tol * (|e| + max|e|/100) elementwise; infinities must match exactly."""
-    a, e = actual.detach().cpu().double(), expected.detach().cpu().double()
-    assert a.shape == e.shape, (name, a.shape, e.shape)
-    assert not torch.isnan(a).any(), f"{name}: NaN in {a}"
-    inf = torch.isinf(e)
-    assert torch.equal(a[inf], e[inf]), f"{name}: infinities differ"
-    a, e = a[~inf], e[~inf]
-    if e.numel() == 0:
-        return
-    bound = tol * (e.abs() + e.abs().max() / 100)
-    err = (a - e).abs()
-    worst = (err / bound).argmax()
-    assert (err <= bound).all(), f"{name}: error {err[worst]:.3g} at value {e[worst]:.6g} (bound {bound[worst]:.3g})"
-
-
 def make_case(B, T, V, dtype=torch.float32, seed=0, scale=3.0, offset=4.0, neg_inf_row=True):
     """Random logits with a masked pattern; row 0 has ~40% -inf vocabulary entries. The
     offset keeps mean_v(z) away from 0 (so a wrong divisor in the certainty shows)."""
@@ -136,15 +120,15 @@ def test_matches_float64_reference(V, block_v, temperature):
     for name, val in [("logp", logp), ("entropy", ent), ("lse", lse), ("certainty", cert),
                       ("target_logit", tlogit)]:
         assert val.dtype == torch.float32 and val.shape == (row_index.numel(),)
-        assert_rel(val, ref[name], 1e-4, name)
+        assert_elementwise_close(val, ref[name], 1e-4, name)
     # row 0 has -inf entries: its certainty is +inf like torch's lse - mean
     assert cert[0] == math.inf
-    assert_rel(zbar, ref["lse"] - ref["entropy"], 1e-4, "zbar")
+    assert_elementwise_close(zbar, ref["lse"] - ref["entropy"], 1e-4, "zbar")
 
     (lp2, ent2), grad = run_autograd(logits, targets, row_index, temperature, c_logp, c_ent, block_v=block_v)
     assert torch.equal(lp2, logp) and torch.equal(ent2, ent)
     assert grad.dtype == logits.dtype
-    assert_rel(grad, ref["grad"], 1e-4, "dlogits")
+    assert_elementwise_close(grad, ref["grad"], 1e-4, "dlogits")
     assert (grad[~mask] == 0).all()
 
 
@@ -174,10 +158,10 @@ def test_half_precision_inputs(dtype, grad_tol):
     ref = reference(logits, targets, row_index, 0.7, c_logp, c_ent)
     (logp, ent), grad = run_autograd(logits, targets, row_index, 0.7, c_logp, c_ent, block_v=1024)
     # the half inputs are exact in fp32: the statistics keep fp32 accuracy
-    assert_rel(logp, ref["logp"], 1e-4, "logp")
-    assert_rel(ent, ref["entropy"], 1e-4, "entropy")
+    assert_elementwise_close(logp, ref["logp"], 1e-4, "logp")
+    assert_elementwise_close(ent, ref["entropy"], 1e-4, "entropy")
     assert grad.dtype == dtype
-    assert_rel(grad, ref["grad"], grad_tol, "dlogits")
+    assert_elementwise_close(grad, ref["grad"], grad_tol, "dlogits")
     assert (grad[~mask] == 0).all()
 
 
@@ -202,13 +186,13 @@ def test_row_neg_inf_except_target_is_exact():
     single = [0, 1, 3]
     assert (logp[single] == 0).all() and (ent[single] == 0).all()
     assert torch.equal(zbar[single], lse[single])
-    assert_rel(logp, ref["logp"], 1e-4, "logp")
-    assert_rel(ent, ref["entropy"], 1e-4, "entropy")
+    assert_elementwise_close(logp, ref["logp"], 1e-4, "logp")
+    assert_elementwise_close(ent, ref["entropy"], 1e-4, "entropy")
     (_, _), grad = run_autograd(logits, targets, row_index, 0.7, c_logp, c_ent, block_v=256)
     assert torch.isfinite(grad).all()
     assert (grad[0, single] == 0).all()  # p = 0 off target, and c_logp*(1 - 1) on it
     assert (grad[0, 2, 500:] == 0).all()  # p = 0 exactly where z = -inf
-    assert_rel(grad, ref["grad"], 1e-4, "dlogits")
+    assert_elementwise_close(grad, ref["grad"], 1e-4, "dlogits")
 
 
 # ----------------------------------------------------------------------------- masking
@@ -222,10 +206,10 @@ def test_masked_rows_are_never_read_and_get_zero_gradient():
     targets_poisoned = targets.clone()
     targets_poisoned[~mask] = 10**12  # would be an out-of-bounds read if it were used
     (logp, ent), grad = run_autograd(poisoned, targets_poisoned, row_index, 1.0, c_logp, c_ent, block_v=256)
-    assert_rel(logp, ref["logp"], 1e-4, "logp")
-    assert_rel(ent, ref["entropy"], 1e-4, "entropy")
+    assert_elementwise_close(logp, ref["logp"], 1e-4, "logp")
+    assert_elementwise_close(ent, ref["entropy"], 1e-4, "entropy")
     assert (grad[~mask] == 0).all() and not torch.isnan(grad).any()
-    assert_rel(grad, ref["grad"], 1e-4, "dlogits")
+    assert_elementwise_close(grad, ref["grad"], 1e-4, "dlogits")
 
 
 def test_single_output_gradients_and_empty_selection():
@@ -235,7 +219,7 @@ def test_single_output_gradients_and_empty_selection():
         logp, ent = triton_token_stats(x, *D(targets, row_index), block_v=512)
         ((c_logp.to(DEVICE) * logp).sum() if use_logp else (c_ent.to(DEVICE) * ent).sum()).backward()
         ref = reference(logits, targets, row_index, 1.0, c_logp if use_logp else None, c_ent if use_ent else None)
-        assert_rel(x.grad, ref["grad"], 1e-4, f"dlogits logp={use_logp}")
+        assert_elementwise_close(x.grad, ref["grad"], 1e-4, f"dlogits logp={use_logp}")
     # no valid token: empty outputs, zero gradient everywhere
     x = logits.clone().to(DEVICE).requires_grad_(True)
     logp, ent = triton_token_stats(x, *D(targets, torch.empty(0, dtype=torch.int64)), block_v=512)
@@ -257,8 +241,8 @@ def test_extra_stats_flag():
     assert len(triton_token_stats(x, *D(targets, row_index), block_v=256)) == 2
     logp, ent, cert, tlogit = triton_token_stats(x, *D(targets, row_index), 0.7, block_v=256, extra_stats=True)
     ref = reference(logits, targets, row_index, 0.7)
-    assert_rel(cert, ref["certainty"], 1e-4, "certainty")
-    assert_rel(tlogit, ref["target_logit"], 1e-6, "target_logit")  # raw, untempered
+    assert_elementwise_close(cert, ref["certainty"], 1e-4, "certainty")
+    assert_elementwise_close(tlogit, ref["target_logit"], 1e-6, "target_logit")  # raw, untempered
     assert logp.requires_grad and ent.requires_grad
     assert not cert.requires_grad and not tlogit.requires_grad
 
@@ -278,9 +262,9 @@ def test_non_contiguous_slice_is_read_in_place():
     x = full.clone().to(DEVICE).requires_grad_(True)
     logp, ent = triton_token_stats(x[:, :-1, :], *D(targets, row_index), 0.7, block_v=256)
     ((c_logp.to(DEVICE) * logp).sum() + (c_ent.to(DEVICE) * ent).sum()).backward()
-    assert_rel(logp, ref["logp"], 1e-4, "logp")
-    assert_rel(ent, ref["entropy"], 1e-4, "entropy")
-    assert_rel(x.grad[:, :-1], ref["grad"], 1e-4, "dlogits")
+    assert_elementwise_close(logp, ref["logp"], 1e-4, "logp")
+    assert_elementwise_close(ent, ref["entropy"], 1e-4, "entropy")
+    assert_elementwise_close(x.grad[:, :-1], ref["grad"], 1e-4, "dlogits")
     assert (x.grad[:, -1] == 0).all()
 
 
@@ -329,16 +313,16 @@ def test_no_row_by_vocab_tensor_besides_dlogits(inplace):
     rec = AllocationRecorder()
     with rec:
         logp, ent = triton_token_stats(logits, targets, row_index, 0.7, inplace_backward=inplace, block_v=256)
-        forward_allocs = list(rec.created)
+        forward_allocs = list(rec.numels)
         (logp.sum() + ent.sum()).backward(inputs=[act])
     big_fwd = [c for c in forward_allocs if c[1] >= V]
     assert big_fwd == [], f"forward allocated vocabulary-sized tensors: {big_fwd}"
-    big = [c for c in rec.created if c[1] >= V]
+    big = [c for c in rec.numels if c[1] >= V]
     # backward: dlogits [B, T, V] (unless in place), then autograd's own slice backward
     # materialises the gradient of `act` [B, T+1, V] (outside our Function).
     expected = ([] if inplace else [B * T * V]) + [B * (T + 1) * V]
     assert sorted(n for _, n in big) == sorted(expected), big
-    assert max(n for _, n in rec.created if n < V) <= B * T  # everything else is per-row
+    assert max(n for _, n in rec.numels if n < V) <= B * T  # everything else is per-row
 
 
 def _int64_offsets_case():
@@ -360,11 +344,11 @@ def _int64_offsets_case():
     ref = reference(vals, targets, row_index, 1.0, c_logp, c_ent)
     targets, row_index, c_logp, c_ent = D(targets, row_index, c_logp, c_ent)
     logp, ent, lse, zbar, _, _ = token_stats_forward(logits, targets, row_index, block_v=256)
-    assert_rel(logp, ref["logp"], 1e-4, "logp")
-    assert_rel(ent, ref["entropy"], 1e-4, "entropy")
+    assert_elementwise_close(logp, ref["logp"], 1e-4, "logp")
+    assert_elementwise_close(ent, ref["entropy"], 1e-4, "entropy")
     grad = token_stats_backward(logits, targets, row_index, lse, zbar, c_logp, c_ent, block_v=256, inplace=True)
     assert grad.data_ptr() == logits.data_ptr()
-    assert_rel(logits, ref["grad"], 2.0**-10, "dlogits written at offsets > 2**31")
+    assert_elementwise_close(logits, ref["grad"], 2.0**-10, "dlogits written at offsets > 2**31")
     print("INT64_OK")
 
 

@@ -5,21 +5,15 @@ import torch
 
 import fused_canon as fc
 from fused_canon.config import LOSS_AGG_MODES
+from helpers import make_batch
 
 F64 = torch.float64
 
 
-def make_batch(batch_size=6, length=5, vocab=11, dtype=F64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(batch_size, length, vocab, generator=g, dtype=dtype)
-    targets = torch.randint(0, vocab, (batch_size, length), generator=g)
-    lengths = torch.randint(1, length + 1, (batch_size,), generator=g)
-    mask = torch.arange(length)[None, :] < lengths[:, None]
-    rewards = torch.randint(0, 2, (batch_size,), generator=g).to(dtype)
-    group_ids = torch.arange(batch_size) % 2 + 10
-    old = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
-    old = old + 0.3 * torch.randn(batch_size, length, generator=g, dtype=dtype)
-    return logits, targets, mask, rewards, group_ids, old
+def batch(dtype=F64):
+    """helpers.make_batch [6, 5, 11] as (logits, targets, mask, rewards, group_ids, old_logprobs)."""
+    inputs = make_batch(6, 5, 11, dtype=dtype)
+    return tuple(inputs[name] for name in ("logits", "targets", "mask", "rewards", "group_ids", "old_logprobs"))
 
 
 def test_custom_estimator_and_loss_are_usable_by_name():
@@ -31,7 +25,7 @@ def test_custom_estimator_and_loss_are_usable_by_name():
     def reinforce(logp, old_logp, advantages, mask, config, *, step=0):
         return fc.TokenLoss(-advantages * logp, {"actor/test": (logp * mask).sum()})
 
-    logits, targets, mask, rewards, group_ids, _ = make_batch()
+    logits, targets, mask, rewards, group_ids, _ = batch()
     config = fc.LossConfig(loss_mode="test_reinforce", advantage=fc.AdvantageConfig(estimator="test_sign"))
     out = fc.policy_loss(logits, targets, mask, rewards=rewards, group_ids=group_ids, config=config, backend="torch")
     torch.testing.assert_close(out.advantages, torch.sign(rewards - 0.5))
@@ -42,7 +36,7 @@ def test_custom_estimator_and_loss_are_usable_by_name():
 
 @pytest.mark.parametrize("agg_mode", LOSS_AGG_MODES)
 def test_micro_batches_with_global_normalizers_sum_to_the_full_batch(agg_mode):
-    logits, targets, mask, _, _, old = make_batch()
+    logits, targets, mask, _, _, old = batch()
     advantages = torch.linspace(-1, 1, 6, dtype=F64)
     config = fc.LossConfig(loss_agg_mode=agg_mode, entropy_coeff=0.01, loss_scale_factor=5)
     full_logits = logits.clone().requires_grad_()
@@ -74,7 +68,7 @@ def test_canon_random_metric_is_seeded_and_splits_each_group_in_halves():
 
 
 def test_canon_entropy_metric_comes_from_the_pass_itself():
-    logits, targets, mask, rewards, group_ids, _ = make_batch()
+    logits, targets, mask, rewards, group_ids, _ = batch()
     config = fc.LossConfig(advantage=fc.AdvantageConfig(estimator="canon", canon_alpha=1.3, canon_lambda=0.7))
     out = fc.policy_loss(logits, targets, mask, rewards=rewards, group_ids=group_ids, config=config, backend="torch")
     _, entropy = fc.token_stats(logits, targets, backend="torch")
@@ -138,7 +132,7 @@ def test_linear_reference_chunks_rows(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_low_precision_inputs_give_fp32_statistics(dtype):
-    logits, targets, mask, _, _, _ = make_batch(dtype=torch.float32)
+    logits, targets, mask, _, _, _ = batch(dtype=torch.float32)
     low = logits.to(dtype).requires_grad_()
     out = fc.policy_loss(low, targets, mask, advantages=torch.ones(6), backend="torch")
     out.loss.backward()
@@ -150,7 +144,7 @@ def test_low_precision_inputs_give_fp32_statistics(dtype):
 
 
 def test_module_wrapper_and_metrics():
-    logits, targets, mask, rewards, group_ids, old = make_batch()
+    logits, targets, mask, rewards, group_ids, old = batch()
     module = fc.FusedPolicyLoss(fc.LossConfig(kl_coef=0.01, entropy_coeff=0.001), backend="torch")
     out = module(logits.requires_grad_(), targets, mask, rewards=rewards, group_ids=group_ids, old_logprobs=old,
                  ref_logprobs=old)
@@ -165,7 +159,7 @@ def test_module_wrapper_and_metrics():
 
 
 def test_token_level_advantages():
-    logits, targets, mask, _, _, old = make_batch()
+    logits, targets, mask, _, _, old = batch()
     per_response = torch.linspace(-1, 1, 6, dtype=F64)
     a = fc.policy_loss(logits, targets, mask, advantages=per_response, old_logprobs=old, backend="torch")
     b = fc.policy_loss(logits, targets, mask, advantages=per_response[:, None].expand(6, 5).clone(),

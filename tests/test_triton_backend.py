@@ -11,11 +11,12 @@ import torch
 
 import fused_canon as fc
 from fused_canon.config import LOSS_AGG_MODES
-from golden import load_cases, relative_error, run_case
+from golden import load_cases, run_case
+from helpers import AllocationRecorder, make_batch, relative_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LOSS_MODES = ["vanilla", "clip_cov", "kl_cov", "gspo", "cispo"]
-ESTIMATORS = {
+ADVANTAGE_CONFIGS = {
     "grpo": fc.AdvantageConfig(estimator="grpo"),
     "dr_grpo": fc.AdvantageConfig(estimator="dr_grpo", token_budget=8.0),
     "rloo": fc.AdvantageConfig(estimator="rloo"),
@@ -25,18 +26,10 @@ ESTIMATORS = {
 }
 
 
-def make_batch(batch_size=4, length=4, vocab=64, dtype=torch.float32, seed=0, rewards=(1.0, 0.0, 0.0, 1.0)):
-    g = torch.Generator().manual_seed(seed)
-    logits = (2 * torch.randn(batch_size, length, vocab, generator=g)).to(dtype)
-    targets = torch.randint(0, vocab, (batch_size, length), generator=g)
-    lengths = torch.randint(1, length + 1, (batch_size,), generator=g)
-    mask = torch.arange(length)[None, :] < lengths[:, None]
-    logp = torch.log_softmax(logits.double(), -1).gather(-1, targets[..., None]).squeeze(-1)
-    old = (logp + 0.3 * torch.randn(batch_size, length, generator=g, dtype=torch.float64)).float()
-    ref = (logp + 0.2 * torch.randn(batch_size, length, generator=g, dtype=torch.float64)).float()
-    to = lambda x: x.to(DEVICE)  # noqa: E731
-    return dict(logits=to(logits), targets=to(targets), mask=to(mask), old_logprobs=to(old), ref_logprobs=to(ref),
-                rewards=to(torch.tensor(rewards[:batch_size])), group_ids=to(torch.arange(batch_size) // 2))
+def batch_on_device(**kwargs):
+    """helpers.make_batch with logits of std 2 (peakier rows), on DEVICE."""
+    kwargs.setdefault("rewards", (1.0, 0.0, 0.0, 1.0))
+    return make_batch(logit_scale=2.0, device=DEVICE, **kwargs)
 
 
 def both_backends(batch, config, step=3, **extra):
@@ -56,7 +49,7 @@ def both_backends(batch, config, step=3, **extra):
 def scalar_error(actual: float, expected: float) -> float:
     """Relative error of a scalar that is a sum of O(1) terms: near 0 (cancellation) an absolute
     error of 1e-6 is fp32 rounding, so the scale is floored at 1e-2."""
-    return abs(actual - expected) / max(abs(expected), 1e-2)
+    return relative_error(actual, expected, scale_floor=1e-2)
 
 
 def assert_backends_agree(results, tolerance=1e-4):
@@ -72,21 +65,22 @@ def assert_backends_agree(results, tolerance=1e-4):
 
 
 @pytest.mark.parametrize("loss_mode, agg_mode, estimator",
-                         list(itertools.product(LOSS_MODES, LOSS_AGG_MODES, ESTIMATORS)))
+                         list(itertools.product(LOSS_MODES, LOSS_AGG_MODES, ADVANTAGE_CONFIGS)))
 def test_every_loss_aggregation_and_estimator(loss_mode, agg_mode, estimator):
-    config = fc.LossConfig(advantage=ESTIMATORS[estimator], loss_mode=loss_mode, loss_agg_mode=agg_mode,
+    config = fc.LossConfig(advantage=ADVANTAGE_CONFIGS[estimator], loss_mode=loss_mode, loss_agg_mode=agg_mode,
                            clip_ratio_high=0.28, entropy_coeff=0.01, kl_coef=0.05, clip_cov_ratio=0.2,
                            clip_cov_lb=-1.0, kl_cov_ratio=0.2)
-    assert_backends_agree(both_backends(make_batch(), config))
+    assert_backends_agree(both_backends(batch_on_device(), config))
 
 
 @pytest.mark.parametrize("vocab", [1000, 4099])
 def test_vocab_not_a_multiple_of_the_block(vocab):
-    assert_backends_agree(both_backends(make_batch(batch_size=2, length=2, vocab=vocab), fc.LossConfig(entropy_coeff=0.1)))
+    batch = batch_on_device(batch_size=2, length=2, vocab=vocab)
+    assert_backends_agree(both_backends(batch, fc.LossConfig(entropy_coeff=0.1)))
 
 
 def test_masked_vocabulary_rows():
-    batch = make_batch()
+    batch = batch_on_device()
     logits = batch["logits"]
     logits[0, 0, :] = float("-inf")
     logits[0, 0, batch["targets"][0, 0]] = 1.5  # -inf everywhere but the target
@@ -100,7 +94,7 @@ def test_masked_vocabulary_rows():
 
 
 def test_masked_rows_get_zero_gradient_and_are_not_read():
-    batch = make_batch()
+    batch = batch_on_device()
     batch["logits"][~batch["mask"]] = float("nan")  # a masked row is never read
     results = both_backends(batch, fc.LossConfig(entropy_coeff=0.1))
     _, grad = results["triton"]
@@ -111,26 +105,26 @@ def test_masked_rows_get_zero_gradient_and_are_not_read():
 
 @pytest.mark.parametrize("rewards", [(1.0, 0.0, 1.0, 0.0), (1.0, 1.0, 1.0, 1.0)], ids=["singletons", "all-equal"])
 def test_groups_of_one_and_all_equal_rewards(rewards):
-    batch = make_batch(rewards=rewards)
+    batch = batch_on_device(rewards=rewards)
     if rewards[0] != rewards[1]:
         batch["group_ids"] = torch.arange(4, device=DEVICE)  # every group is a singleton
     for estimator in ("grpo", "rloo", "canon_entropy"):
-        assert_backends_agree(both_backends(batch, fc.LossConfig(advantage=ESTIMATORS[estimator])))
+        assert_backends_agree(both_backends(batch, fc.LossConfig(advantage=ADVANTAGE_CONFIGS[estimator])))
 
 
 def test_temperature():
-    assert_backends_agree(both_backends(make_batch(), fc.LossConfig(temperature=0.7, entropy_coeff=0.05)))
+    assert_backends_agree(both_backends(batch_on_device(), fc.LossConfig(temperature=0.7, entropy_coeff=0.05)))
 
 
 def test_fp16_inputs():
-    batch = make_batch(dtype=torch.float16)
+    batch = batch_on_device(dtype=torch.float16)
     results = both_backends(batch, fc.LossConfig(entropy_coeff=0.05))
     # Both backends read the same fp16 logits and accumulate in fp32; dlogits are rounded to fp16.
     assert_backends_agree(results, tolerance=2e-3)
 
 
 def test_token_stats_backend():
-    batch = make_batch(vocab=300)
+    batch = batch_on_device(vocab=300)
     stats = {}
     for backend in ("torch", "triton"):
         logits = batch["logits"].clone().requires_grad_()
@@ -142,7 +136,7 @@ def test_token_stats_backend():
 
 
 def test_inplace_backward_writes_dlogits_into_the_logits_buffer():
-    batch = make_batch()
+    batch = batch_on_device()
     kwargs = dict(advantages=torch.tensor([1.0, -1.0, 0.5, 0.0], device=DEVICE), old_logprobs=batch["old_logprobs"])
     logits = batch["logits"].clone().requires_grad_()
     fc.policy_loss(logits, batch["targets"], batch["mask"], backend="torch", **kwargs).loss.backward()
@@ -156,7 +150,7 @@ def test_inplace_backward_writes_dlogits_into_the_logits_buffer():
 
 
 def test_torch_backend_refuses_inplace_backward():
-    batch = make_batch()
+    batch = batch_on_device()
     with pytest.raises(ValueError, match="inplace_backward"):
         fc.policy_loss(batch["logits"], batch["targets"], batch["mask"], advantages=torch.ones(4), backend="torch",
                        inplace_backward=True)
@@ -174,9 +168,7 @@ def test_golden_case_triton_fp32(index_case):
 
 
 def test_policy_loss_allocates_no_row_by_vocab_tensor_besides_dlogits():
-    from allocation import AllocationRecorder
-
-    batch = make_batch(vocab=1000, dtype=torch.float16)  # an fp32 upcast of the logits would show up
+    batch = batch_on_device(vocab=1000, dtype=torch.float16)  # an fp32 upcast of the logits would show up
     logits = batch["logits"].clone().requires_grad_()
     config = fc.LossConfig(entropy_coeff=0.01, kl_coef=0.1, advantage=fc.AdvantageConfig(estimator="canon"))
     recorder = AllocationRecorder()
@@ -185,7 +177,7 @@ def test_policy_loss_allocates_no_row_by_vocab_tensor_besides_dlogits():
                              group_ids=batch["group_ids"], old_logprobs=batch["old_logprobs"],
                              ref_logprobs=batch["ref_logprobs"], config=config, backend="triton")
         out.loss.backward()
-    vocabulary_sized = [(op, n) for op, n in recorder.created if n >= 1000]
+    vocabulary_sized = [(op, n) for op, n in recorder.numels if n >= 1000]
     assert vocabulary_sized and all(n == logits.numel() for _, n in vocabulary_sized), vocabulary_sized
     assert len(vocabulary_sized) == 1, vocabulary_sized  # dlogits, once
 
@@ -200,8 +192,8 @@ def test_triton_backend_runs_every_stage_in_triton(monkeypatch):
                          (advantages_module, "triton_compute_advantages")):
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
-    batch = make_batch()
-    config = fc.LossConfig(advantage=ESTIMATORS["canon_entropy"], entropy_coeff=0.01)
+    batch = batch_on_device()
+    config = fc.LossConfig(advantage=ADVANTAGE_CONFIGS["canon_entropy"], entropy_coeff=0.01)
     out = fc.policy_loss(batch["logits"].requires_grad_(), batch["targets"], batch["mask"], rewards=batch["rewards"],
                          group_ids=batch["group_ids"], config=config, backend="triton")
     out.loss.backward()
