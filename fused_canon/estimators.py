@@ -142,10 +142,16 @@ EstimatorFn = Callable[..., torch.Tensor]
 ESTIMATORS: Dict[str, EstimatorFn] = {}
 
 
-def register_estimator(name: str) -> Callable[[EstimatorFn], EstimatorFn]:
-    """Register ``fn(rewards, groups, config, *, metric, step) -> [B] advantages`` under ``name``."""
+def register_estimator(name: str, *, overwrite: bool = False) -> Callable[[EstimatorFn], EstimatorFn]:
+    """Register ``fn(rewards, groups, config, *, metric, step) -> [B] advantages`` under ``name``.
+
+    A name that is already registered is refused unless ``overwrite=True`` (replacing a built-in
+    also replaces what its Triton kernel computed: the name then runs in torch)."""
 
     def decorator(fn: EstimatorFn) -> EstimatorFn:
+        if name in ESTIMATORS and not overwrite:
+            raise ValueError(f"estimator {name!r} is already registered ({ESTIMATORS[name].__qualname__}); "
+                             "pass overwrite=True to replace it")
         ESTIMATORS[name] = fn
         return fn
 

@@ -129,13 +129,18 @@ PolicyLossFn = Callable[..., TokenLoss]
 POLICY_LOSSES: Dict[str, PolicyLossFn] = {}
 
 
-def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
+def register_policy_loss(name: str, *, overwrite: bool = False) -> Callable[[PolicyLossFn], PolicyLossFn]:
     """Register ``fn(logp, old_logp, advantages, mask, config, *, step) -> TokenLoss`` under ``name``.
 
-    All tensors are [B, T]; ``mask`` is float 0/1; padded positions hold zeros.
+    All tensors are [B, T]; ``mask`` is float 0/1; padded positions hold zeros. A name that is already
+    registered is refused unless ``overwrite=True`` (replacing a built-in also replaces what its
+    Triton kernel computed: the name then runs in torch).
     """
 
     def decorator(fn: PolicyLossFn) -> PolicyLossFn:
+        if name in POLICY_LOSSES and not overwrite:
+            raise ValueError(f"policy loss {name!r} is already registered ({POLICY_LOSSES[name].__qualname__}); "
+                             "pass overwrite=True to replace it")
         POLICY_LOSSES[name] = fn
         return fn
 

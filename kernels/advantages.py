@@ -37,7 +37,11 @@ from fused_canon.estimators import Groups, canon_inter_weight
 
 __all__ = ["triton_compute_advantages", "TRITON_ESTIMATORS", "MAX_GROUP_SIZE"]
 
-GRPO, DR_GRPO, RLOO, CANON = 0, 1, 2, 3
+# The estimators, as values of the kernel's ESTIMATOR constexpr.
+GRPO = tl.constexpr(0)
+DR_GRPO = tl.constexpr(1)
+RLOO = tl.constexpr(2)
+CANON = tl.constexpr(3)
 TRITON_ESTIMATORS = {"grpo": GRPO, "dr_grpo": DR_GRPO, "rloo": RLOO, "canon": CANON}
 
 # Largest group one program holds in registers (BLOCK_N vectors of fp32 / int32 at 16 warps).
@@ -92,8 +96,8 @@ def _group_advantages_kernel(
     std = tl.where(singleton, 1.0, tl.sqrt(tl.sum(centred * centred, axis=0) / tl.maximum(n - 1, 1).to(tl.float32)))
 
     # Ranks by reward (quantiles) and by the CANON key, stable: ties go to the lower batch position.
-    NEED_REWARD_RANK: tl.constexpr = QUANTILE and ESTIMATOR != 3
-    NEED_KEY_RANK: tl.constexpr = ESTIMATOR == 3
+    NEED_REWARD_RANK: tl.constexpr = QUANTILE and ESTIMATOR != CANON
+    NEED_KEY_RANK: tl.constexpr = ESTIMATOR == CANON
     reward_rank = tl.zeros([BLOCK_N], tl.int32)
     key_rank = tl.zeros([BLOCK_N], tl.int32)
     key = tl.zeros([BLOCK_N], tl.float32)
@@ -114,7 +118,7 @@ def _group_advantages_kernel(
                 smaller = (k_j < key[:, None]) | ((k_j == key[:, None]) & before)
                 key_rank += tl.sum((j_live & smaller).to(tl.int32), axis=1)
 
-    if ESTIMATOR == 3:  # canon
+    if ESTIMATOR == CANON:
         half = n // 2
         high = key_rank >= half
         n_high = n - half
@@ -149,7 +153,7 @@ def _group_advantages_kernel(
         inter = own_scale * r - other_scale * baseline_other + tl.where(high, beta, -beta)
         intra = r - baseline_own
         advantage = (inter_weight * inter + (1.0 - inter_weight) * intra) / token_budget
-    elif ESTIMATOR == 2:  # rloo: r - baseline of the other responses
+    elif ESTIMATOR == RLOO:  # r - baseline of the other responses
         if QUANTILE:
             pos = quantile_k * tl.maximum(n - 2, 0).to(tl.float32)
             lo = tl.floor(pos)
@@ -173,7 +177,7 @@ def _group_advantages_kernel(
         else:
             baseline = mean
         advantage = r - tl.where(singleton, 0.0, baseline)
-        if ESTIMATOR == 1:
+        if ESTIMATOR == DR_GRPO:
             advantage = advantage / token_budget
         elif NORM_BY_STD:
             advantage = advantage / (std + epsilon)
@@ -213,7 +217,7 @@ def triton_compute_advantages(rewards: torch.Tensor, groups: Groups, config: Adv
     _group_advantages_kernel[(len(group_size),)](
         rewards, key, order, groups.starts, group_size, advantages,
         config.quantile_k, config.epsilon, config.token_budget, config.canon_alpha, config.canon_beta, inter_weight,
-        ESTIMATOR=estimator, QUANTILE=config.baseline == "quantile", NORM_BY_STD=config.norm_by_std,
+        ESTIMATOR=int(estimator), QUANTILE=config.baseline == "quantile", NORM_BY_STD=config.norm_by_std,
         FAVOR_HIGH=config.favored_half == "high", BLOCK_N=block_n, BLOCK_J=max(1, min(block_n, PAIR_TILE // block_n)),
         num_warps=_num_warps(block_n))
     return advantages
@@ -230,7 +234,7 @@ _SIGNATURE = {
 
 
 def _constexprs(estimator, quantile, block_n, favor_high=False):
-    return {"ESTIMATOR": estimator, "QUANTILE": quantile, "NORM_BY_STD": True, "FAVOR_HIGH": favor_high,
+    return {"ESTIMATOR": int(estimator), "QUANTILE": quantile, "NORM_BY_STD": True, "FAVOR_HIGH": favor_high,
             "BLOCK_N": block_n, "BLOCK_J": max(1, min(block_n, PAIR_TILE // block_n))}
 
 

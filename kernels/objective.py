@@ -31,7 +31,7 @@ contribute nothing and get zero gradient. An empty mask gives loss 0 with zero g
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -44,10 +44,18 @@ from fused_canon.losses import (GSPO_AGG_MODE, GSPO_LOG_RATIO_MAX, LOG_RATIO_CLA
 
 __all__ = ["triton_policy_objective", "PolicyObjectiveFunction", "TRITON_LOSS_MODES"]
 
-# Loss modes and KL estimators as kernel constexprs.
-VANILLA, CLIP_COV, KL_COV, GSPO, CISPO = 0, 1, 2, 3, 4
+# The loss modes, as values of the kernel's LOSS_MODE constexpr.
+VANILLA = tl.constexpr(0)
+CLIP_COV = tl.constexpr(1)
+KL_COV = tl.constexpr(2)
+GSPO = tl.constexpr(3)
+CISPO = tl.constexpr(4)
 TRITON_LOSS_MODES = {"vanilla": VANILLA, "clip_cov": CLIP_COV, "kl_cov": KL_COV, "gspo": GSPO, "cispo": CISPO}
-KL_K1, KL_ABS, KL_K2, KL_K3 = 0, 1, 2, 3
+# The KL estimators, as values of the KL_TYPE constexpr.
+KL_K1 = tl.constexpr(0)
+KL_ABS = tl.constexpr(1)
+KL_K2 = tl.constexpr(2)
+KL_K3 = tl.constexpr(3)
 _KL_TYPES = {"k1": KL_K1, "kl": KL_K1, "abs": KL_ABS, "k2": KL_K2, "mse": KL_K2, "k3": KL_K3, "low_var_kl": KL_K3}
 
 # The reference's clamps, as kernel constants: vanilla/cispo log-ratio, GSPO's sequence log-ratio,
@@ -56,9 +64,27 @@ _LOG_RATIO_CLAMP = tl.constexpr(LOG_RATIO_CLAMP)
 _GSPO_LOG_RATIO_MAX = tl.constexpr(GSPO_LOG_RATIO_MAX)
 _K3_VALUE_CLAMP = tl.constexpr(10.0)
 
-# Columns of the per-program partial-sum buffer.
-SUM_PG, SUM_ENTROPY, SUM_KL, SUM_CLIPPED, SUM_PPO_KL, SUM_CLIPPED_LOWER = range(6)
-NUM_SUMS = 6
+
+
+class ObjectiveSums(NamedTuple):
+    """The kernel's sums over the valid tokens, in the column order of its partial-sum buffer."""
+
+    pg: torch.Tensor  # sum w_pg l: the aggregated policy loss
+    entropy: torch.Tensor  # sum w H: the aggregated entropy
+    kl: torch.Tensor  # sum w KL: the aggregated KL loss (0 without ref log-probs)
+    clipped: torch.Tensor  # count of clipped (Clip-Cov: dropped) tokens
+    ppo_kl: torch.Tensor  # sum of -log rho (KL-Cov: |log rho|)
+    clipped_lower: torch.Tensor  # count of dual-clipped tokens
+
+
+# Columns of the partial-sum buffer, as the kernel addresses them.
+SUM_PG = tl.constexpr(ObjectiveSums._fields.index("pg"))
+SUM_ENTROPY = tl.constexpr(ObjectiveSums._fields.index("entropy"))
+SUM_KL = tl.constexpr(ObjectiveSums._fields.index("kl"))
+SUM_CLIPPED = tl.constexpr(ObjectiveSums._fields.index("clipped"))
+SUM_PPO_KL = tl.constexpr(ObjectiveSums._fields.index("ppo_kl"))
+SUM_CLIPPED_LOWER = tl.constexpr(ObjectiveSums._fields.index("clipped_lower"))
+NUM_SUMS = len(ObjectiveSums._fields)
 
 # Largest token tile of one program (a row longer than this is split over several programs), and the
 # warps of every launch: 4 tokens per thread at 4 warps compiles without spills on sm_80 / sm_90 for
@@ -112,14 +138,14 @@ def _policy_objective_fwd_kernel(
 
     # Per-token loss value, its derivative w.r.t. logp, and the metric indicators.
     raw_log_ratio = logp - old
-    if (LOSS_MODE == 0) or (LOSS_MODE == 4):  # vanilla, cispo: verl clamps the log-ratio to +-20
+    if (LOSS_MODE == VANILLA) or (LOSS_MODE == CISPO):  # verl clamps the log-ratio to +-20
         log_ratio = tl.minimum(tl.maximum(raw_log_ratio, -_LOG_RATIO_CLAMP), _LOG_RATIO_CLAMP)
         # torch.clamp passes the gradient at the bounds too (inclusive).
         d_log_ratio = ((raw_log_ratio >= -_LOG_RATIO_CLAMP) & (raw_log_ratio <= _LOG_RATIO_CLAMP)).to(tl.float32)
     else:
         log_ratio = raw_log_ratio
         d_log_ratio = tl.full([BLOCK_T], 1.0, tl.float32)
-    if LOSS_MODE == 3:  # gspo: the ratio's value is the row's, its gradient path the token's own logp
+    if LOSS_MODE == GSPO:  # the ratio's value is the row's, its gradient path the token's own logp
         seq_log_ratio = tl.load(seq_log_ratio_ptr + b)
         ratio = tl.exp(tl.minimum(seq_log_ratio, _GSPO_LOG_RATIO_MAX)) + tl.zeros([BLOCK_T], tl.float32)
         d_ratio = tl.where(seq_log_ratio <= _GSPO_LOG_RATIO_MAX, ratio, 0.0)
@@ -130,12 +156,12 @@ def _policy_objective_fwd_kernel(
     ratio_in_range = (ratio >= 1.0 - clip_low) & (ratio <= 1.0 + clip_high)
     clipped_lower = tl.zeros([BLOCK_T], tl.int1)
 
-    if LOSS_MODE == 4:  # cispo: -sg(clip(rho)) A logp
+    if LOSS_MODE == CISPO:  # -sg(clip(rho)) A logp
         value = -adv * clipped_ratio * logp
         d_value = -adv * clipped_ratio
         clipped = ratio != clipped_ratio
         ppo_kl = -log_ratio
-    elif LOSS_MODE == 2:  # kl_cov: -A rho + ppo_kl_coef |log rho| on the selected tokens
+    elif LOSS_MODE == KL_COV:  # -A rho + ppo_kl_coef |log rho| on the selected tokens
         penalized = tl.load(selected_ptr + offs, mask=valid, other=0) != 0
         abs_kl = tl.abs(log_ratio)
         sign = tl.where(log_ratio > 0, 1.0, tl.where(log_ratio < 0, -1.0, 0.0))  # torch: d|x|/dx = 0 at 0
@@ -152,14 +178,14 @@ def _policy_objective_fwd_kernel(
         d_value = _maximum_grad(unclipped, clipped_value, d_unclipped, d_clipped)
         clipped = clipped_value > unclipped
         ppo_kl = -log_ratio
-        if LOSS_MODE == 0:
+        if LOSS_MODE == VANILLA:
             if DUAL_CLIP:  # for A < 0 only: min(loss, -A c)
                 dual = -adv * clip_c
                 negative = adv < 0
                 clipped_lower = (value > dual) & negative
                 d_value = tl.where(negative, _minimum_grad(value, dual, d_value, 0.0), d_value)
                 value = tl.where(negative, tl.minimum(value, dual), value)
-        if LOSS_MODE == 1:  # clip_cov: the selected tokens' loss is multiplied by 0
+        if LOSS_MODE == CLIP_COV:  # the selected tokens' loss is multiplied by 0
             dropped = tl.load(selected_ptr + offs, mask=valid, other=0) != 0
             value = tl.where(dropped, 0.0, value)
             d_value = tl.where(dropped, 0.0, d_value)
@@ -169,22 +195,22 @@ def _policy_objective_fwd_kernel(
     c_logp = tl.where(valid, pg_weight * d_value, 0.0)
     entropy = tl.load(entropy_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     slot = partial_ptr + (b * tl.num_programs(1) + tile) * NUM_SUMS
-    tl.store(slot + 0, tl.sum(pg_weight * value, axis=0))
-    tl.store(slot + 1, tl.sum(weight * entropy, axis=0))
-    tl.store(slot + 3, tl.sum((clipped & valid).to(tl.float32), axis=0))
-    tl.store(slot + 4, tl.sum(tl.where(valid, ppo_kl, 0.0), axis=0))
-    tl.store(slot + 5, tl.sum((clipped_lower & valid).to(tl.float32), axis=0))
+    tl.store(slot + SUM_PG, tl.sum(pg_weight * value, axis=0))
+    tl.store(slot + SUM_ENTROPY, tl.sum(weight * entropy, axis=0))
+    tl.store(slot + SUM_CLIPPED, tl.sum((clipped & valid).to(tl.float32), axis=0))
+    tl.store(slot + SUM_PPO_KL, tl.sum(tl.where(valid, ppo_kl, 0.0), axis=0))
+    tl.store(slot + SUM_CLIPPED_LOWER, tl.sum((clipped_lower & valid).to(tl.float32), axis=0))
 
     if HAS_REF:  # KL(pi || pi_ref) of d = logp - ref
         ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(tl.float32)
         d = logp - ref
-        if KL_TYPE == 0:  # k1
+        if KL_TYPE == KL_K1:
             kl = d
             d_kl = tl.full([BLOCK_T], 1.0, tl.float32)
-        elif KL_TYPE == 1:  # abs
+        elif KL_TYPE == KL_ABS:
             kl = tl.abs(d)
             d_kl = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
-        elif KL_TYPE == 2:  # k2
+        elif KL_TYPE == KL_K2:
             kl = 0.5 * d * d
             d_kl = d
         else:  # k3 = exp(-d) + d - 1 with -d clamped to +-20 and the value to +-10; no gradient where clamped
@@ -198,10 +224,10 @@ def _policy_objective_fwd_kernel(
         if KL_STRAIGHT_THROUGH:
             d_kl = d
         kl = tl.where(valid, kl, 0.0)
-        tl.store(slot + 2, tl.sum(weight * kl, axis=0))
+        tl.store(slot + SUM_KL, tl.sum(weight * kl, axis=0))
         c_logp += tl.where(valid, kl_coef * weight * d_kl, 0.0)
     else:
-        tl.store(slot + 2, 0.0)
+        tl.store(slot + SUM_KL, 0.0)
 
     tl.store(c_logp_ptr + offs, c_logp, mask=t < T)
     if ENTROPY_GRAD:
@@ -247,11 +273,12 @@ class PolicyObjectiveFunction(torch.autograd.Function):
                 ENTROPY_GRAD=entropy_grad, BLOCK_T=block_t, NUM_SUMS=NUM_SUMS, **launch["constexprs"],
                 num_warps=NUM_WARPS)
         sums = partial.sum(0)
-        loss = sums[SUM_PG].clone()
+        named = ObjectiveSums(*sums.unbind())
+        loss = named.pg.clone()
         if launch["entropy_coeff"] != 0:
-            loss = loss - launch["entropy_coeff"] * sums[SUM_ENTROPY]
+            loss = loss - launch["entropy_coeff"] * named.entropy
         if launch["kl_coef"] != 0:
-            loss = loss + launch["kl_coef"] * sums[SUM_KL]
+            loss = loss + launch["kl_coef"] * named.kl
         ctx.mark_non_differentiable(sums)
         ctx.save_for_backward(c_logp, c_ent if entropy_grad else None)
         ctx.logp_dtype, ctx.entropy_dtype = logp.dtype, entropy.dtype
@@ -314,27 +341,28 @@ def triton_policy_objective(logp: torch.Tensor, entropy: torch.Tensor, mask: tor
         "scalars": (config.clip_ratio_low, config.clip_ratio_high,
                     config.clip_ratio_c if config.clip_ratio_c is not None else 0.0,
                     config.ppo_kl_coef, config.entropy_coeff, config.kl_coef),
-        "constexprs": {"LOSS_MODE": mode, "DUAL_CLIP": mode == VANILLA and config.clip_ratio_c is not None,
-                       "HAS_REF": ref_logp is not None, "KL_TYPE": kl_type,
+        "constexprs": {"LOSS_MODE": int(mode), "DUAL_CLIP": bool(mode == VANILLA) and config.clip_ratio_c is not None,
+                       "HAS_REF": ref_logp is not None, "KL_TYPE": int(kl_type),
                        "KL_STRAIGHT_THROUGH": kl_straight_through},
         "entropy_coeff": config.entropy_coeff,
         "kl_coef": config.kl_coef if ref_logp is not None else 0.0,
     }
     entropy_in = entropy.contiguous() if config.entropy_coeff != 0 else entropy.detach().contiguous()
     loss, sums = PolicyObjectiveFunction.apply(logp.contiguous(), entropy_in, launch)
+    sums = ObjectiveSums(*sums.unbind())
 
     # verl's masked_mean denominators: the local valid count + 1e-8.
     count = tokens_per_seq.sum() + 1e-8
     metrics = {}
     if mode != KL_COV:
-        metrics["actor/pg_clipfrac"] = sums[SUM_CLIPPED] / count
-    metrics["actor/ppo_kl"] = sums[SUM_PPO_KL] / count
+        metrics["actor/pg_clipfrac"] = sums.clipped / count
+    metrics["actor/ppo_kl"] = sums.ppo_kl / count
     if mode in (VANILLA, GSPO, CISPO):
-        metrics["actor/pg_clipfrac_lower"] = sums[SUM_CLIPPED_LOWER] / count
-    metrics["actor/pg_loss"] = sums[SUM_PG]
-    metrics["actor/entropy"] = sums[SUM_ENTROPY]
+        metrics["actor/pg_clipfrac_lower"] = sums.clipped_lower / count
+    metrics["actor/pg_loss"] = sums.pg
+    metrics["actor/entropy"] = sums.entropy
     if ref_logp is not None:
-        metrics["actor/kl_loss"] = sums[SUM_KL]
+        metrics["actor/kl_loss"] = sums.kl
         metrics["actor/kl_coef"] = torch.tensor(config.kl_coef)
     return loss, metrics
 
@@ -352,7 +380,7 @@ _FWD_SIGNATURE = {
 
 
 def _fwd_constexprs(mode, dual_clip=False, has_ref=True, kl_type=KL_K3, entropy_grad=True, block_t=MAX_BLOCK_T):
-    return {"LOSS_MODE": mode, "DUAL_CLIP": dual_clip, "HAS_REF": has_ref, "KL_TYPE": kl_type,
+    return {"LOSS_MODE": int(mode), "DUAL_CLIP": dual_clip, "HAS_REF": has_ref, "KL_TYPE": int(kl_type),
             "KL_STRAIGHT_THROUGH": False, "ENTROPY_GRAD": entropy_grad, "BLOCK_T": block_t, "NUM_SUMS": NUM_SUMS}
 
 

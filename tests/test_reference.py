@@ -34,6 +34,31 @@ def test_custom_estimator_and_loss_are_usable_by_name():
     assert "actor/test" in out.metrics
 
 
+def test_registries_refuse_to_replace_a_name_unless_asked(monkeypatch):
+    with pytest.raises(ValueError, match=r"estimator 'grpo' is already registered .*overwrite=True"):
+        fc.register_estimator("grpo")(lambda rewards, groups, config, **kwargs: rewards)
+    with pytest.raises(ValueError, match=r"policy loss 'vanilla' is already registered .*overwrite=True"):
+        fc.register_policy_loss("vanilla")(lambda logp, old_logp, advantages, mask, config, **kwargs: None)
+    assert fc.ESTIMATORS["grpo"].__name__ == "grpo" and fc.POLICY_LOSSES["vanilla"].__name__ == "vanilla"
+
+    monkeypatch.setitem(fc.ESTIMATORS, "grpo", fc.ESTIMATORS["grpo"])  # restored after the test
+    monkeypatch.setitem(fc.POLICY_LOSSES, "vanilla", fc.POLICY_LOSSES["vanilla"])
+
+    @fc.register_estimator("grpo", overwrite=True)
+    def doubled(rewards, groups, config, *, metric=None, step=0):
+        return 2 * rewards
+
+    @fc.register_policy_loss("vanilla", overwrite=True)
+    def reinforce(logp, old_logp, advantages, mask, config, *, step=0):
+        return fc.TokenLoss(-advantages * logp)
+
+    logits, targets, mask, rewards, group_ids, _ = batch()
+    out = fc.policy_loss(logits, targets, mask, rewards=rewards, group_ids=group_ids, backend="torch")
+    torch.testing.assert_close(out.advantages, 2 * rewards)
+    expected = (-(2 * rewards[:, None] * out.logprobs) * mask).sum() / mask.sum()
+    torch.testing.assert_close(out.loss.detach(), expected)
+
+
 @pytest.mark.parametrize("agg_mode", LOSS_AGG_MODES)
 def test_micro_batches_with_global_normalizers_sum_to_the_full_batch(agg_mode):
     logits, targets, mask, _, _, old = batch()
