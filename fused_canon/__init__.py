@@ -9,7 +9,8 @@ See DESIGN.md §2 for the contract; ``backend="torch"`` is the reference that de
 """
 
 from .config import AdvantageConfig, CosineRestartSchedule, LossConfig
-from .estimators import ESTIMATORS, compute_advantages, register_estimator
+from .estimators import ESTIMATOR_INPUTS, ESTIMATORS, compute_advantages, register_estimator
+from . import ktae, token_estimators  # noqa: F401  (register the token-level estimators)
 from .losses import POLICY_LOSSES, TokenLoss, agg_loss, kl_penalty, register_policy_loss
 from .api import FusedPolicyLoss, LossOutput, linear_policy_loss, policy_loss
 from .token_stats import token_stats
@@ -19,5 +20,5 @@ __version__ = "0.1.0"
 __all__ = [
     "AdvantageConfig", "CosineRestartSchedule", "LossConfig", "LossOutput", "FusedPolicyLoss",
     "token_stats", "kl_penalty", "compute_advantages", "policy_loss", "linear_policy_loss", "agg_loss",
-    "register_estimator", "register_policy_loss", "ESTIMATORS", "POLICY_LOSSES", "TokenLoss",
+    "register_estimator", "register_policy_loss", "ESTIMATORS", "ESTIMATOR_INPUTS", "POLICY_LOSSES", "TokenLoss",
 ]

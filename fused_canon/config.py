@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 CANON_METRICS = ("entropy", "length", "random", "custom")
 CANON_SCHEDULES = ("constant", "anneal", "cosine_restart", "cosine_restart_r")
 BASELINES = ("mean", "quantile")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_TYPES = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
+# AdvantageConfig.epsilon when left unset: 1e-6 (verl's std guard), except where verl's estimator has its own.
+DEFAULT_EPSILON = {"optimal_token_baseline": 1e-8}
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -49,9 +51,10 @@ class CosineRestartSchedule:
 
 @dataclass
 class AdvantageConfig:
-    estimator: str = "grpo"  # "grpo" | "dr_grpo" | "rloo" | "canon" (or a registered name)
+    estimator: str = "grpo"  # a registered name: grpo dr_grpo rloo canon qae reinforce_plus_plus
+    # reinforce_plus_plus_baseline remax opo gpg grpo_passk gae optimal_token_baseline ucas ktae adora (or your own)
     norm_by_std: bool = True  # grpo only; dr_grpo == grpo without std
-    epsilon: float = 1e-6
+    epsilon: Optional[float] = None  # None -> the estimator's own: 1e-6, 1e-8 for optimal_token_baseline (verl)
     baseline: str = "mean"  # "mean" | "quantile" (QAE)
     quantile_k: float = 0.4  # used when baseline == "quantile"; torch.quantile linear interpolation
     canon_metric: str = "entropy"  # "entropy" | "length" | "random" | "custom"
@@ -69,8 +72,34 @@ class AdvantageConfig:
     )
     token_budget: float = 1.0  # CANON / Dr.GRPO divisor L of the advantage
     seed: int = 0  # canon_metric="random"
+    # Discounted returns (reinforce_plus_plus, gae) and GAE's lambda (ALGORITHMS.md §1.3-1.4).
+    gamma: float = 1.0  # in [0, 1]
+    lam: float = 1.0  # in [0, 1]
+    # optimal_token_baseline: give the strictly longest response of a group baseline 0 past the
+    # second-longest length (verl 0.9.1's default).
+    otb_handle_zero_tail: bool = True
+    # UCAS (ALGORITHMS.md §5): modifier exp(-beta_pos Cz) for A > 0, exp(beta_neg Cz) otherwise, and the
+    # token penalty coefficient of the min-max normalised raw logit (upstream hard-codes these values).
+    ucas_beta_pos: float = 0.25
+    ucas_beta_neg: float = 0.35
+    ucas_token_coef: float = 0.05
+    # KTAE (ALGORITHMS.md §6): Fisher weight, information-gain weight, output scale, BM25 k1 and b, and
+    # token ids whose key-token value is forced to 0 (upstream hard-codes Qwen's <|endoftext|>, 151643).
+    ktae_alpha: float = 1.0
+    ktae_beta: float = 1.0
+    ktae_top: float = 1.0
+    ktae_k1: float = 2.0
+    ktae_b: float = 0.5
+    ktae_ignore_token_ids: List[int] = field(default_factory=list)
+    # ADORA (ALGORITHMS.md §7): a group without a length advantage is scaled by adora_lambda; a reward
+    # above adora_correct_score counts as correct; wrong responses at least adora_max_length long are ignored.
+    adora_lambda: float = 0.1
+    adora_correct_score: float = 1.01
+    adora_max_length: int = 4054
 
     def __post_init__(self):
+        if self.epsilon is None:
+            self.epsilon = DEFAULT_EPSILON.get(self.estimator, 1e-6)
         _check_choice("baseline", self.baseline, BASELINES)
         _check_choice("canon_metric", self.canon_metric, CANON_METRICS)
         _check_choice("canon_schedule", self.canon_schedule, CANON_SCHEDULES)
@@ -84,6 +113,26 @@ class AdvantageConfig:
             raise ValueError(f"token_budget must be > 0, got {self.token_budget}")
         if self.epsilon < 0:
             raise ValueError(f"epsilon must be >= 0, got {self.epsilon}")
+        for name in ("gamma", "lam", "ucas_beta_pos", "ucas_beta_neg", "ucas_token_coef", "ktae_alpha", "ktae_beta",
+                     "ktae_top", "ktae_k1", "ktae_b", "adora_lambda", "adora_correct_score", "adora_max_length"):
+            _check_finite(name, getattr(self, name))
+        for name in ("gamma", "lam", "ktae_b"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        for name in ("ucas_beta_pos", "ucas_beta_neg", "ucas_token_coef", "ktae_alpha", "ktae_beta", "ktae_top"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.ktae_alpha + self.ktae_beta == 0:
+            raise ValueError("ktae_alpha + ktae_beta must be > 0 (the key-token score divides by it)")
+        if self.ktae_k1 <= 0:
+            raise ValueError(f"ktae_k1 must be > 0 (BM25 saturation), got {self.ktae_k1}")
+        self.ktae_ignore_token_ids = list(self.ktae_ignore_token_ids)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.ktae_ignore_token_ids):
+            raise ValueError(f"ktae_ignore_token_ids must be a list of int token ids, got {self.ktae_ignore_token_ids}")
+        if not 0.0 <= self.adora_lambda <= 1.0:
+            raise ValueError(f"adora_lambda must lie in [0, 1] (it scales down a group), got {self.adora_lambda}")
+        if self.adora_max_length <= 0:
+            raise ValueError(f"adora_max_length must be > 0 (a length in tokens), got {self.adora_max_length}")
 
     @property
     def favored_half(self) -> str:

@@ -9,14 +9,15 @@ torch reference and the GPU path. Statistics run in float64 for float64 rewards,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
 from .config import AdvantageConfig, CosineRestartSchedule
 
-__all__ = ["compute_advantages", "register_estimator", "ESTIMATORS", "Groups", "cosine_restart_value"]
+__all__ = ["compute_advantages", "register_estimator", "ESTIMATORS", "ESTIMATOR_INPUTS", "ADVANTAGE_INPUTS", "Groups",
+           "cosine_restart_value"]
 
 
 @dataclass
@@ -42,8 +43,9 @@ class Groups:
         return torch.cumsum(self.count, 0) - self.count
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
-        """Per-group sum of ``values``, [B] -> [G]."""
-        return torch.zeros(len(self.count), dtype=values.dtype, device=values.device).index_add_(0, self.index, values)
+        """Per-group sum of ``values``, [B, ...] -> [G, ...]."""
+        out = torch.zeros((len(self.count),) + values.shape[1:], dtype=values.dtype, device=values.device)
+        return out.index_add_(0, self.index, values)
 
     def sorted_order(self, key: torch.Tensor) -> torch.Tensor:
         """Permutation grouping rows by group, ascending ``key`` inside a group, ties in batch order."""
@@ -141,18 +143,58 @@ def group_std(rewards: torch.Tensor, groups: Groups) -> torch.Tensor:
 EstimatorFn = Callable[..., torch.Tensor]
 ESTIMATORS: Dict[str, EstimatorFn] = {}
 
+# What each estimator may ask for beyond rewards and group ids: the keyword of ``compute_advantages``
+# and where it comes from (said in the error when it is missing; "{them}" is filled in).
+_FROM_LOGITS = ("pass {them}, compute {them} with fc.token_signals, or call policy_loss with rewards= "
+                "so the fused pass computes {them}")
+ADVANTAGE_INPUTS = {
+    "mask": "the valid-token mask [B, T] of the responses",
+    "values": "the critic's value of every response token [B, T] (a value model's forward pass)",
+    "baseline_rewards": "the reward of a greedy rollout of each response's prompt [B]",
+    "token_ids": "the sampled token ids [B, T] (policy_loss with rewards= uses its targets)",
+    "self_certainty": _FROM_LOGITS,
+    "target_logits": _FROM_LOGITS,
+    "sum_pi_squared": _FROM_LOGITS,
+    "old_logprobs": _FROM_LOGITS,
+    "rollout_is_weights": "the rollout importance-sampling weights [B, T]",
+}
+_ROW_INPUTS = ("baseline_rewards",)  # [B]; every other input is [B, T]
+_INTEGER_INPUTS = ("token_ids",)
 
-def register_estimator(name: str, *, overwrite: bool = False) -> Callable[[EstimatorFn], EstimatorFn]:
-    """Register ``fn(rewards, groups, config, *, metric, step) -> [B] advantages`` under ``name``.
 
+@dataclass(frozen=True)
+class EstimatorInputs:
+    required: Tuple[str, ...] = ()
+    optional: Tuple[str, ...] = ()
+    reads_baseline: bool = True  # False: the estimator has its own baseline; config.baseline must be "mean"
+
+
+ESTIMATOR_INPUTS: Dict[str, EstimatorInputs] = {}
+
+
+def register_estimator(name: str, *, inputs: Sequence[str] = (), optional_inputs: Sequence[str] = (),
+                       reads_baseline: bool = True, overwrite: bool = False) -> Callable[[EstimatorFn], EstimatorFn]:
+    """Register ``fn(rewards, groups, config, *, metric, step, **inputs)`` under ``name``.
+
+    It returns advantages [B] (one per response) or [B, T] (per token, 0 at padding), or a pair
+    ``(advantages, returns)`` when its returns differ from its advantages (GAE, REINFORCE++).
+    ``inputs`` names the ``compute_advantages`` keywords it needs (keys of ``ADVANTAGE_INPUTS``; a
+    missing one is an error naming it), ``optional_inputs`` those it reads when given. Only the
+    declared inputs are passed; ``mask`` arrives as 0/1 in the statistics dtype. ``reads_baseline=False``
+    says it has a baseline of its own, so ``baseline="quantile"`` is refused rather than ignored.
     A name that is already registered is refused unless ``overwrite=True`` (replacing a built-in
-    also replaces what its Triton kernel computed: the name then runs in torch)."""
+    also replaces what its Triton kernel computed: the name then runs in torch).
+    """
+    unknown = sorted((set(inputs) | set(optional_inputs)) - set(ADVANTAGE_INPUTS))
+    if unknown:
+        raise ValueError(f"estimator {name!r} declares unknown inputs {unknown}; known: {sorted(ADVANTAGE_INPUTS)}")
 
     def decorator(fn: EstimatorFn) -> EstimatorFn:
         if name in ESTIMATORS and not overwrite:
             raise ValueError(f"estimator {name!r} is already registered ({ESTIMATORS[name].__qualname__}); "
                              "pass overwrite=True to replace it")
         ESTIMATORS[name] = fn
+        ESTIMATOR_INPUTS[name] = EstimatorInputs(tuple(inputs), tuple(optional_inputs), reads_baseline)
         return fn
 
     return decorator
@@ -240,6 +282,107 @@ def _is_builtin(name: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# More outcome estimators: verl 0.9.1's (ALGORITHMS.md §1.3), QAE by name (§3), ADORA (§7).
+# Torch only; each returns one advantage per response, [B].
+# ---------------------------------------------------------------------------------------------
+
+def group_mean(values: torch.Tensor, groups: Groups, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean of each response's group (weighted by ``weights``), 0 for a singleton (verl's rule), [B]."""
+    weights = torch.ones_like(values) if weights is None else weights
+    mean = groups.sum(weights * values)[groups.index] / groups.sum(weights)[groups.index]
+    return torch.where(groups.size > 1, mean, torch.zeros_like(values))
+
+
+def group_zscore(values: torch.Tensor, groups: Groups, config: AdvantageConfig) -> torch.Tensor:
+    """GRPO's statistics on any per-response value: (x - mean)/(std + eps), or x - mean without
+    norm_by_std; a singleton has mean 0 and std 1 (verl)."""
+    centred = values - group_mean(values, groups)
+    return centred / (group_std(values, groups) + config.epsilon) if config.norm_by_std else centred
+
+
+def batch_whitening(values: torch.Tensor, valid: torch.Tensor, estimator: str):
+    """verl's masked_whiten statistics over every valid token of the batch, (mean, 1/sqrt(var + 1e-8)):
+    mean = sum(v m)/(N + 1e-8), var unbiased (x N/(N-1)). Like verl, fewer than 2 valid tokens is an error."""
+    num_valid = valid.sum()
+    if num_valid < 2:
+        raise ValueError(f"{estimator} whitens over every valid token of the batch and needs at least 2 of them, "
+                         f"got {int(num_valid)}")
+    mean = (values * valid).sum() / (num_valid + 1e-8)
+    var = ((values - mean).square() * valid).sum() / (num_valid + 1e-8) * num_valid / (num_valid - 1)
+    return mean, torch.rsqrt(var + 1e-8)
+
+
+@register_estimator("qae")
+def qae(rewards, groups, config, *, metric=None, step=0):
+    """QAE (§3): GRPO with the group's quantile_k-quantile as baseline, whatever config.baseline says."""
+    return grpo(rewards, groups, replace(config, baseline="quantile"))
+
+
+@register_estimator("reinforce_plus_plus_baseline", inputs=("mask",), reads_baseline=False)
+def reinforce_plus_plus_baseline(rewards, groups, config, *, mask, metric=None, step=0):
+    """s = r - group mean (singleton: r), whitened over every valid token of the batch: token-weighted,
+    so long responses weigh more; no group std (§1.3)."""
+    shifted = rewards - group_mean(rewards, groups)
+    mean, inv_std = batch_whitening(shifted[:, None] * mask, mask, "reinforce_plus_plus_baseline")
+    return (shifted - mean) * inv_std
+
+
+@register_estimator("remax", inputs=("baseline_rewards",), reads_baseline=False)
+def remax(rewards, groups, config, *, baseline_rewards, metric=None, step=0):
+    """A = r - b with b the reward of the prompt's greedy rollout; no groups, no normalisation (§1.3).
+    The returns are the reward-to-go, r."""
+    return rewards - baseline_rewards, rewards
+
+
+@register_estimator("opo", inputs=("mask",), reads_baseline=False)
+def opo(rewards, groups, config, *, mask, metric=None, step=0):
+    """A = r - sum_j L_j r_j / sum_j L_j over the group (L: response length); singleton baseline 0 (§1.3)."""
+    return rewards - group_mean(rewards, groups, weights=mask.sum(-1))
+
+
+@register_estimator("gpg", reads_baseline=False)
+def gpg(rewards, groups, config, *, metric=None, step=0):
+    """A = alpha (r - group mean), alpha = B / max(1, number of non-zero rewards in the whole batch) (§1.3).
+    verl computes a group std and never uses it; its f_norm is 1."""
+    alpha = len(rewards) / (rewards != 0).sum().clamp(min=1).to(rewards.dtype)
+    return alpha * (rewards - group_mean(rewards, groups))
+
+
+@register_estimator("grpo_passk", reads_baseline=False)
+def grpo_passk(rewards, groups, config, *, metric=None, step=0):
+    """Pass@k (§1.3): only the best response of a group is non-zero, r_max - r_second, divided by
+    (std + eps) under norm_by_std. Tied maxima give every response 0. Groups of one are an error (verl)."""
+    if bool((groups.count < 2).any()):
+        raise ValueError(f"grpo_passk compares each group's best response with its second best: every group needs "
+                         f"at least 2 responses, got a group of {int(groups.count.min())}")
+    order = groups.sorted_order(rewards)
+    best_position = groups.starts + groups.count - 1
+    best_row = order[best_position]
+    gap = rewards[best_row] - rewards[order[best_position - 1]]
+    if config.norm_by_std:
+        gap = gap / (group_std(rewards, groups)[best_row] + config.epsilon)
+    return torch.zeros_like(rewards).index_copy_(0, best_row, gap)
+
+
+@register_estimator("adora", inputs=("mask",))
+def adora(rewards, groups, config, *, mask, metric=None, step=0):
+    """ADORA (§7): GRPO (a singleton keeps its raw reward), and the whole group times adora_lambda unless
+    it has a length advantage: longest correct response (r > adora_correct_score) strictly longer than
+    the mean length of the wrong ones shorter than adora_max_length. No correct response: scaled; correct
+    responses and no qualifying wrong one: not scaled."""
+    advantage = torch.where(groups.size > 1, grpo(rewards, groups, config), rewards)
+    lengths = mask.sum(-1)
+    correct = rewards > config.adora_correct_score
+    short_wrong = ~correct & (lengths < config.adora_max_length)
+    no_group = torch.full((len(groups.count),), float("-inf"), dtype=rewards.dtype, device=rewards.device)
+    longest_correct = no_group.scatter_reduce(0, groups.index[correct], lengths[correct], "amax", include_self=True)
+    wrong_count = groups.sum(short_wrong.to(rewards.dtype))
+    mean_wrong = torch.where(wrong_count > 0, groups.sum(lengths * short_wrong) / wrong_count.clamp(min=1), no_group)
+    length_advantage = (longest_correct > mean_wrong)[groups.index]
+    return torch.where(length_advantage, advantage, advantage * config.adora_lambda)
+
+
+# ---------------------------------------------------------------------------------------------
 # Public entry point
 # ---------------------------------------------------------------------------------------------
 
@@ -279,17 +422,77 @@ def _checked_vector(name: str, x: torch.Tensor, length: int, device) -> torch.Te
     return x
 
 
+def _missing_inputs_error(estimator: str, missing) -> ValueError:
+    """"ucas needs self_certainty and target_logits: pass them, ...": names and sources of the missing inputs."""
+    by_source: Dict[str, list] = {}
+    for name in missing:
+        by_source.setdefault(ADVANTAGE_INPUTS[name], []).append(name)
+    parts = [f"{' and '.join(names)}: {source.format(them='them' if len(names) > 1 else 'it')}"
+             for source, names in by_source.items()]
+    return ValueError(f"{estimator} needs " + "; ".join(parts))
+
+
+def _estimator_inputs(config, given: Dict[str, Optional[torch.Tensor]], rewards, mask, dtype):
+    """The declared inputs of ``config.estimator``, checked and in the statistics dtype."""
+    declared = ESTIMATOR_INPUTS.get(config.estimator, EstimatorInputs())
+    if not declared.reads_baseline and config.baseline != "mean":
+        raise ValueError(f"estimator {config.estimator!r} has a baseline of its own: baseline={config.baseline!r} "
+                         "does not apply to it (use baseline='mean')")
+    missing = [name for name in declared.required if given[name] is None]
+    if missing:
+        raise _missing_inputs_error(config.estimator, missing)
+    valid = None if mask is None else mask != 0
+    inputs = {}
+    for name in declared.required + declared.optional:
+        x = given[name]
+        if x is None:
+            inputs[name] = None
+            continue
+        if name == "mask":
+            inputs[name] = x.to(dtype)
+            continue
+        if name in _ROW_INPUTS:
+            inputs[name] = _checked_vector(name, x, len(rewards), rewards.device).to(dtype)
+            continue
+        if valid is None:
+            raise ValueError(f"{name} [B, T] needs `mask` (the valid tokens) as well")
+        if not torch.is_tensor(x) or x.shape != valid.shape or x.device != rewards.device:
+            raise ValueError(f"{name} must be [B, T] = {tuple(valid.shape)} on {rewards.device}, "
+                             f"got {tuple(getattr(x, 'shape', ()))} on {getattr(x, 'device', type(x).__name__)}")
+        if name in _INTEGER_INPUTS:
+            if x.is_floating_point() or x.dtype == torch.bool:
+                raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
+            inputs[name] = x
+            continue
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+        if not (torch.isfinite(x) | ~valid).all():
+            raise ValueError(f"{name} contains NaN or inf at valid (mask=1) positions")
+        # Padding may hold anything (e.g. +inf certainty of a masked vocabulary): it is never read.
+        inputs[name] = torch.where(valid, x.detach().to(dtype), torch.zeros((), dtype=dtype, device=x.device))
+    return inputs
+
+
 @torch.no_grad()
 def compute_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, config: Optional[AdvantageConfig] = None,
                        metric: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
                        token_entropy: Optional[torch.Tensor] = None, step: int = 0,
-                       backend: str = "torch") -> torch.Tensor:
-    """Per-response advantages [B] (float32; float64 for float64 rewards). Always detached.
+                       backend: str = "torch", *, values: Optional[torch.Tensor] = None,
+                       baseline_rewards: Optional[torch.Tensor] = None, token_ids: Optional[torch.Tensor] = None,
+                       self_certainty: Optional[torch.Tensor] = None, target_logits: Optional[torch.Tensor] = None,
+                       old_logprobs: Optional[torch.Tensor] = None, sum_pi_squared: Optional[torch.Tensor] = None,
+                       rollout_is_weights: Optional[torch.Tensor] = None, with_returns: bool = False):
+    """Advantages (float32; float64 for float64 rewards), always detached: [B] for the per-response
+    estimators, [B, T] (0 at padding) for the token-level ones (reinforce_plus_plus, gae,
+    optimal_token_baseline, ucas, ktae). ``with_returns=True`` returns ``(advantages, returns)``.
 
-    rewards [B] outcome scores; group_ids [B] int prompt ids (any order, groups need not be
-    contiguous); metric [B] the CANON sort key (overrides the one derived from mask/token_entropy);
-    mask [B, T] valid response tokens (CANON length and entropy); token_entropy [B, T] the rollout
-    policy's token entropy (CANON entropy); step the trainer's global step (CANON schedules, random).
+    rewards [B] outcome scores (the score of the whole response, as at its last valid token);
+    group_ids [B] int prompt ids (any order, groups need not be contiguous); metric [B] the CANON sort
+    key (overrides the one derived from mask/token_entropy); mask [B, T] valid response tokens;
+    token_entropy [B, T] the rollout policy's token entropy (CANON entropy); step the trainer's global
+    step (CANON schedules, random). Each estimator declares the other inputs it needs
+    (``ESTIMATOR_INPUTS``; what each one is: ``ADVANTAGE_INPUTS``); a missing one is a ValueError saying
+    where it comes from. Padded positions of [B, T] inputs are never read.
     backend "triton" runs the built-in estimators on float32 rewards in one Triton program per group
     (kernels/advantages.py); everything else (float64, user-registered estimators) runs here.
     """
@@ -314,15 +517,24 @@ def compute_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, config: O
     dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     rewards = rewards.to(dtype)
     groups = Groups.from_ids(group_ids)
+    inputs = _estimator_inputs(config, dict(
+        mask=mask, values=values, baseline_rewards=baseline_rewards, token_ids=token_ids,
+        self_certainty=self_certainty, target_logits=target_logits, old_logprobs=old_logprobs,
+        sum_pi_squared=sum_pi_squared, rollout_is_weights=rollout_is_weights), rewards, mask, dtype)
     key = None
     if config.estimator == "canon":
         key = _canon_metric(config, rewards, metric, mask, token_entropy, step)
     if backend == "triton" and dtype == torch.float32 and _is_builtin(config.estimator):
         from .kernels.advantages import triton_compute_advantages
 
-        advantages = triton_compute_advantages(rewards, groups, config, metric=key, step=step)
+        result = triton_compute_advantages(rewards, groups, config, metric=key, step=step)
     else:
-        advantages = ESTIMATORS[config.estimator](rewards, groups, config, metric=key, step=step)
-    if not torch.isfinite(advantages).all():
-        raise FloatingPointError(f"estimator {config.estimator!r} produced non-finite advantages")
-    return advantages
+        result = ESTIMATORS[config.estimator](rewards, groups, config, metric=key, step=step, **inputs)
+    advantages, returns = result if isinstance(result, tuple) else (result, result)
+    for name, x in (("advantages", advantages), ("returns", returns)):
+        if x.shape != rewards.shape and (mask is None or x.shape != mask.shape):
+            raise ValueError(f"estimator {config.estimator!r} returned {name} of shape {tuple(x.shape)}; "
+                             f"expected [B] = {tuple(rewards.shape)} or [B, T]")
+        if not torch.isfinite(x).all():
+            raise FloatingPointError(f"estimator {config.estimator!r} produced non-finite {name}")
+    return (advantages, returns) if with_returns else advantages
