@@ -161,6 +161,9 @@ class LossConfig:
     kl_type: str = "k3"
     temperature: float = 1.0
     seed: int = 0  # clip_cov's random token choice
+    # sapo's soft gate temperatures: tau_pos where A > 0, tau_neg elsewhere (ALGORITHMS.md §1.7).
+    sapo_tau_pos: float = 1.0
+    sapo_tau_neg: float = 1.05
 
     def __post_init__(self):
         if isinstance(self.advantage, dict):
@@ -170,8 +173,11 @@ class LossConfig:
         _check_choice("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
         _check_choice("kl_type", self.kl_type, KL_TYPES)
         for name in ("clip_ratio_low", "clip_ratio_high", "clip_cov_ratio", "clip_cov_lb", "clip_cov_ub",
-                     "kl_cov_ratio", "ppo_kl_coef", "entropy_coeff", "kl_coef", "temperature"):
+                     "kl_cov_ratio", "ppo_kl_coef", "entropy_coeff", "kl_coef", "temperature", "sapo_tau_pos",
+                     "sapo_tau_neg"):
             _check_finite(name, getattr(self, name))
+        if self.sapo_tau_pos <= 0 or self.sapo_tau_neg <= 0:
+            raise ValueError(f"sapo_tau_pos and sapo_tau_neg must be > 0, got {self.sapo_tau_pos}, {self.sapo_tau_neg}")
         if self.clip_ratio_low < 0 or self.clip_ratio_high < 0:
             raise ValueError("clip_ratio_low and clip_ratio_high must be >= 0")
         if self.clip_ratio_c is not None:

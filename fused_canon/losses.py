@@ -263,6 +263,59 @@ def is_builtin_policy_loss(name: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# More policy losses of verl 0.9.1 (§1.7): torch only (the objective is O(N) work on [B, T] vectors)
+# ---------------------------------------------------------------------------------------------
+
+def _unclipped_metrics(log_ratio: torch.Tensor, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The verl metrics of a loss that clips nothing: clip fractions 0, ppo_kl = masked mean of old - logp."""
+    zero = torch.zeros((), device=log_ratio.device)
+    return {"actor/pg_clipfrac": zero, "actor/ppo_kl": masked_mean(-log_ratio, mask), "actor/pg_clipfrac_lower": zero}
+
+
+@register_policy_loss("sapo")
+def sapo(logp, old_logp, advantages, mask, config, *, step=0):
+    """SAPO: a soft gate instead of a clip, token loss -sigmoid(tau (rho - 1)) (4 / tau) A, with
+    tau = sapo_tau_pos where A > 0 and sapo_tau_neg elsewhere, rho = exp(clamp(logp - old, +-20)).
+    Aggregated with loss_agg_mode; verl 0.9.1 forces seq-mean-token-mean whatever the config says."""
+    log_ratio = torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    tau = torch.where(advantages > 0, torch.full_like(advantages, config.sapo_tau_pos),
+                      torch.full_like(advantages, config.sapo_tau_neg))
+    gate = torch.sigmoid(tau * (torch.exp(log_ratio) - 1.0)) * (4.0 / tau)
+    return TokenLoss(-gate * advantages, _unclipped_metrics(log_ratio, mask))
+
+
+@register_policy_loss("gpg")
+def gpg(logp, old_logp, advantages, mask, config, *, step=0):
+    """GPG: plain policy gradient -A logp, no ratio and no clip (old log-probs only feed ppo_kl)."""
+    return TokenLoss(-advantages * logp, _unclipped_metrics(logp - old_logp, mask))
+
+
+GEO_MEAN_AGG_MODE = "seq-mean-token-mean"
+
+
+@register_policy_loss("geo_mean")
+def geo_mean(logp, old_logp, advantages, mask, config, *, step=0):
+    """GMPO, a sequence-level objective: ratio_i = exp(mean_t of the clipped log-ratio) with the clip on
+    the log-ratio, d~ = s min(s d, s clamp(d, -clip_ratio_low, clip_ratio_high)), s = sign(A), no +-20
+    clamp; loss = -mean over sequences of ratio_i times the sequence's mean advantage. As a token loss
+    -A_t ratio_i aggregated seq-mean-token-mean this is exactly verl's value; other modes are refused.
+    Clip fractions: masked mean of [d != clamp(d)] where A > 0 (pg_clipfrac) and A < 0 (lower)."""
+    if config.loss_agg_mode != GEO_MEAN_AGG_MODE:
+        raise ValueError(f"loss_mode='geo_mean' (GMPO) is a sequence-level objective: it needs "
+                         f"loss_agg_mode={GEO_MEAN_AGG_MODE!r}, got {config.loss_agg_mode!r}")
+    log_ratio = logp - old_logp
+    sign = torch.sign(advantages)
+    bounded = torch.clamp(log_ratio, -config.clip_ratio_low, config.clip_ratio_high)
+    clipped_log_ratio = sign * torch.minimum(sign * log_ratio, sign * bounded)
+    seq_ratio = torch.exp((clipped_log_ratio * mask).sum(-1) / (mask.sum(-1) + 1e-8))
+    clipped = (log_ratio != bounded).float()
+    metrics = {"actor/pg_clipfrac": masked_mean(clipped * (advantages > 0), mask),
+               "actor/ppo_kl": masked_mean(-log_ratio, mask),
+               "actor/pg_clipfrac_lower": masked_mean(clipped * (advantages < 0), mask)}
+    return TokenLoss(-advantages * seq_ratio[:, None], metrics)
+
+
+# ---------------------------------------------------------------------------------------------
 # The whole objective
 # ---------------------------------------------------------------------------------------------
 

@@ -174,8 +174,8 @@ def test_unknown_estimator_lists_registered_names():
 
 def test_unknown_loss_mode_lists_registered_names():
     logits, targets, mask = batch()
-    with pytest.raises(ValueError, match=r"unknown loss_mode 'sapo'.*'cispo'"):
-        call(logits, targets, mask, config=fc.LossConfig(loss_mode="sapo"))
+    with pytest.raises(ValueError, match=r"unknown loss_mode 'no_such_loss'.*'cispo'.*'sapo'"):
+        call(logits, targets, mask, config=fc.LossConfig(loss_mode="no_such_loss"))
 
 
 def test_unknown_backend():

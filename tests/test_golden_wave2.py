@@ -13,7 +13,8 @@ Three kinds of case rest on an upstream quirk (their `note`), handled as follows
 import pytest
 import torch
 
-from golden import load_cases, run_case
+import fused_canon as fc
+from golden import FORCED_AGG_MODE, load_cases, run_case
 from helpers import relative_error
 
 CASES = load_cases("upstream_cases_wave2")
@@ -34,9 +35,10 @@ def test_wave2_file_has_every_method():
     assert {name for kind, name in names if kind == "advantage"} == {
         "reinforce_plus_plus", "reinforce_plus_plus_baseline", "remax", "opo", "gpg", "grpo_passk", "gae",
         "optimal_token_baseline", "ucas", "ktae", "adora"}
+    assert {name for kind, name in names if kind == "policy_loss"} == {"sapo", "gpg", "geo_mean"}
 
 
-ADVANTAGE_AND_LOSS_CASES = [(i, c) for i, c in enumerate(CASES) if c["kind"] == "advantage"]
+ADVANTAGE_AND_LOSS_CASES = [(i, c) for i, c in enumerate(CASES) if c["kind"] in ("advantage", "policy_loss")]
 
 
 @pytest.mark.parametrize("index_case", ADVANTAGE_AND_LOSS_CASES, ids=_case_id)
@@ -61,3 +63,38 @@ def test_ktae_float_p_differs_from_exact_p_only_where_noted():
         (actual, _), = [pair for name, pair in run_case(case).items() if name == "expected_token"]
         assert relative_error(actual, exact) <= 1e-9
     assert differing > 0
+
+
+def _loss_inputs(case):
+    inputs = case["inputs"]
+    t = lambda v, d=torch.float64: torch.tensor(v, dtype=d)  # noqa: E731
+    return (t(inputs["logits"]), t(inputs["targets"], torch.long), t(inputs["mask"])), dict(
+        advantages=t(inputs["advantages"]), old_logprobs=t(inputs["old_logprobs"]))
+
+
+NOTED_LOSS_CASES = [(i, c) for i, c in enumerate(CASES) if c["kind"] == "policy_loss" and "note" in c]
+
+
+@pytest.mark.parametrize("index_case", NOTED_LOSS_CASES, ids=_case_id)
+def test_wave2_noted_loss_in_its_stated_mode(index_case):
+    """sapo honours the stated loss_agg_mode: its loss is agg_loss of the same token losses in that mode;
+    geo_mean refuses any mode but seq-mean-token-mean."""
+    _, case = index_case
+    config = dict(case["config"])
+    (logits, targets, mask), kwargs = _loss_inputs(case)
+    if config["loss_mode"] == "geo_mean":
+        if config["loss_agg_mode"] == FORCED_AGG_MODE["geo_mean"]:
+            return  # stated and forced mode agree: covered by test_wave2_case_torch_fp64
+        with pytest.raises(ValueError, match="geo_mean.*sequence-level.*seq-mean-token-mean"):
+            fc.policy_loss(logits, targets, mask, config=fc.LossConfig(**config), backend="torch", **kwargs)
+        return
+    stated = fc.LossConfig(**config)
+    out = fc.policy_loss(logits, targets, mask, config=stated, backend="torch", **kwargs)
+    logp, _ = fc.token_stats(logits, targets, temperature=stated.temperature, backend="torch")
+    token_loss = fc.POLICY_LOSSES["sapo"](logp, kwargs["old_logprobs"], kwargs["advantages"][:, None] * mask, mask,
+                                          stated).values
+    expected = fc.agg_loss(token_loss, mask, stated.loss_agg_mode)
+    assert relative_error(out.loss.detach(), expected) <= 1e-12
+    forced = fc.policy_loss(logits, targets, mask, backend="torch", **kwargs,
+                            config=fc.LossConfig(**{**config, "loss_agg_mode": FORCED_AGG_MODE["sapo"]}))
+    assert relative_error(forced.loss.detach(), torch.tensor(case["expected"]["loss"], dtype=torch.float64)) <= 1e-9
