@@ -41,7 +41,8 @@ gradient counts as 0), processes the valid rows in chunks of ``CHUNK_N`` rows
    ``logp`` and ``entropy`` (``1 - p_y = -expm1(logp)``, ``z_y - zbar = logp + entropy``), so
    that the gradient of a very peaked row keeps its relative precision.
 2. ``_linear_token_stats_dhidden_kernel``, grid ``(cdiv(CHUNK_N, G), cdiv(H, G))`` with
-   ``G = gemm_block_out`` (128) output tiles and V in ``gemm_block_k`` (64) steps:
+   ``G = gemm_block_out`` (128) output tiles and V in ``gemm_block_k`` steps (64 for bf16
+   tensor-core operands, 32 for fp32 operands):
    ``grad_hidden[rows] = dlogits @ W``, the whole V reduction in one fp32 register accumulator,
    written straight into the ``row_index`` rows of ``grad_hidden`` (each row is owned by one
    program, so no accumulation across chunks is needed).
@@ -434,9 +435,11 @@ def _linear_token_stats_dweight_kernel(
     tl.store(grad_weight_ptr + out_offsets, acc.to(grad_weight_ptr.dtype.element_ty), mask=out_mask)
     if COMPUTE_BIAS:
         # Every H-block program of this vocabulary tile has the same column sums; the first writes.
-        bias_mask = col_ok & (pid_h == 0)
-        previous = tl.load(grad_bias_ptr + cols, mask=bias_mask, other=0.0)
-        tl.store(grad_bias_ptr + cols, previous + bias_acc, mask=bias_mask)
+        # A uniform branch, not a `col_ok & (pid_h == 0)` mask: Triton 3.9's interpreter turns a
+        # bool block & a bool scalar into int32 and rejects it as a mask.
+        if pid_h == 0:
+            previous = tl.load(grad_bias_ptr + cols, mask=col_ok, other=0.0)
+            tl.store(grad_bias_ptr + cols, previous + bias_acc, mask=col_ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,7 +456,8 @@ class LinearTokenStatsBlocks:
     * ``gemm_block_out, gemm_block_k``: the two backward GEMMs write square
       ``gemm_block_out``-sized output tiles (grad_hidden: rows x H, grad_weight: V x H) and step
       through their reduction (V, resp. the chunk's rows) ``gemm_block_k`` at a time. Large
-      output tiles keep their operands' re-reads (and so memory traffic) low.
+      output tiles keep their operands' re-reads (and so memory traffic) low. ``gemm_block_k``
+      None picks it per ``tl.dot`` operand dtype (``_gemm_tiles``).
     * ``backward_chunk_rows``: the number of valid rows whose ``dlogits`` live in the workspace
       at once (rounded up to a multiple of ``block_n``); None sizes it to
       ``DEFAULT_WORKSPACE_BYTES``.
@@ -465,7 +469,7 @@ class LinearTokenStatsBlocks:
     block_v: int = 128
     block_h: int = 32
     gemm_block_out: int = 128
-    gemm_block_k: int = 64
+    gemm_block_k: int | None = None
     num_warps: int = 8
     num_stages: int = 3
     backward_chunk_rows: int | None = None
@@ -473,6 +477,8 @@ class LinearTokenStatsBlocks:
     def __post_init__(self):
         for name in ("block_n", "block_v", "block_h", "gemm_block_out", "gemm_block_k"):
             value = getattr(self, name)
+            if value is None and name == "gemm_block_k":
+                continue
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two, got {value}")
         if self.backward_chunk_rows is not None and self.backward_chunk_rows < 1:
@@ -486,6 +492,17 @@ def _launch_options(blocks: LinearTokenStatsBlocks, dot_operand_dtype: torch.dty
     unpipelined (num_stages=1)."""
     stages = 1 if dot_operand_dtype == torch.float32 else blocks.num_stages
     return {"num_warps": blocks.num_warps, "num_stages": stages}
+
+
+def _gemm_tiles(blocks: LinearTokenStatsBlocks, dot_operand_dtype: torch.dtype) -> tuple[int, int, dict]:
+    """``(block_out, block_k, launch options)`` of the two backward GEMMs for this tl.dot operand
+    dtype. The default reduction step is 64 on tensor cores (bf16 / fp16 operands) and 32 for
+    fp32 operands: at 64 their FMA path spills up to 16.5 KB per thread on Triton 3.8 and 3.9
+    (ptxas -v, sm_80; sm_90 too on 3.9; 3.6 and 3.7 fit); at 32 every supported version fits."""
+    block_k = blocks.gemm_block_k
+    if block_k is None:
+        block_k = 32 if dot_operand_dtype == torch.float32 else 64
+    return blocks.gemm_block_out, block_k, _launch_options(blocks, dot_operand_dtype)
 
 
 def _resolve_blocks(block_sizes) -> LinearTokenStatsBlocks:
@@ -646,8 +663,7 @@ def _backward(hidden, weight, bias, targets, row_index, logp, entropy, lse, zbar
 
     dlogits_args = dict(BLOCK_N=blocks.block_n, BLOCK_V=blocks.block_v, BLOCK_H=blocks.block_h,
                         **_launch_options(blocks, torch.float32 if upcast_forward else hidden.dtype))
-    gemm_options = _launch_options(blocks, torch.float32 if upcast_gemm else hidden.dtype)
-    out_block, k_block = blocks.gemm_block_out, blocks.gemm_block_k
+    out_block, k_block, gemm_options = _gemm_tiles(blocks, torch.float32 if upcast_gemm else hidden.dtype)
     dhidden_args = dict(BLOCK_N=out_block, BLOCK_V=k_block, BLOCK_H=out_block, **gemm_options)
     dweight_args = dict(BLOCK_N=k_block, BLOCK_V=out_block, BLOCK_H=out_block, **gemm_options)
     for chunk in range(num_chunks):
@@ -747,8 +763,8 @@ def triton_linear_token_stats(hidden, weight, targets, row_index, bias=None, tem
 # Entries are (kernel, signature, constexprs, options): the signature names every argument in
 # order with its Triton type ("constexpr" for compile-time ones); options are triton.compile
 # options plus "div16", the integer arguments to compile with a divisible-by-16 hint (what the
-# JIT infers at H = 4096, V = 151,936). One entry per kernel and input dtype, with the launch
-# options _launch_options() picks for it.
+# JIT infers at H = 4096, V = 151,936). One entry per kernel and input dtype, with the tiles and
+# launch options _launch_options() / _gemm_tiles() pick for it.
 
 _AOT_BLOCKS = LinearTokenStatsBlocks()
 _AOT_SIZES = {"n_valid": "i32", "vocab_size": "i32", "hidden_size": "i32", "chunk_start": "i32",
@@ -757,12 +773,12 @@ _AOT_SIZES = {"n_valid": "i32", "vocab_size": "i32", "hidden_size": "i32", "chun
 _TRITON_TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def _aot_entry(kernel, pointer_types, dot_operand_dtype, blocks, **constexprs):
+def _aot_entry(kernel, pointer_types, launch_options, blocks, **constexprs):
     constexprs = {"BLOCK_N": blocks[0], "BLOCK_V": blocks[1], "BLOCK_H": blocks[2], **constexprs}
     types = {**_AOT_SIZES, **pointer_types}
     signature = {arg: ("constexpr" if arg in constexprs else types[arg]) for arg in kernel.arg_names}
     div16 = [arg for arg in signature if arg in ("vocab_size", "hidden_size") or arg.startswith("stride_")]
-    return kernel, signature, constexprs, {**_launch_options(_AOT_BLOCKS, dot_operand_dtype), "div16": div16}
+    return kernel, signature, constexprs, {**launch_options, "div16": div16}
 
 
 def _aot_entries(dtype: torch.dtype):
@@ -778,16 +794,18 @@ def _aot_entries(dtype: torch.dtype):
             "row_index_ptr": "*i64", "grad_hidden_ptr": f"*{ty}", "grad_weight_ptr": "*fp32", "grad_bias_ptr": "*fp32"}
     b = _AOT_BLOCKS
     tile_blocks = (b.block_n, b.block_v, b.block_h)  # (BLOCK_N, BLOCK_V, BLOCK_H) as _backward passes them
-    dhidden_blocks = (b.gemm_block_out, b.gemm_block_k, b.gemm_block_out)
-    dweight_blocks = (b.gemm_block_k, b.gemm_block_out, b.gemm_block_out)
+    tile_options = _launch_options(b, dtype)
+    out_block, k_block, gemm_options = _gemm_tiles(b, gemm_dot)
+    dhidden_blocks = (out_block, k_block, out_block)
+    dweight_blocks = (k_block, out_block, out_block)
     return [
-        _aot_entry(_linear_token_stats_fwd_kernel, stats, dtype, tile_blocks, HAS_BIAS=True,
+        _aot_entry(_linear_token_stats_fwd_kernel, stats, tile_options, tile_blocks, HAS_BIAS=True,
                    UPCAST_DOT_INPUTS=False),
-        _aot_entry(_linear_token_stats_dlogits_kernel, stats, dtype, tile_blocks, HAS_BIAS=True,
+        _aot_entry(_linear_token_stats_dlogits_kernel, stats, tile_options, tile_blocks, HAS_BIAS=True,
                    UPCAST_DOT_INPUTS=False),
-        _aot_entry(_linear_token_stats_dhidden_kernel, gemm_pointers, gemm_dot, dhidden_blocks,
+        _aot_entry(_linear_token_stats_dhidden_kernel, gemm_pointers, gemm_options, dhidden_blocks,
                    UPCAST_DOT_INPUTS=gemm_dot != dtype),
-        _aot_entry(_linear_token_stats_dweight_kernel, gemm_pointers, gemm_dot, dweight_blocks, ACCUMULATE=True,
+        _aot_entry(_linear_token_stats_dweight_kernel, gemm_pointers, gemm_options, dweight_blocks, ACCUMULATE=True,
                    COMPUTE_BIAS=True, UPCAST_DOT_INPUTS=gemm_dot != dtype),
     ]
 
