@@ -1,38 +1,75 @@
-"""The public loss: ``policy_loss`` (from logits), ``linear_policy_loss`` (from hidden states), ``FusedPolicyLoss``.
+"""The public entry points: ``token_stats``, ``policy_loss`` (from logits), ``linear_policy_loss`` (from hidden
+states), ``policy_loss_from_logprobs`` (from the caller's log-probs) and ``FusedPolicyLoss``.
 
-One call runs the three stages of DESIGN.md §4:
-  1. per-token statistics of the valid rows only (log-prob of the target, entropy), by a backend:
-     the torch reference, the Triton logits kernels, or the Triton fused LM-head kernels;
-  2. O(N + B) work on [B, T] vectors: advantages (when rewards are given), the policy objective,
-     aggregation and metrics (estimators.py, losses.py — shared by every backend);
-  3. the backward: autograd through stage 2 yields dL/dlogp and dL/dH per token, and the backend's
-     own backward turns them into dlogits (or dhidden, dweight, dbias) in the coefficient form.
+One loss call runs the stages of DESIGN.md §4, each an op of the dispatch table (backends.py):
+  1. per-token statistics of the valid rows only (log-prob of the target, entropy): ``token_stats``
+     from logits, ``linear_token_stats`` from hidden states and the LM head. ``policy_loss_from_logprobs``
+     starts after this stage, with the caller's own log-probs;
+  2. O(N + B) work on [B, T] vectors, one path for all three entry points (``_loss_from_logprobs``):
+     ``advantages`` (when rewards are given) and the ``objective`` (policy loss, aggregation, metrics);
+  3. the backward: autograd through stage 2 yields dL/dlogp and dL/dH per token, and the statistics
+     backend's own backward turns them into dlogits (or dhidden, dweight, dbias) in the coefficient form.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
+from .backends import LINEAR_TOKEN_STATS, OBJECTIVE, TOKEN_STATS, select
 from .config import LossConfig
-from .estimators import compute_advantages
-from .losses import Normalizers, is_builtin_policy_loss, policy_objective
-from .token_stats import resolve_backend, row_token_stats, scatter_rows, valid_row_index
+from .estimators import advantages_and_choice
+from .losses import Normalizers
 from .validation import (check_advantages, check_logits_and_targets, check_mask, check_per_token, check_tensor,
                          check_targets_in_range, FLOAT_DTYPES)
 
-__all__ = ["LossOutput", "policy_loss", "linear_policy_loss", "FusedPolicyLoss"]
+__all__ = ["LossOutput", "token_stats", "policy_loss", "linear_policy_loss", "policy_loss_from_logprobs",
+           "FusedPolicyLoss"]
 
 
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # scalar, differentiable w.r.t. the inputs
-    logprobs: torch.Tensor  # [B, T] fp32, detached, 0 at padded positions
-    entropy: torch.Tensor  # [B, T] fp32, detached, 0 at padded positions
+    logprobs: torch.Tensor  # [B, T], detached, 0 at padded positions (fp32; the caller's dtype from logprobs)
+    entropy: Optional[torch.Tensor]  # [B, T] like logprobs; None when policy_loss_from_logprobs got no entropy
     advantages: torch.Tensor  # [B] (or [B, T] for token-level advantages), detached
     metrics: Dict[str, float] = field(default_factory=dict)  # verl metric names
+    # What ran for each stage and why, e.g. {"token_stats": "triton (auto: cuda tensors)",
+    # "advantages": "torch (auto: estimator 'mine' has no Triton kernel ...)", "objective": "triton (requested)"}.
+    # Keys are the ops of backends.py that ran; "advantages" only when rewards were given.
+    backends: Dict[str, str] = field(default_factory=dict)
+
+
+def valid_row_index(mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices b*T + t of the valid tokens, int64 [N]."""
+    return mask.reshape(-1).nonzero().squeeze(-1)
+
+
+def scatter_rows(values: torch.Tensor, row_index: torch.Tensor, shape) -> torch.Tensor:
+    """Place per-valid-row values into a zero [B, T] tensor (differentiable)."""
+    out = torch.zeros(shape[0] * shape[1], dtype=values.dtype, device=values.device)
+    return out.index_put((row_index,), values).reshape(shape)
+
+
+def token_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of ``targets`` and entropy of each position: ``logits [..., V]``, ``targets [...]``.
+
+    Returns ``(logprobs, entropy)`` in fp32 (fp64 for fp64 logits), shaped like ``targets``, both
+    differentiable w.r.t. ``logits``. ``temperature`` divides the logits first.
+    """
+    check_logits_and_targets(logits, targets)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    stats = select(TOKEN_STATS, backend, logits)
+    shape = targets.shape
+    logits3d = logits.reshape(1, -1, logits.shape[-1]) if logits.dim() != 3 else logits
+    targets2d = targets.reshape(logits3d.shape[:2])
+    row_index = torch.arange(targets2d.numel(), device=logits.device)
+    logp, entropy = stats.fn(logits3d, targets2d, row_index, temperature)
+    return logp.reshape(shape), entropy.reshape(shape)
 
 
 def _check_normalizer(name: str, value) -> None:
@@ -40,23 +77,21 @@ def _check_normalizer(name: str, value) -> None:
         raise ValueError(f"{name} must be > 0 (the global count over all micro-batches and ranks), got {value}")
 
 
-def _objective(backend, logp, entropy, mask, advantages, old, ref, config, norm, step):
-    """Stage 2's objective: the Triton kernel for built-in losses on fp32 statistics, else the reference."""
-    objective = policy_objective
-    if backend == "triton" and logp.dtype == torch.float32 and is_builtin_policy_loss(config.loss_mode):
-        from .kernels.objective import triton_policy_objective as objective
-    return objective(logp, entropy, mask, advantages, old, ref, config, norm, step=step)
+def _check_common(mask, shape, device, config, global_num_tokens, global_num_seqs):
+    if not isinstance(config, LossConfig):
+        raise TypeError(f"config must be a fused_canon.LossConfig, got {type(config).__name__}")
+    _check_normalizer("global_num_tokens", global_num_tokens)
+    _check_normalizer("global_num_seqs", global_num_seqs)
+    return check_mask(mask, shape, device)
 
 
-def _loss_from_stats(logp_rows, entropy_rows, row_index, mask, *, backend, rewards, group_ids, advantages,
-                     old_logprobs, ref_logprobs, metric, config, step, global_num_tokens,
-                     global_num_seqs) -> LossOutput:
-    """Stages 2-3 shared by the logits and the LM-head paths."""
+def _loss_from_logprobs(logp, entropy, mask, row_index, *, backend, rewards, group_ids, advantages, old_logprobs,
+                        ref_logprobs, metric, config, step, global_num_tokens, global_num_seqs,
+                        backends) -> LossOutput:
+    """Stage 2, shared by every entry point: ``logp`` / ``entropy`` [B, T] with zeros at padded positions
+    (``entropy`` may be None), ``row_index`` the valid rows of ``mask``; ``backends`` what ran so far."""
     shape = mask.shape
-    logp = scatter_rows(logp_rows, row_index, shape)
-    entropy = scatter_rows(entropy_rows, row_index, shape)
     device = mask.device
-
     if advantages is not None:
         if rewards is not None:
             raise ValueError("pass either `advantages` or `rewards` + `group_ids`, not both")
@@ -69,16 +104,19 @@ def _loss_from_stats(logp_rows, entropy_rows, row_index, mask, *, backend, rewar
         if rewards.shape != (shape[0],):
             raise ValueError(f"rewards must be [B={shape[0]}], got {tuple(rewards.shape)}")
         needs_entropy = config.advantage.estimator == "canon" and config.advantage.canon_metric == "entropy"
-        reported_advantages = compute_advantages(
+        reported_advantages, choice = advantages_and_choice(
             rewards.to(logp.dtype) if rewards.is_floating_point() else rewards, group_ids, config.advantage,
-            metric=metric, mask=mask, token_entropy=entropy.detach() if needs_entropy else None, step=step,
-            backend=backend)
+            metric=metric, mask=mask, token_entropy=entropy.detach() if needs_entropy and entropy is not None else None,
+            step=step, backend=backend)
+        backends["advantages"] = choice.describe()
         token_advantages = reported_advantages[:, None].expand(shape)
 
     old = check_per_token("old_logprobs", old_logprobs, shape, device, mask)
     ref = check_per_token("ref_logprobs", ref_logprobs, shape, device, mask)
     norm = Normalizers(global_num_tokens, global_num_seqs, config.loss_scale_factor)
-    loss, metrics = _objective(backend, logp, entropy, mask, token_advantages, old, ref, config, norm, step)
+    objective = select(OBJECTIVE, backend, logp, name=config.loss_mode)
+    backends[OBJECTIVE] = objective.describe()
+    loss, metrics = objective.fn(logp, entropy, mask, token_advantages, old, ref, config, norm, step=step)
 
     valid_advantages = token_advantages.detach().reshape(-1).index_select(0, row_index)  # in mask order
     if valid_advantages.numel() > 0:
@@ -89,16 +127,48 @@ def _loss_from_stats(logp_rows, entropy_rows, row_index, mask, *, backend, rewar
         metrics["critic/score/mean"] = rewards.detach().float().mean()
     names = list(metrics)
     values = torch.stack([metrics[k].detach().to(device=device, dtype=torch.float64) for k in names]).tolist()
-    return LossOutput(loss=loss, logprobs=logp.detach(), entropy=entropy.detach(),
-                      advantages=reported_advantages, metrics=dict(zip(names, values)))
+    return LossOutput(loss=loss, logprobs=logp.detach(), entropy=None if entropy is None else entropy.detach(),
+                      advantages=reported_advantages, metrics=dict(zip(names, values)), backends=backends)
 
 
-def _check_common(mask, shape, device, config, global_num_tokens, global_num_seqs):
-    if not isinstance(config, LossConfig):
-        raise TypeError(f"config must be a fused_canon.LossConfig, got {type(config).__name__}")
-    _check_normalizer("global_num_tokens", global_num_tokens)
-    _check_normalizer("global_num_seqs", global_num_seqs)
-    return check_mask(mask, shape, device)
+def policy_loss_from_logprobs(logprobs: torch.Tensor, mask: torch.Tensor, *, entropy: Optional[torch.Tensor] = None,
+                              rewards: Optional[torch.Tensor] = None, group_ids: Optional[torch.Tensor] = None,
+                              advantages: Optional[torch.Tensor] = None, old_logprobs: Optional[torch.Tensor] = None,
+                              ref_logprobs: Optional[torch.Tensor] = None, metric: Optional[torch.Tensor] = None,
+                              config: Optional[LossConfig] = None, step: int = 0,
+                              global_num_tokens: Optional[float] = None, global_num_seqs: Optional[float] = None,
+                              backend: str = "auto") -> LossOutput:
+    """``policy_loss`` from per-token log-probs the caller computed itself (TRL's or verl's own pass).
+
+    ``logprobs [B, T]`` (float, differentiable: the gradient flows back into them) are the log-probs of
+    the sampled tokens under the tempered policy (``config.temperature`` is not applied again);
+    ``entropy [B, T]`` the per-token entropy, differentiable when ``config.entropy_coeff != 0``. Both may
+    hold anything at padded positions. Every other keyword, the config, the metrics and the errors are
+    those of ``policy_loss``. Without ``entropy``, ``entropy_coeff`` must be 0, CANON's entropy metric
+    needs ``metric=``, and the metric ``actor/entropy`` is not reported (``LossOutput.entropy`` is None).
+    The Triton objective takes fp32 log-probs.
+    """
+    config = config or LossConfig()
+    if not torch.is_tensor(logprobs) or logprobs.dim() != 2:
+        raise ValueError(f"logprobs must be [B, T], got {getattr(logprobs, 'shape', type(logprobs))}")
+    if not logprobs.is_floating_point():
+        raise TypeError(f"logprobs must be a floating tensor, got {logprobs.dtype}")
+    shape, device = logprobs.shape, logprobs.device
+    mask = _check_common(mask, shape, device, config, global_num_tokens, global_num_seqs)
+    check_per_token("logprobs", logprobs, shape, device, mask)
+    if entropy is not None:
+        check_per_token("entropy", entropy, shape, device, mask)
+        entropy = torch.where(mask, entropy, torch.zeros_like(entropy))
+    elif config.entropy_coeff != 0:
+        raise ValueError(f"entropy_coeff={config.entropy_coeff} needs the per-token `entropy` (differentiable)")
+    elif (rewards is not None and advantages is None and metric is None and config.advantage.estimator == "canon"
+          and config.advantage.canon_metric == "entropy"):
+        raise ValueError("canon_metric='entropy' needs the per-token `entropy`, or the per-response `metric`")
+    logp = torch.where(mask, logprobs, torch.zeros_like(logprobs))  # padded positions may hold anything
+    return _loss_from_logprobs(logp, entropy, mask, valid_row_index(mask), backend=backend, rewards=rewards,
+                               group_ids=group_ids, advantages=advantages, old_logprobs=old_logprobs,
+                               ref_logprobs=ref_logprobs, metric=metric, config=config, step=step,
+                               global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs, backends={})
 
 
 def policy_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *,
@@ -115,47 +185,23 @@ def policy_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
     pass's own token entropy, unless ``metric`` is passed). ``old_logprobs=None`` means on-policy.
     ``global_num_tokens`` / ``global_num_seqs`` are the normalizers over all micro-batches and ranks.
     ``inplace_backward=True`` (Triton only) writes dlogits over the logits buffer: only when nothing
-    else uses these logits afterwards.
+    else uses these logits afterwards. ``LossOutput.backends`` says what ran for each stage.
     """
     config = config or LossConfig()
     if not torch.is_tensor(logits) or logits.dim() != 3:
         raise ValueError(f"logits must be [B, T, V], got {getattr(logits, 'shape', type(logits))}")
     mask = _check_common(mask, logits.shape[:2], logits.device, config, global_num_tokens, global_num_seqs)
     check_logits_and_targets(logits, targets, mask)
-    backend = resolve_backend(backend, logits.device)
+    stats = select(TOKEN_STATS, backend, logits)
     row_index = valid_row_index(mask)
-    logp_rows, entropy_rows = row_token_stats(logits, targets, row_index, config.temperature, backend,
-                                              inplace_backward=inplace_backward)
-    return _loss_from_stats(logp_rows, entropy_rows, row_index, mask, backend=backend, rewards=rewards,
-                            group_ids=group_ids, advantages=advantages, old_logprobs=old_logprobs,
-                            ref_logprobs=ref_logprobs,
-                            metric=metric, config=config, step=step, global_num_tokens=global_num_tokens,
-                            global_num_seqs=global_num_seqs)
-
-
-# Rows of the reference LM-head path per chunk: bounds its [chunk, V] logits (recomputed in backward).
-LINEAR_REFERENCE_CHUNK_ROWS = 1024
-
-
-def _torch_linear_rows(hidden_rows, weight, bias, targets_rows, temperature):
-    """Reference LM-head statistics, chunk by chunk with activation checkpointing: memory O(chunk * V)."""
-    from torch.utils.checkpoint import checkpoint
-
-    from .token_stats import TorchTokenStats
-
-    def chunk_stats(h, w, b, t):
-        logits = h @ w.T if b is None else torch.addmm(b, h, w.T)
-        return TorchTokenStats.apply(logits, t, temperature)
-
-    logps, entropies = [], []
-    # At least one (possibly empty) chunk, so the loss stays connected to weight and bias.
-    for start in range(0, max(hidden_rows.shape[0], 1), LINEAR_REFERENCE_CHUNK_ROWS):
-        rows = slice(start, start + LINEAR_REFERENCE_CHUNK_ROWS)
-        logp, entropy = checkpoint(chunk_stats, hidden_rows[rows], weight, bias, targets_rows[rows],
-                                   use_reentrant=False)
-        logps.append(logp)
-        entropies.append(entropy)
-    return torch.cat(logps), torch.cat(entropies)
+    logp_rows, entropy_rows = stats.fn(logits, targets, row_index, config.temperature,
+                                       inplace_backward=inplace_backward)
+    return _loss_from_logprobs(scatter_rows(logp_rows, row_index, mask.shape),
+                               scatter_rows(entropy_rows, row_index, mask.shape), mask, row_index,
+                               backend=backend, rewards=rewards, group_ids=group_ids, advantages=advantages,
+                               old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, metric=metric, config=config,
+                               step=step, global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
+                               backends={TOKEN_STATS: stats.describe()})
 
 
 def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *,
@@ -186,23 +232,16 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     if targets.shape != hidden.shape[:2]:
         raise ValueError(f"targets shape {tuple(targets.shape)} must be [B, T] = {tuple(hidden.shape[:2])}")
     check_targets_in_range(targets, weight.shape[0], mask)
-    backend = resolve_backend(backend, device)
+    stats = select(LINEAR_TOKEN_STATS, backend, hidden)
     row_index = valid_row_index(mask)
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    flat_targets = targets.reshape(-1)
-    if backend == "torch":
-        logp_rows, entropy_rows = _torch_linear_rows(flat_hidden.index_select(0, row_index), weight, bias,
-                                                     flat_targets.index_select(0, row_index), config.temperature)
-    else:
-        from .kernels.linear_token_stats import triton_linear_token_stats
-
-        logp_rows, entropy_rows = triton_linear_token_stats(flat_hidden, weight, flat_targets, row_index, bias=bias,
-                                                            temperature=config.temperature)
-    return _loss_from_stats(logp_rows, entropy_rows, row_index, mask, backend=backend, rewards=rewards,
-                            group_ids=group_ids, advantages=advantages, old_logprobs=old_logprobs,
-                            ref_logprobs=ref_logprobs,
-                            metric=metric, config=config, step=step, global_num_tokens=global_num_tokens,
-                            global_num_seqs=global_num_seqs)
+    logp_rows, entropy_rows = stats.fn(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), row_index,
+                                       bias=bias, temperature=config.temperature)
+    return _loss_from_logprobs(scatter_rows(logp_rows, row_index, mask.shape),
+                               scatter_rows(entropy_rows, row_index, mask.shape), mask, row_index,
+                               backend=backend, rewards=rewards, group_ids=group_ids, advantages=advantages,
+                               old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, metric=metric, config=config,
+                               step=step, global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
+                               backends={LINEAR_TOKEN_STATS: stats.describe()})
 
 
 class FusedPolicyLoss(torch.nn.Module):

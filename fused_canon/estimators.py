@@ -8,6 +8,7 @@ torch reference and the GPU path. Statistics run in float64 for float64 rewards,
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 from typing import Callable, Dict, Optional, Sequence, Tuple
@@ -16,8 +17,8 @@ import torch
 
 from .config import AdvantageConfig, CosineRestartSchedule
 
-__all__ = ["compute_advantages", "register_estimator", "ESTIMATORS", "ESTIMATOR_INPUTS", "ADVANTAGE_INPUTS", "Groups",
-           "cosine_restart_value"]
+__all__ = ["compute_advantages", "advantages_and_choice", "register_estimator", "ESTIMATORS", "ESTIMATOR_INPUTS",
+           "ADVANTAGE_INPUTS", "Groups", "cosine_restart_value", "triton_advantages"]
 
 
 @dataclass
@@ -36,6 +37,11 @@ class Groups:
     def size(self) -> torch.Tensor:
         """Group size of each response, [B]."""
         return self.count[self.index]
+
+    @functools.cached_property
+    def largest(self) -> int:
+        """Size of the largest group (one host sync, once per Groups)."""
+        return int(self.count.max())
 
     @property
     def starts(self) -> torch.Tensor:
@@ -273,14 +279,6 @@ def canon(rewards, groups, config, *, metric, step=0):
     return (weight * inter + (1.0 - weight) * intra) / config.token_budget
 
 
-BUILTIN_ESTIMATORS = dict(ESTIMATORS)  # what the Triton group kernel implements
-
-
-def _is_builtin(name: str) -> bool:
-    """True when ``name`` still means the built-in estimator (a user may re-register a name)."""
-    return BUILTIN_ESTIMATORS.get(name) is ESTIMATORS.get(name) is not None
-
-
 # ---------------------------------------------------------------------------------------------
 # More outcome estimators: verl 0.9.1's (ALGORITHMS.md §1.3), QAE by name (§3), ADORA (§7).
 # Torch only; each returns one advantage per response, [B].
@@ -493,14 +491,28 @@ def compute_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, config: O
     step (CANON schedules, random). Each estimator declares the other inputs it needs
     (``ESTIMATOR_INPUTS``; what each one is: ``ADVANTAGE_INPUTS``); a missing one is a ValueError saying
     where it comes from. Padded positions of [B, T] inputs are never read.
-    backend "triton" runs the built-in estimators on float32 rewards in one Triton program per group
-    (kernels/advantages.py); everything else (float64, user-registered estimators) runs here.
+    backend "torch" (the default) runs the registered function; "triton" runs a built-in estimator that
+    has a kernel (grpo, dr_grpo, rloo, canon) on float32 rewards in one Triton program per group
+    (kernels/advantages.py) or raises, saying why it cannot; "auto" is Triton on CUDA where it can run,
+    else torch (backends.py decides).
     """
+    return advantages_and_choice(
+        rewards, group_ids, config, metric=metric, mask=mask, token_entropy=token_entropy, step=step, backend=backend,
+        values=values, baseline_rewards=baseline_rewards, token_ids=token_ids, self_certainty=self_certainty,
+        target_logits=target_logits, old_logprobs=old_logprobs, sum_pi_squared=sum_pi_squared,
+        rollout_is_weights=rollout_is_weights, with_returns=with_returns)[0]
+
+
+@torch.no_grad()
+def advantages_and_choice(rewards, group_ids, config=None, *, metric=None, mask=None, token_entropy=None, step=0,
+                          backend="torch", values=None, baseline_rewards=None, token_ids=None, self_certainty=None,
+                          target_logits=None, old_logprobs=None, sum_pi_squared=None, rollout_is_weights=None,
+                          with_returns=False):
+    """``compute_advantages`` and the backend choice it ran (``backends.Choice``): policy_loss reports it."""
+    from .backends import ADVANTAGES, check_backend, select  # backends imports this module (its table)
+
     config = config or AdvantageConfig()
-    if backend not in ("torch", "triton"):
-        raise ValueError(f"backend={backend!r} is not valid for compute_advantages; choose 'torch' or 'triton'")
-    if config.estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {config.estimator!r}; registered: {sorted(ESTIMATORS)}")
+    check_backend(backend)
     if not torch.is_tensor(rewards) or rewards.dim() != 1:
         raise ValueError(f"rewards must be a 1-D tensor [B], got {getattr(rewards, 'shape', type(rewards))}")
     if len(rewards) == 0:
@@ -517,6 +529,7 @@ def compute_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, config: O
     dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     rewards = rewards.to(dtype)
     groups = Groups.from_ids(group_ids)
+    choice = select(ADVANTAGES, backend, rewards, name=config.estimator, groups=groups)
     inputs = _estimator_inputs(config, dict(
         mask=mask, values=values, baseline_rewards=baseline_rewards, token_ids=token_ids,
         self_certainty=self_certainty, target_logits=target_logits, old_logprobs=old_logprobs,
@@ -524,12 +537,7 @@ def compute_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, config: O
     key = None
     if config.estimator == "canon":
         key = _canon_metric(config, rewards, metric, mask, token_entropy, step)
-    if backend == "triton" and dtype == torch.float32 and _is_builtin(config.estimator):
-        from .kernels.advantages import triton_compute_advantages
-
-        result = triton_compute_advantages(rewards, groups, config, metric=key, step=step)
-    else:
-        result = ESTIMATORS[config.estimator](rewards, groups, config, metric=key, step=step, **inputs)
+    result = choice.fn(rewards, groups, config, metric=key, step=step, **inputs)
     advantages, returns = result if isinstance(result, tuple) else (result, result)
     for name, x in (("advantages", advantages), ("returns", returns)):
         if x.shape != rewards.shape and (mask is None or x.shape != mask.shape):
@@ -537,4 +545,32 @@ def compute_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, config: O
                              f"expected [B] = {tuple(rewards.shape)} or [B, T]")
         if not torch.isfinite(x).all():
             raise FloatingPointError(f"estimator {config.estimator!r} produced non-finite {name}")
-    return (advantages, returns) if with_returns else advantages
+    return ((advantages, returns) if with_returns else advantages), choice
+
+
+# ---------------------------------------------------------------------------------------------
+# The Triton launch of the built-in estimators (kernels/advantages.py; backends.py decides when)
+# ---------------------------------------------------------------------------------------------
+
+def triton_advantages(rewards: torch.Tensor, groups: Groups, config: AdvantageConfig, *,
+                      metric: Optional[torch.Tensor] = None, step: int = 0, estimator) -> torch.Tensor:
+    """``ESTIMATORS[config.estimator](rewards, groups, config, metric=, step=)`` for a built-in estimator, in
+    one Triton program per group, fp32. ``estimator`` is the kernel's constant for ``config.estimator``
+    (the dispatch table binds it); ``metric`` is CANON's per-response sort key (``_canon_metric``).
+
+    The O(B) host side: the rows grouped in batch order (one stable sort; groups need not be
+    contiguous), the group starts, and CANON's inter-group weight of this step.
+    """
+    from .kernels import advantages as kernel
+
+    is_canon = estimator == kernel.CANON
+    if is_canon and (metric is None or metric.shape != rewards.shape):
+        raise ValueError(f"canon needs the per-response sort key `metric` [B={len(rewards)}]")
+    order = torch.sort(groups.index, stable=True).indices
+    return kernel.triton_group_advantages(
+        rewards, metric if is_canon else rewards, order, groups.starts, groups.count, groups.largest,
+        estimator=estimator, quantile=config.baseline == "quantile", quantile_k=config.quantile_k,
+        epsilon=config.epsilon, norm_by_std=config.norm_by_std, token_budget=config.token_budget,
+        canon_alpha=config.canon_alpha, canon_beta=config.canon_beta,
+        inter_weight=canon_inter_weight(rewards, config, step) if is_canon else 0.0,
+        favor_high=config.favored_half == "high")

@@ -19,10 +19,11 @@ from .config import LossConfig
 
 __all__ = ["kl_penalty", "agg_loss", "masked_mean", "register_policy_loss", "POLICY_LOSSES", "TokenLoss",
            "policy_objective", "clip_cov_selection", "kl_cov_selection", "aggregation_weights", "zero_padded",
-           "gspo_sequence_log_ratio", "check_ref_for_kl", "GSPO_AGG_MODE"]
+           "gspo_sequence_log_ratio", "check_ref_for_kl", "GSPO_AGG_MODE", "triton_policy_objective"]
 
 LOG_RATIO_CLAMP = 20.0  # verl clamps log(pi/pi_old) to ±20 in vanilla, cispo (and k3's d)
 GSPO_LOG_RATIO_MAX = 10.0
+K3_VALUE_CLAMP = 10.0  # verl clamps the k3 value to ±10
 GSPO_AGG_MODE = "seq-mean-token-mean"  # GSPO aggregates this way whatever loss_agg_mode says
 
 
@@ -55,7 +56,7 @@ def _kl_value(d: torch.Tensor, kind: str) -> torch.Tensor:
         return 0.5 * d.square()
     if kind in ("k3", "low_var_kl"):
         neg = torch.clamp(-d, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # ref - logp
-        return torch.clamp(torch.exp(neg) - neg - 1.0, -10.0, 10.0)
+        return torch.clamp(torch.exp(neg) - neg - 1.0, -K3_VALUE_CLAMP, K3_VALUE_CLAMP)
     raise ValueError(f"unknown kl_type {kind!r}; choose one of k1|kl, abs, k2|mse, k3|low_var_kl (optionally with '+')")
 
 
@@ -254,14 +255,6 @@ def kl_cov(logp, old_logp, advantages, mask, config, *, step=0):
     return TokenLoss(loss, {"actor/ppo_kl": masked_mean(abs_kl, mask)})
 
 
-BUILTIN_POLICY_LOSSES = dict(POLICY_LOSSES)  # what the Triton objective kernel implements
-
-
-def is_builtin_policy_loss(name: str) -> bool:
-    """True when ``name`` still means the built-in loss (a user may re-register a name)."""
-    return BUILTIN_POLICY_LOSSES.get(name) is POLICY_LOSSES.get(name) is not None
-
-
 # ---------------------------------------------------------------------------------------------
 # More policy losses of verl 0.9.1 (§1.7): torch only (the objective is O(N) work on [B, T] vectors)
 # ---------------------------------------------------------------------------------------------
@@ -319,13 +312,14 @@ def geo_mean(logp, old_logp, advantages, mask, config, *, step=0):
 # The whole objective
 # ---------------------------------------------------------------------------------------------
 
-def policy_objective(logp: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
+def policy_objective(logp: torch.Tensor, entropy: Optional[torch.Tensor], mask: torch.Tensor, advantages: torch.Tensor,
                      old_logp: Optional[torch.Tensor], ref_logp: Optional[torch.Tensor], config: LossConfig,
                      norm: Normalizers, step: int = 0):
     """loss = agg(policy loss) - entropy_coeff agg(H) + kl_coef agg(KL); returns (loss, metrics).
 
     ``logp`` and ``entropy`` are [B, T] with zeros at padded positions; gradients flow through both
     (through entropy only when entropy_coeff != 0). Advantages, old and ref log-probs are constants.
+    ``entropy`` may be None when entropy_coeff == 0: there is then no ``actor/entropy`` metric.
     """
     if config.loss_mode not in POLICY_LOSSES:
         raise ValueError(f"unknown loss_mode {config.loss_mode!r}; registered: {sorted(POLICY_LOSSES)}")
@@ -336,13 +330,17 @@ def policy_objective(logp: torch.Tensor, entropy: torch.Tensor, mask: torch.Tens
                                                  step=step)
     pg_loss = agg_loss(token_loss.values, valid, token_loss.agg_mode or config.loss_agg_mode, norm)
 
-    entropy_term = agg_loss(entropy if config.entropy_coeff != 0 else entropy.detach(), valid,
-                            config.loss_agg_mode, norm)
-    loss = pg_loss - config.entropy_coeff * entropy_term if config.entropy_coeff != 0 else pg_loss
-
     metrics = dict(token_loss.metrics)
     metrics["actor/pg_loss"] = pg_loss.detach()
-    metrics["actor/entropy"] = entropy_term.detach()
+    loss = pg_loss
+    if entropy is not None:
+        entropy_term = agg_loss(entropy if config.entropy_coeff != 0 else entropy.detach(), valid,
+                                config.loss_agg_mode, norm)
+        if config.entropy_coeff != 0:
+            loss = pg_loss - config.entropy_coeff * entropy_term
+        metrics["actor/entropy"] = entropy_term.detach()
+    elif config.entropy_coeff != 0:
+        raise ValueError(f"entropy_coeff={config.entropy_coeff} needs the per-token entropy")
     if ref_logp is not None:
         kl_loss = agg_loss(kl_penalty(logp, zero_padded(ref_logp, mask, logp), config.kl_type), valid,
                            config.loss_agg_mode, norm)
@@ -350,4 +348,85 @@ def policy_objective(logp: torch.Tensor, entropy: torch.Tensor, mask: torch.Tens
         metrics["actor/kl_coef"] = torch.tensor(config.kl_coef)
         if config.kl_coef != 0:
             loss = loss + config.kl_coef * kl_loss
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# The Triton launch of the built-in losses (kernels/objective.py; backends.py decides when)
+# ---------------------------------------------------------------------------------------------
+
+def triton_policy_objective(logp: torch.Tensor, entropy: Optional[torch.Tensor], mask: torch.Tensor,
+                            advantages: torch.Tensor, old_logp: Optional[torch.Tensor],
+                            ref_logp: Optional[torch.Tensor], config: LossConfig, norm: Normalizers, step: int = 0,
+                            *, loss_mode):
+    """``policy_objective`` in one Triton kernel for a built-in loss: same arguments, same ``(loss, metrics)``.
+
+    ``loss_mode`` is the kernel's constant for ``config.loss_mode`` (the dispatch table binds it). logp
+    [B, T] fp32; entropy [B, T] or None; mask [B, T] bool; advantages [B, T] (an expanded [B] view is
+    read in place); old_logp / ref_logp [B, T] or None. The O(N) pre-passes that need a whole row or
+    the whole batch (the per-row aggregation weights, GSPO's sequence log-ratio, Clip-Cov / KL-Cov
+    token selection) run here in torch with the reference's own functions, on the reference's
+    zero-padded inputs, so they reproduce its numbers exactly.
+    """
+    from .kernels import objective as kernel
+
+    check_ref_for_kl(config, ref_logp)
+    base_kl_type = config.kl_type[:-1] if config.kl_type.endswith("+") else config.kl_type
+    kl_types = {"k1": kernel.KL_K1, "kl": kernel.KL_K1, "abs": kernel.KL_ABS, "k2": kernel.KL_K2,
+                "mse": kernel.KL_K2, "k3": kernel.KL_K3, "low_var_kl": kernel.KL_K3}
+    if base_kl_type not in kl_types:
+        raise ValueError(f"unknown kl_type {config.kl_type!r}; choose one of k1|kl, abs, k2|mse, k3|low_var_kl "
+                         "(optionally with '+')")
+    T = logp.shape[1]
+    mask = mask.to(torch.bool)
+    valid = mask.to(logp.dtype)
+    tokens_per_seq = valid.sum(-1)
+    weight = aggregation_weights(tokens_per_seq, config.loss_agg_mode, norm, T).float()
+    pg_weight = weight
+    if loss_mode == kernel.GSPO and GSPO_AGG_MODE != config.loss_agg_mode:
+        pg_weight = aggregation_weights(tokens_per_seq, GSPO_AGG_MODE, norm, T).float()
+
+    seq_log_ratio = selected = None
+    if loss_mode in (kernel.GSPO, kernel.CLIP_COV, kernel.KL_COV):
+        # logp too is zero-padded: the reference receives zeros there, the kernel tolerates anything.
+        padded_logp = zero_padded(logp, mask, logp)
+        padded_old = padded_logp if old_logp is None else zero_padded(old_logp, mask, logp)
+        padded_adv = zero_padded(advantages, mask, logp)
+        if loss_mode == kernel.GSPO:
+            seq_log_ratio = gspo_sequence_log_ratio(padded_logp - padded_old, valid).float()
+        elif loss_mode == kernel.CLIP_COV:
+            selected = clip_cov_selection(padded_logp, padded_old, padded_adv, valid, config, step)
+        else:
+            selected = kl_cov_selection(padded_logp, padded_adv, valid, config)
+
+    inputs = kernel.ObjectiveInputs(
+        mask=mask, advantages=advantages.detach(),
+        old=logp.detach() if old_logp is None else old_logp.detach(),  # on-policy: ratio 1, gradient still flows
+        ref=None if ref_logp is None else ref_logp.detach(), selected=selected, seq_log_ratio=seq_log_ratio,
+        pg_weight=pg_weight, weight=weight, loss_mode=loss_mode, kl_type=kl_types[base_kl_type],
+        kl_straight_through=config.kl_type.endswith("+"), clip_low=config.clip_ratio_low,
+        clip_high=config.clip_ratio_high, clip_c=config.clip_ratio_c if loss_mode == kernel.VANILLA else None,
+        ppo_kl_coef=config.ppo_kl_coef, entropy_coeff=config.entropy_coeff,
+        kl_coef=config.kl_coef if ref_logp is not None else 0.0, log_ratio_clamp=LOG_RATIO_CLAMP,
+        gspo_log_ratio_max=GSPO_LOG_RATIO_MAX, k3_value_clamp=K3_VALUE_CLAMP)
+    if entropy is None:
+        entropy_in = torch.zeros_like(logp.detach())  # no entropy term, no entropy metric
+    else:
+        entropy_in = entropy if config.entropy_coeff != 0 else entropy.detach()
+    loss, sums = kernel.triton_objective(logp, entropy_in, inputs)
+
+    # verl's masked_mean denominators: the local valid count + 1e-8.
+    count = tokens_per_seq.sum() + 1e-8
+    metrics = {}
+    if loss_mode != kernel.KL_COV:
+        metrics["actor/pg_clipfrac"] = sums.clipped / count
+    metrics["actor/ppo_kl"] = sums.ppo_kl / count
+    if loss_mode in (kernel.VANILLA, kernel.GSPO, kernel.CISPO):
+        metrics["actor/pg_clipfrac_lower"] = sums.clipped_lower / count
+    metrics["actor/pg_loss"] = sums.pg
+    if entropy is not None:
+        metrics["actor/entropy"] = sums.entropy
+    if ref_logp is not None:
+        metrics["actor/kl_loss"] = sums.kl
+        metrics["actor/kl_coef"] = torch.tensor(config.kl_coef)
     return loss, metrics

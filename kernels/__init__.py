@@ -1,6 +1,40 @@
-"""Triton kernels of fused-canon (installed as ``fused_canon.kernels``)."""
+"""Triton kernels of fused-canon (installed as ``fused_canon.kernels``).
 
-from fused_canon.token_stats import triton_interpreter_enabled
+A leaf package: it imports torch, triton and itself, nothing else of fused_canon. Each module holds
+kernels, their launchers and the autograd.Function around them (Liger-Kernel's layout); launchers
+take tensors and scalars. Reading a LossConfig / AdvantageConfig into a launch is the business of
+fused_canon (next to the torch reference each kernel reproduces), and fused_canon/backends.py
+decides which implementation runs.
+
+  logits_token_stats.py  log-prob and entropy of the target from logits [B, T, V], and dlogits
+  linear_token_stats.py  the same from hidden states and the LM head, never forming [N, V]
+  advantages.py          the built-in outcome estimators, one program per prompt group
+  objective.py           the per-token policy objective, aggregation and metric sums
+
+This file imports no triton at module level, so ``triton_available`` and
+``triton_interpreter_enabled`` work without it.
+"""
+
+import os
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_interpreter_enabled() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter: ``TRITON_INTERPRET`` as Triton itself reads
+    it (its knobs accept 1/true/yes/on), or any value but "" and "0" on a Triton without knobs."""
+    try:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _patch_triton36_interpreter_for_numpy24():

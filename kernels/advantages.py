@@ -1,11 +1,12 @@
 """Outcome advantages of the built-in estimators (grpo, dr_grpo, rloo, canon) in one Triton kernel.
 
-Drop-in for ``fused_canon.estimators.ESTIMATORS[name](rewards, groups, config, *, metric, step)``
-(ALGORITHMS.md §1.1-1.3, §2.3-2.4, §3; the torch reference defines the semantics).
+``triton_group_advantages`` computes what ``fused_canon.estimators.ESTIMATORS[name]`` computes
+(ALGORITHMS.md §1.1-1.3, §2.3-2.4, §3; the torch reference defines the semantics) from tensors and
+scalars; ``fused_canon.estimators.triton_advantages`` reads an AdvantageConfig into this launch.
 
-Host side (torch, O(B)): the dense group index, its counts, and one stable sort of the group index,
-so that the rows of a group are contiguous *in batch order* in ``order``; groups need not be
-contiguous in the batch. Kernel: one program per group holds the group's rewards (and CANON sort
+Inputs: the rewards, CANON's per-response sort key, the rows grouped in batch order (``order``: the
+rows of a group are contiguous there; groups need not be contiguous in the batch), each group's start
+in ``order`` and its size. Kernel: one program per group holds the group's rewards (and CANON sort
 keys) in a BLOCK_N vector, BLOCK_N = next power of two of the largest group (at most
 MAX_GROUP_SIZE), and computes
 
@@ -26,23 +27,17 @@ The per-response CANON metric (masked mean entropy or length) stays in torch
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
 
-from fused_canon.config import AdvantageConfig
-from fused_canon.estimators import Groups, canon_inter_weight
-
-__all__ = ["triton_compute_advantages", "TRITON_ESTIMATORS", "MAX_GROUP_SIZE"]
+__all__ = ["triton_group_advantages", "GRPO", "DR_GRPO", "RLOO", "CANON", "MAX_GROUP_SIZE"]
 
 # The estimators, as values of the kernel's ESTIMATOR constexpr.
 GRPO = tl.constexpr(0)
 DR_GRPO = tl.constexpr(1)
 RLOO = tl.constexpr(2)
 CANON = tl.constexpr(3)
-TRITON_ESTIMATORS = {"grpo": GRPO, "dr_grpo": DR_GRPO, "rloo": RLOO, "canon": CANON}
 
 # Largest group one program holds in registers (BLOCK_N vectors of fp32 / int32 at 16 warps).
 MAX_GROUP_SIZE = 4096
@@ -190,38 +185,32 @@ def _num_warps(block_n: int) -> int:
     return 4 if block_n <= 256 else (8 if block_n <= 1024 else (16 if block_n <= 2048 else 32))
 
 
-def triton_compute_advantages(rewards: torch.Tensor, groups: Groups, config: AdvantageConfig, *,
-                              metric: Optional[torch.Tensor] = None, step: int = 0) -> torch.Tensor:
-    """Advantages [B] fp32 of ``config.estimator`` (one of ``TRITON_ESTIMATORS``), computed in fp32.
+def triton_group_advantages(rewards: torch.Tensor, key: torch.Tensor, order: torch.Tensor, group_start: torch.Tensor,
+                            group_size: torch.Tensor, largest_group: int, *, estimator: int, quantile: bool,
+                            quantile_k: float, epsilon: float, norm_by_std: bool, token_budget: float,
+                            canon_alpha: float, canon_beta: float, inter_weight: float,
+                            favor_high: bool) -> torch.Tensor:
+    """Advantages [B] fp32 of ``estimator`` (GRPO, DR_GRPO, RLOO or CANON), one program per prompt group.
 
-    rewards [B] float; groups: the prompt groups of the rows (``Groups.from_ids(group_ids)``; groups
-    need not be contiguous); metric [B] float: CANON's
-    per-response sort key, already reduced (``fused_canon.estimators._canon_metric``); step: the
-    schedules' step. Raises ValueError for a group larger than MAX_GROUP_SIZE.
+    rewards [B] float; key [B] float: CANON's per-response sort key (read only for CANON); order [B]
+    int64: the row ids grouped by group, batch order inside a group; group_start / group_size [G]
+    int64: each group's first position in ``order`` and its size; largest_group = max(group_size)
+    (sizes the block; at most MAX_GROUP_SIZE). The scalars are the estimators' (ALGORITHMS.md §1-3):
+    ``quantile`` the QAE baseline at ``quantile_k``; ``inter_weight`` CANON's inter-group weight at
+    this step; ``favor_high`` whether alpha multiplies the high half's own reward.
     """
-    if config.estimator not in TRITON_ESTIMATORS:
-        raise ValueError(f"estimator {config.estimator!r} has no Triton kernel; Triton estimators: "
-                         f"{sorted(TRITON_ESTIMATORS)} (use fused_canon.estimators.ESTIMATORS)")
-    estimator = TRITON_ESTIMATORS[config.estimator]
-    if estimator == CANON and (metric is None or metric.shape != rewards.shape):
-        raise ValueError(f"canon needs the per-response sort key `metric` [B={len(rewards)}]")
+    if largest_group > MAX_GROUP_SIZE:
+        raise ValueError(f"a prompt group has {largest_group} responses; the Triton estimator kernel holds at most "
+                         f"MAX_GROUP_SIZE={MAX_GROUP_SIZE} per group")
     rewards = rewards.detach().to(torch.float32).contiguous()
-    group_size = groups.count
-    largest = int(group_size.max())
-    if largest > MAX_GROUP_SIZE:
-        raise ValueError(f"a prompt group has {largest} responses; the Triton estimator kernel holds at most "
-                         f"MAX_GROUP_SIZE={MAX_GROUP_SIZE} per group (use the torch estimator)")
-    order = torch.sort(groups.index, stable=True).indices  # rows grouped, batch order inside a group
-    key = metric.detach().to(torch.float32).contiguous() if estimator == CANON else rewards
-    inter_weight = canon_inter_weight(rewards, config, step) if estimator == CANON else 0.0
-    block_n = triton.next_power_of_2(largest)
+    key = key.detach().to(torch.float32).contiguous()
+    block_n = triton.next_power_of_2(largest_group)
     advantages = torch.empty_like(rewards)
     _group_advantages_kernel[(len(group_size),)](
-        rewards, key, order, groups.starts, group_size, advantages,
-        config.quantile_k, config.epsilon, config.token_budget, config.canon_alpha, config.canon_beta, inter_weight,
-        ESTIMATOR=int(estimator), QUANTILE=config.baseline == "quantile", NORM_BY_STD=config.norm_by_std,
-        FAVOR_HIGH=config.favored_half == "high", BLOCK_N=block_n, BLOCK_J=max(1, min(block_n, PAIR_TILE // block_n)),
-        num_warps=_num_warps(block_n))
+        rewards, key, order, group_start, group_size, advantages,
+        quantile_k, epsilon, token_budget, canon_alpha, canon_beta, inter_weight,
+        ESTIMATOR=int(estimator), QUANTILE=quantile, NORM_BY_STD=norm_by_std, FAVOR_HIGH=favor_high,
+        BLOCK_N=block_n, BLOCK_J=max(1, min(block_n, PAIR_TILE // block_n)), num_warps=_num_warps(block_n))
     return advantages
 
 

@@ -101,7 +101,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_canon.token_stats import triton_interpreter_enabled
+from . import triton_interpreter_enabled
 
 __all__ = [
     "AOT_NO_SPILL",

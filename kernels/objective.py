@@ -1,7 +1,9 @@
-"""Stage 2 of the fused logits path: the per-token policy objective, aggregation and metrics in one kernel.
+"""Stage 2 of a loss call: the per-token policy objective, aggregation and metric sums in one kernel.
 
-Drop-in for ``fused_canon.losses.policy_objective`` (same arguments, same ``(loss, metrics)``; the
-reference defines the semantics) for the built-in loss modes vanilla, clip_cov, kl_cov, gspo, cispo.
+``triton_objective`` computes, from tensors and scalars, what the torch reference
+``fused_canon.losses.policy_objective`` computes (it defines the semantics) for the built-in loss
+modes vanilla, clip_cov, kl_cov, gspo, cispo; ``fused_canon.losses.triton_policy_objective`` reads a
+LossConfig into this launch and turns the sums into verl's metrics.
 
 Every aggregation mode of ALGORITHMS.md §1.8 is a weighted sum over the valid tokens with a weight
 that depends only on the row: ``agg(v) = sum_{b,t} w_b v_bt`` with ``w_b`` = 1/N_tok (token-mean),
@@ -17,13 +19,10 @@ runs the kernel once over [B, T] (one program per (row, BLOCK_T tile)); each pro
 partial sums to its own slot of a small buffer that ``torch.sum`` reduces (deterministic, no
 atomics); the backward only scales the saved ``c_logp`` / ``c_ent`` by ``grad_output``.
 
-O(N) torch pre-passes, where a token needs something of its whole row or batch:
-  * the per-row weights (O(B)) and per-row valid counts;
-  * GSPO's sequence mean log-ratio;
-  * Clip-Cov / KL-Cov token selection: the selection depends on batch statistics, a seeded random
-    permutation (Clip-Cov) or a top-k (KL-Cov), so it runs in torch with the reference's own ops
-    (``clip_cov_selection`` / ``kl_cov_selection`` of fused_canon.losses) and reaches the kernel as a
-    0/1 mask.
+What a token needs of its whole row or batch arrives precomputed (O(N) torch pre-passes, run by
+the caller with the reference's own functions): the per-row weights, GSPO's sequence mean log-ratio,
+and the Clip-Cov / KL-Cov token selection (batch statistics, a seeded random permutation or a
+top-k) as a 0/1 mask.
 
 Padded positions are never read (loads are masked by ``mask``), so they may hold garbage: they
 contribute nothing and get zero gradient. An empty mask gives loss 0 with zero gradient.
@@ -31,18 +30,15 @@ contribute nothing and get zero gradient. An empty mask gives loss 0 with zero g
 
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Optional, Tuple
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from fused_canon.config import LossConfig
-from fused_canon.losses import (GSPO_AGG_MODE, GSPO_LOG_RATIO_MAX, LOG_RATIO_CLAMP, Normalizers, aggregation_weights,
-                                check_ref_for_kl, clip_cov_selection, gspo_sequence_log_ratio, kl_cov_selection,
-                                zero_padded)
-
-__all__ = ["triton_policy_objective", "PolicyObjectiveFunction", "TRITON_LOSS_MODES"]
+__all__ = ["triton_objective", "ObjectiveInputs", "ObjectiveSums", "PolicyObjectiveFunction", "VANILLA", "CLIP_COV",
+           "KL_COV", "GSPO", "CISPO", "KL_K1", "KL_ABS", "KL_K2", "KL_K3"]
 
 # The loss modes, as values of the kernel's LOSS_MODE constexpr.
 VANILLA = tl.constexpr(0)
@@ -50,20 +46,11 @@ CLIP_COV = tl.constexpr(1)
 KL_COV = tl.constexpr(2)
 GSPO = tl.constexpr(3)
 CISPO = tl.constexpr(4)
-TRITON_LOSS_MODES = {"vanilla": VANILLA, "clip_cov": CLIP_COV, "kl_cov": KL_COV, "gspo": GSPO, "cispo": CISPO}
 # The KL estimators, as values of the KL_TYPE constexpr.
 KL_K1 = tl.constexpr(0)
 KL_ABS = tl.constexpr(1)
 KL_K2 = tl.constexpr(2)
 KL_K3 = tl.constexpr(3)
-_KL_TYPES = {"k1": KL_K1, "kl": KL_K1, "abs": KL_ABS, "k2": KL_K2, "mse": KL_K2, "k3": KL_K3, "low_var_kl": KL_K3}
-
-# The reference's clamps, as kernel constants: vanilla/cispo log-ratio, GSPO's sequence log-ratio,
-# and k3's value (its -d shares the log-ratio clamp).
-_LOG_RATIO_CLAMP = tl.constexpr(LOG_RATIO_CLAMP)
-_GSPO_LOG_RATIO_MAX = tl.constexpr(GSPO_LOG_RATIO_MAX)
-_K3_VALUE_CLAMP = tl.constexpr(10.0)
-
 
 
 class ObjectiveSums(NamedTuple):
@@ -115,6 +102,7 @@ def _policy_objective_fwd_kernel(
     c_logp_ptr, c_ent_ptr,  # [B, T] fp32 outputs: dL/dlogp, dL/dH (c_ent only if ENTROPY_GRAD)
     partial_ptr,  # [programs, NUM_SUMS] fp32 output: this program's partial sums
     T, clip_low, clip_high, clip_c, ppo_kl_coef, entropy_coeff, kl_coef,
+    log_ratio_clamp, gspo_log_ratio_max, k3_value_clamp,  # the reference's clamps (fused_canon/losses.py)
     LOSS_MODE: tl.constexpr,
     DUAL_CLIP: tl.constexpr,
     HAS_REF: tl.constexpr,
@@ -139,16 +127,16 @@ def _policy_objective_fwd_kernel(
     # Per-token loss value, its derivative w.r.t. logp, and the metric indicators.
     raw_log_ratio = logp - old
     if (LOSS_MODE == VANILLA) or (LOSS_MODE == CISPO):  # verl clamps the log-ratio to +-20
-        log_ratio = tl.minimum(tl.maximum(raw_log_ratio, -_LOG_RATIO_CLAMP), _LOG_RATIO_CLAMP)
+        log_ratio = tl.minimum(tl.maximum(raw_log_ratio, -log_ratio_clamp), log_ratio_clamp)
         # torch.clamp passes the gradient at the bounds too (inclusive).
-        d_log_ratio = ((raw_log_ratio >= -_LOG_RATIO_CLAMP) & (raw_log_ratio <= _LOG_RATIO_CLAMP)).to(tl.float32)
+        d_log_ratio = ((raw_log_ratio >= -log_ratio_clamp) & (raw_log_ratio <= log_ratio_clamp)).to(tl.float32)
     else:
         log_ratio = raw_log_ratio
         d_log_ratio = tl.full([BLOCK_T], 1.0, tl.float32)
     if LOSS_MODE == GSPO:  # the ratio's value is the row's, its gradient path the token's own logp
         seq_log_ratio = tl.load(seq_log_ratio_ptr + b)
-        ratio = tl.exp(tl.minimum(seq_log_ratio, _GSPO_LOG_RATIO_MAX)) + tl.zeros([BLOCK_T], tl.float32)
-        d_ratio = tl.where(seq_log_ratio <= _GSPO_LOG_RATIO_MAX, ratio, 0.0)
+        ratio = tl.exp(tl.minimum(seq_log_ratio, gspo_log_ratio_max)) + tl.zeros([BLOCK_T], tl.float32)
+        d_ratio = tl.where(seq_log_ratio <= gspo_log_ratio_max, ratio, 0.0)
     else:
         ratio = tl.exp(log_ratio)
         d_ratio = ratio * d_log_ratio
@@ -214,12 +202,12 @@ def _policy_objective_fwd_kernel(
             kl = 0.5 * d * d
             d_kl = d
         else:  # k3 = exp(-d) + d - 1 with -d clamped to +-20 and the value to +-10; no gradient where clamped
-            neg = tl.minimum(tl.maximum(-d, -_LOG_RATIO_CLAMP), _LOG_RATIO_CLAMP)
+            neg = tl.minimum(tl.maximum(-d, -log_ratio_clamp), log_ratio_clamp)
             exp_neg = tl.exp(neg)
             k3 = exp_neg - neg - 1.0
-            kl = tl.minimum(tl.maximum(k3, -_K3_VALUE_CLAMP), _K3_VALUE_CLAMP)
-            live = ((-d >= -_LOG_RATIO_CLAMP) & (-d <= _LOG_RATIO_CLAMP)
-                    & (k3 >= -_K3_VALUE_CLAMP) & (k3 <= _K3_VALUE_CLAMP))
+            kl = tl.minimum(tl.maximum(k3, -k3_value_clamp), k3_value_clamp)
+            live = ((-d >= -log_ratio_clamp) & (-d <= log_ratio_clamp)
+                    & (k3 >= -k3_value_clamp) & (k3 <= k3_value_clamp))
             d_kl = tl.where(live, 1.0 - exp_neg, 0.0)
         if KL_STRAIGHT_THROUGH:
             d_kl = d
@@ -235,28 +223,45 @@ def _policy_objective_fwd_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Host side: per-row weights, pre-passes, launch, autograd.Function
+# Host side: launch and autograd.Function
 # ---------------------------------------------------------------------------------------------
 
-def _kl_constexprs(kl_type: str) -> Tuple[int, bool]:
-    base = kl_type[:-1] if kl_type.endswith("+") else kl_type
-    if base not in _KL_TYPES:
-        raise ValueError(f"unknown kl_type {kl_type!r}; choose one of k1|kl, abs, k2|mse, k3|low_var_kl "
-                         "(optionally with '+')")
-    return _KL_TYPES[base], kl_type.endswith("+")
+@dataclass(frozen=True)
+class ObjectiveInputs:
+    """Every input of the objective kernel but the two differentiable vectors logp and entropy."""
+
+    mask: torch.Tensor  # [B, T] bool
+    advantages: torch.Tensor  # [B, T] float, any strides (an expanded [B] vector is read in place)
+    old: torch.Tensor  # [B, T] old log-probs (on-policy: logp itself, detached)
+    ref: Optional[torch.Tensor]  # [B, T] reference log-probs, or None: no KL term
+    selected: Optional[torch.Tensor]  # [B, T] bool: the tokens Clip-Cov drops / KL-Cov penalises
+    seq_log_ratio: Optional[torch.Tensor]  # [B] fp32: GSPO's per-row mean log-ratio
+    pg_weight: torch.Tensor  # [B] fp32: aggregation weight of a token of row b in the policy term
+    weight: torch.Tensor  # [B] fp32: the same in the entropy and KL terms
+    loss_mode: int  # VANILLA | CLIP_COV | KL_COV | GSPO | CISPO
+    kl_type: int  # KL_K1 | KL_ABS | KL_K2 | KL_K3 (read only with ref)
+    kl_straight_through: bool  # the value of kl_type with the k2 gradient
+    clip_low: float
+    clip_high: float
+    clip_c: Optional[float]  # dual clip of vanilla for A < 0; None: off
+    ppo_kl_coef: float
+    entropy_coeff: float
+    kl_coef: float
+    log_ratio_clamp: float  # |log rho| bound of vanilla and cispo (and of k3's -d)
+    gspo_log_ratio_max: float  # upper bound of GSPO's sequence log-ratio
+    k3_value_clamp: float  # |k3| bound
 
 
 class PolicyObjectiveFunction(torch.autograd.Function):
     """loss = sum of the kernel's per-token contributions; backward = grad_output * (c_logp, c_ent).
 
-    forward(logp, entropy, launch) -> (loss, sums): ``launch`` holds every other kernel argument;
-    ``sums`` [NUM_SUMS] are the reduced partial sums (metrics, not differentiable). Pass ``entropy``
-    detached when entropy_coeff == 0 (as the reference does): c_ent is computed only when ``entropy``
-    needs a gradient.
+    forward(logp, entropy, inputs) -> (loss, sums): ``sums`` [NUM_SUMS] are the reduced partial sums
+    (metrics, not differentiable). c_ent is computed only when ``entropy`` needs a gradient: pass it
+    detached when entropy_coeff == 0, as the reference does.
     """
 
     @staticmethod
-    def forward(ctx, logp, entropy, launch):
+    def forward(ctx, logp, entropy, inputs: ObjectiveInputs):
         B, T = logp.shape
         entropy_grad = ctx.needs_input_grad[1]
         c_logp = torch.empty((B, T), dtype=torch.float32, device=logp.device)
@@ -265,20 +270,30 @@ class PolicyObjectiveFunction(torch.autograd.Function):
         grid = (B, triton.cdiv(T, block_t))
         partial = torch.zeros((grid[0] * grid[1], NUM_SUMS), dtype=torch.float32, device=logp.device)
         if grid[0] * grid[1] > 0:
-            adv = launch["advantages"]
+            adv = inputs.advantages
+            has_ref = inputs.ref is not None
+            mask = inputs.mask.contiguous().view(torch.uint8)
+            # Placeholders for the pointers a mode does not read.
+            ref = inputs.ref.detach().contiguous() if has_ref else logp
+            selected = inputs.selected.contiguous().view(torch.uint8) if inputs.selected is not None else mask
+            seq_log_ratio = inputs.seq_log_ratio if inputs.seq_log_ratio is not None else inputs.pg_weight
             _policy_objective_fwd_kernel[grid](
-                logp, entropy, launch["mask"], launch["old"], launch["ref"], launch["selected"],
-                adv, adv.stride(0), adv.stride(1), launch["seq_log_ratio"], launch["pg_weight"], launch["weight"],
-                c_logp, c_ent, partial, T, *launch["scalars"],
-                ENTROPY_GRAD=entropy_grad, BLOCK_T=block_t, NUM_SUMS=NUM_SUMS, **launch["constexprs"],
-                num_warps=NUM_WARPS)
+                logp, entropy, mask, inputs.old.contiguous(), ref, selected,
+                adv, adv.stride(0), adv.stride(1), seq_log_ratio, inputs.pg_weight.contiguous(),
+                inputs.weight.contiguous(), c_logp, c_ent, partial, T,
+                inputs.clip_low, inputs.clip_high, inputs.clip_c if inputs.clip_c is not None else 0.0,
+                inputs.ppo_kl_coef, inputs.entropy_coeff, inputs.kl_coef,
+                inputs.log_ratio_clamp, inputs.gspo_log_ratio_max, inputs.k3_value_clamp,
+                LOSS_MODE=int(inputs.loss_mode), DUAL_CLIP=inputs.clip_c is not None, HAS_REF=has_ref,
+                KL_TYPE=int(inputs.kl_type), KL_STRAIGHT_THROUGH=inputs.kl_straight_through,
+                ENTROPY_GRAD=entropy_grad, BLOCK_T=block_t, NUM_SUMS=NUM_SUMS, num_warps=NUM_WARPS)
         sums = partial.sum(0)
         named = ObjectiveSums(*sums.unbind())
         loss = named.pg.clone()
-        if launch["entropy_coeff"] != 0:
-            loss = loss - launch["entropy_coeff"] * named.entropy
-        if launch["kl_coef"] != 0:
-            loss = loss + launch["kl_coef"] * named.kl
+        if inputs.entropy_coeff != 0:
+            loss = loss - inputs.entropy_coeff * named.entropy
+        if inputs.kl_coef != 0:
+            loss = loss + inputs.kl_coef * named.kl
         ctx.mark_non_differentiable(sums)
         ctx.save_for_backward(c_logp, c_ent if entropy_grad else None)
         ctx.logp_dtype, ctx.entropy_dtype = logp.dtype, entropy.dtype
@@ -292,79 +307,14 @@ class PolicyObjectiveFunction(torch.autograd.Function):
         return grad_logp, grad_entropy, None
 
 
-def triton_policy_objective(logp: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
-                            old_logp: Optional[torch.Tensor], ref_logp: Optional[torch.Tensor], config: LossConfig,
-                            norm: Normalizers, step: int = 0) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """``fused_canon.losses.policy_objective`` on the Triton backend: same arguments, same ``(loss, metrics)``.
+def triton_objective(logp: torch.Tensor, entropy: torch.Tensor,
+                     inputs: ObjectiveInputs) -> Tuple[torch.Tensor, ObjectiveSums]:
+    """The loss (differentiable w.r.t. logp, and w.r.t. entropy when it requires grad) and the kernel's sums.
 
-    logp, entropy [B, T] float (fp32 from stage 1); mask [B, T] bool; advantages [B, T] (an expanded
-    [B] view is read in place); old_logp / ref_logp [B, T] or None. Loss modes: ``TRITON_LOSS_MODES``
-    (a user-registered mode is the reference's business: ValueError here).
-    """
-    if config.loss_mode not in TRITON_LOSS_MODES:
-        raise ValueError(f"loss_mode {config.loss_mode!r} has no Triton kernel; Triton modes: "
-                         f"{sorted(TRITON_LOSS_MODES)} (use fused_canon.losses.policy_objective)")
-    check_ref_for_kl(config, ref_logp)
-    kl_type, kl_straight_through = _kl_constexprs(config.kl_type)
-    B, T = logp.shape
-    mode = TRITON_LOSS_MODES[config.loss_mode]
-    mask = mask.to(torch.bool)
-    valid = mask.to(logp.dtype)
-    tokens_per_seq = valid.sum(-1)
-    pg_agg_mode = GSPO_AGG_MODE if mode == GSPO else config.loss_agg_mode
-    weight = aggregation_weights(tokens_per_seq, config.loss_agg_mode, norm, T).float()
-    pg_weight = weight
-    if pg_agg_mode != config.loss_agg_mode:
-        pg_weight = aggregation_weights(tokens_per_seq, pg_agg_mode, norm, T).float()
-
-    # On-policy (old_logp None): old = logp itself, log-ratio 0, gradient through the ratio only.
-    old = logp.detach() if old_logp is None else old_logp.detach()
-    seq_log_ratio, selected = pg_weight, mask  # placeholders the kernel does not read in other modes
-    if mode in (GSPO, CLIP_COV, KL_COV):
-        # The pre-passes see the reference's zero-padded inputs, so they reproduce its numbers exactly.
-        # (logp too: the reference receives zeros there, the kernel tolerates anything.)
-        padded_logp = zero_padded(logp, mask, logp)
-        padded_old = padded_logp if old_logp is None else zero_padded(old_logp, mask, logp)
-        padded_adv = zero_padded(advantages, mask, logp)
-        if mode == GSPO:
-            seq_log_ratio = gspo_sequence_log_ratio(padded_logp - padded_old, valid).float()
-        elif mode == CLIP_COV:
-            selected = clip_cov_selection(padded_logp, padded_old, padded_adv, valid, config, step)
-        else:
-            selected = kl_cov_selection(padded_logp, padded_adv, valid, config)
-
-    launch = {
-        "mask": mask.contiguous().view(torch.uint8), "old": old.contiguous(),
-        "ref": logp.detach() if ref_logp is None else ref_logp.detach().contiguous(),
-        "selected": selected.contiguous().view(torch.uint8), "advantages": advantages.detach(),
-        "seq_log_ratio": seq_log_ratio, "pg_weight": pg_weight.contiguous(), "weight": weight.contiguous(),
-        "scalars": (config.clip_ratio_low, config.clip_ratio_high,
-                    config.clip_ratio_c if config.clip_ratio_c is not None else 0.0,
-                    config.ppo_kl_coef, config.entropy_coeff, config.kl_coef),
-        "constexprs": {"LOSS_MODE": int(mode), "DUAL_CLIP": bool(mode == VANILLA) and config.clip_ratio_c is not None,
-                       "HAS_REF": ref_logp is not None, "KL_TYPE": int(kl_type),
-                       "KL_STRAIGHT_THROUGH": kl_straight_through},
-        "entropy_coeff": config.entropy_coeff,
-        "kl_coef": config.kl_coef if ref_logp is not None else 0.0,
-    }
-    entropy_in = entropy.contiguous() if config.entropy_coeff != 0 else entropy.detach().contiguous()
-    loss, sums = PolicyObjectiveFunction.apply(logp.contiguous(), entropy_in, launch)
-    sums = ObjectiveSums(*sums.unbind())
-
-    # verl's masked_mean denominators: the local valid count + 1e-8.
-    count = tokens_per_seq.sum() + 1e-8
-    metrics = {}
-    if mode != KL_COV:
-        metrics["actor/pg_clipfrac"] = sums.clipped / count
-    metrics["actor/ppo_kl"] = sums.ppo_kl / count
-    if mode in (VANILLA, GSPO, CISPO):
-        metrics["actor/pg_clipfrac_lower"] = sums.clipped_lower / count
-    metrics["actor/pg_loss"] = sums.pg
-    metrics["actor/entropy"] = sums.entropy
-    if ref_logp is not None:
-        metrics["actor/kl_loss"] = sums.kl
-        metrics["actor/kl_coef"] = torch.tensor(config.kl_coef)
-    return loss, metrics
+    logp, entropy [B, T] fp32 (padded positions are never read); ``inputs`` everything else. The loss is
+    sums.pg - entropy_coeff sums.entropy + kl_coef sums.kl."""
+    loss, sums = PolicyObjectiveFunction.apply(logp.contiguous(), entropy.contiguous(), inputs)
+    return loss, ObjectiveSums(*sums.unbind())
 
 
 # Ahead-of-time compile registry (tests/test_aot_compile.py): (kernel, signature, constexprs, options).
@@ -374,6 +324,7 @@ _FWD_SIGNATURE = {
     "pg_weight_ptr": "*fp32", "weight_ptr": "*fp32", "c_logp_ptr": "*fp32", "c_ent_ptr": "*fp32",
     "partial_ptr": "*fp32", "T": "i32", "clip_low": "fp32", "clip_high": "fp32", "clip_c": "fp32",
     "ppo_kl_coef": "fp32", "entropy_coeff": "fp32", "kl_coef": "fp32",
+    "log_ratio_clamp": "fp32", "gspo_log_ratio_max": "fp32", "k3_value_clamp": "fp32",
     "LOSS_MODE": "constexpr", "DUAL_CLIP": "constexpr", "HAS_REF": "constexpr", "KL_TYPE": "constexpr",
     "KL_STRAIGHT_THROUGH": "constexpr", "ENTROPY_GRAD": "constexpr", "BLOCK_T": "constexpr", "NUM_SUMS": "constexpr",
 }

@@ -139,7 +139,7 @@ def test_aot_compile_registered_kernels(cc, aot_dir):
     assert not report["errors"], "AOT compile errors:\n" + "\n".join(
         f"--- {e['kernel']}\n{e['error']}" for e in report["errors"])
     compiled = report["compiled"]
-    # token_stats registers its kernels: the test cannot pass vacuously with an empty registry.
+    # logits_token_stats registers its kernels: the test cannot pass vacuously with an empty registry.
     assert {"_token_stats_fwd_kernel", "_token_stats_bwd_kernel"} <= {c["kernel"] for c in compiled}
     spilling = []
     for c in compiled:
@@ -156,7 +156,7 @@ def test_every_kernel_is_registered(aot_dir):
     out = os.path.join(aot_dir, "sm80")
     os.makedirs(out, exist_ok=True)
     report = _compile_all(80, out)
-    assert "fused_canon.kernels.token_stats" in report["modules"]
+    assert "fused_canon.kernels.logits_token_stats" in report["modules"]
     assert not report["unregistered"], (
         "these @triton.jit kernels are not in their module's AOT_SIGNATURES registry: "
         + ", ".join(report["unregistered"]))
@@ -171,7 +171,7 @@ def test_logits_streaming_kernels_move_16_bytes_per_access(cc, aot_dir):
     out = os.path.join(aot_dir, f"sm{cc}")
     os.makedirs(out, exist_ok=True)
     report = _compile_all(cc, out)
-    streaming = [c for c in report["compiled"] if c["module"] == "fused_canon.kernels.token_stats"]
+    streaming = [c for c in report["compiled"] if c["module"] == "fused_canon.kernels.logits_token_stats"]
     assert {c["kernel"] for c in streaming} == {"_token_stats_fwd_kernel", "_token_stats_bwd_kernel"}
     for c in streaming:
         ptx = open(c["ptx"]).read()

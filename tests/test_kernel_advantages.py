@@ -1,30 +1,28 @@
 """The Triton advantage kernel (kernels/advantages.py) against the reference estimators and the golden cases.
 
-Runs under Triton's interpreter on CPU (tests/conftest.py), fp32, relative error 1e-4. The CANON sort
-key is reduced from mask / token entropy by the reference's own ``_canon_metric`` before the call, as
-the wiring into ``compute_advantages`` does.
+Runs under Triton's interpreter on CPU (tests/conftest.py), fp32, relative error 1e-4, through
+``compute_advantages(..., backend="triton")``, which runs the kernel or raises (it never falls back);
+the CANON sort key is reduced from mask / token entropy by the reference's own ``_canon_metric`` first.
 """
 
 import pytest
 import torch
 
 import fused_canon as fc
-from fused_canon.estimators import Groups, _canon_metric
-from fused_canon.kernels.advantages import MAX_GROUP_SIZE, TRITON_ESTIMATORS, triton_compute_advantages
+from fused_canon.backends import ADVANTAGES, triton_names
+from fused_canon.estimators import ESTIMATORS, Groups, triton_advantages
+from fused_canon.kernels.advantages import CANON, MAX_GROUP_SIZE
 from golden import load_cases
 from helpers import relative_error
 
 TOL = 1e-4
+TRITON_ESTIMATORS = triton_names(ADVANTAGES)
 
 
 def _triton_advantages(rewards, group_ids, config, metric=None, mask=None, token_entropy=None, step=0):
-    """``compute_advantages`` with the estimator call replaced by the kernel."""
-    rewards = rewards.float()
-    groups = Groups.from_ids(group_ids)
-    key = None
-    if config.estimator == "canon":
-        key = _canon_metric(config, rewards, metric, mask, token_entropy, step)
-    return triton_compute_advantages(rewards, groups, config, metric=key, step=step)
+    """``compute_advantages`` on float32 rewards with the Triton estimator."""
+    return fc.compute_advantages(rewards.float(), group_ids, config, metric=metric, mask=mask,
+                                 token_entropy=token_entropy, step=step, backend="triton")
 
 
 def _assert_matches_reference(rewards, group_ids, config, **kw):
@@ -110,18 +108,16 @@ def test_all_singletons_and_one_group():
 def test_group_larger_than_the_limit_raises():
     rewards = torch.zeros(MAX_GROUP_SIZE + 1)
     with pytest.raises(ValueError, match="MAX_GROUP_SIZE"):
-        triton_compute_advantages(rewards, Groups.from_ids(torch.zeros(MAX_GROUP_SIZE + 1, dtype=torch.long)),
-                                  fc.AdvantageConfig())
+        _triton_advantages(rewards, torch.zeros(MAX_GROUP_SIZE + 1, dtype=torch.long), fc.AdvantageConfig())
 
 
-def test_unknown_estimator_and_missing_metric_raise():
-    rewards, groups = torch.zeros(4), Groups.from_ids(torch.zeros(4, dtype=torch.long))
-    with pytest.raises(ValueError, match="has no Triton kernel"):
-        config = fc.AdvantageConfig()
-        config.estimator = "my_estimator"
-        triton_compute_advantages(rewards, groups, config)
+def test_unknown_estimator_and_missing_metric_raise(monkeypatch):
+    rewards, group_ids = torch.zeros(4), torch.zeros(4, dtype=torch.long)
+    monkeypatch.setitem(ESTIMATORS, "my_estimator", lambda rewards, groups, config, **kwargs: rewards)
+    with pytest.raises(ValueError, match="estimator 'my_estimator' has no Triton kernel"):
+        _triton_advantages(rewards, group_ids, fc.AdvantageConfig(estimator="my_estimator"))
     with pytest.raises(ValueError, match="sort key"):
-        triton_compute_advantages(rewards, groups, fc.AdvantageConfig(estimator="canon"))
+        triton_advantages(rewards, Groups.from_ids(group_ids), fc.AdvantageConfig(estimator="canon"), estimator=CANON)
 
 
 GOLDEN = [(i, c) for i, c in enumerate(load_cases()) if c["kind"] == "advantage"]

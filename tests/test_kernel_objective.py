@@ -1,4 +1,5 @@
-"""The Triton policy objective (kernels/objective.py) against the reference ``fused_canon.losses.policy_objective``.
+"""The Triton policy objective (kernels/objective.py, launched through ``fused_canon.losses.triton_policy_objective``)
+against the reference ``fused_canon.losses.policy_objective``.
 
 Runs under Triton's interpreter on CPU (tests/conftest.py), fp32. Every case compares the loss, every
 metric and the gradients w.r.t. logp and entropy (torch.autograd.grad on both) at relative error 1e-4.
@@ -11,11 +12,19 @@ import torch
 
 import fused_canon as fc
 from fused_canon.config import LOSS_AGG_MODES
-from fused_canon.kernels.objective import TRITON_LOSS_MODES, triton_policy_objective
-from fused_canon.losses import Normalizers, policy_objective
+from fused_canon.backends import OBJECTIVE, select, triton_names
+from fused_canon.losses import POLICY_LOSSES, Normalizers, policy_objective
 from helpers import relative_error
 
 TOL = 1e-4
+TRITON_LOSS_MODES = triton_names(OBJECTIVE)
+
+
+def triton_policy_objective(logp, entropy, mask, advantages, old_logp, ref_logp, config, norm, step=0):
+    """The objective as backend="triton" runs it: the dispatch table's launch for ``config.loss_mode``."""
+    objective = select(OBJECTIVE, "triton", logp, name=config.loss_mode)
+    assert objective.backend == "triton"
+    return objective.fn(logp, entropy, mask, advantages, old_logp, ref_logp, config, norm, step=step)
 SCALE_FLOOR = 1e-6  # relative errors are taken against at least this scale: metrics can be exactly 0
 
 
@@ -182,15 +191,19 @@ def test_clip_cov_selection_follows_seed_and_step(step):
     _assert_matches_reference(inputs, _config("kl_cov", kl_cov_ratio=0.01, ppo_kl_coef=2.0), step=step)
 
 
-def test_unsupported_inputs_raise():
+def test_unsupported_inputs_raise(monkeypatch):
     inputs = _inputs(seed=13)
     args = (inputs["logp"], inputs["entropy"], inputs["mask"], inputs["advantages"], inputs["old_logp"])
     with pytest.raises(ValueError, match="kl_coef != 0 needs ref_logprobs"):
         triton_policy_objective(*args, None, _config("vanilla", kl_coef=0.1), Normalizers())
+    monkeypatch.setitem(POLICY_LOSSES, "my_registered_mode", lambda *args, **kwargs: None)
     config = _config("vanilla")
     config.loss_mode = "my_registered_mode"
-    with pytest.raises(ValueError, match="has no Triton kernel"):
+    with pytest.raises(ValueError, match="loss_mode 'my_registered_mode' has no Triton kernel"):
         triton_policy_objective(*args, inputs["ref_logp"], config, Normalizers())
+    with pytest.raises(ValueError, match="fp64 log-probs: the Triton kernel takes fp32"):
+        triton_policy_objective(inputs["logp"].double(), *args[1:], inputs["ref_logp"], _config("vanilla"),
+                                Normalizers())
 
 
 def test_backward_scales_by_grad_output_and_is_deterministic():

@@ -149,7 +149,7 @@ def test_linear_path_equals_logits_path(loss_mode):
 
 
 def test_linear_reference_chunks_rows(monkeypatch):
-    import fused_canon.api as module
+    import fused_canon.statistics as module
 
     monkeypatch.setattr(module, "LINEAR_REFERENCE_CHUNK_ROWS", 2)
     test_linear_path_equals_logits_path("vanilla")

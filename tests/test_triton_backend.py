@@ -183,18 +183,32 @@ def test_policy_loss_allocates_no_row_by_vocab_tensor_besides_dlogits():
 
 
 def test_triton_backend_runs_every_stage_in_triton(monkeypatch):
+    """Every kernel of the logits path launches (their module globals are spied on), and LossOutput says so."""
     import fused_canon.kernels.advantages as advantages_module
+    import fused_canon.kernels.logits_token_stats as token_stats_module
     import fused_canon.kernels.objective as objective_module
-    import fused_canon.kernels.token_stats as token_stats_module
 
-    calls = []
-    for module, name in ((token_stats_module, "triton_token_stats"), (objective_module, "triton_policy_objective"),
-                         (advantages_module, "triton_compute_advantages")):
-        original = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    launched = []
+
+    class LaunchSpy:
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
+
+        def __getitem__(self, grid):
+            launched.append(self.name)
+            return self.kernel[grid]
+
+    for module, name in ((token_stats_module, "_token_stats_fwd_kernel"),
+                         (token_stats_module, "_token_stats_bwd_kernel"),
+                         (objective_module, "_policy_objective_fwd_kernel"),
+                         (advantages_module, "_group_advantages_kernel")):
+        monkeypatch.setattr(module, name, LaunchSpy(getattr(module, name), name))
     batch = batch_on_device()
     config = fc.LossConfig(advantage=ADVANTAGE_CONFIGS["canon_entropy"], entropy_coeff=0.01)
     out = fc.policy_loss(batch["logits"].requires_grad_(), batch["targets"], batch["mask"], rewards=batch["rewards"],
                          group_ids=batch["group_ids"], config=config, backend="triton")
     out.loss.backward()
-    assert sorted(calls) == ["triton_compute_advantages", "triton_policy_objective", "triton_token_stats"]
+    assert sorted(launched) == ["_group_advantages_kernel", "_policy_objective_fwd_kernel", "_token_stats_bwd_kernel",
+                                "_token_stats_fwd_kernel"]
+    assert out.backends == {"token_stats": "triton (requested)", "advantages": "triton (requested)",
+                            "objective": "triton (requested)"}

@@ -7,12 +7,12 @@ import os
 import sys
 from typing import List, Optional
 
-from .config import ESTIMATORS, load_config, to_yaml
+from .config import ESTIMATOR_PRESETS, load_config, to_yaml
 
 # Estimator names for `compare`: each maps to algorithm.advantage overrides.
 ESTIMATOR_OVERRIDES = {
     name: [f"algorithm.advantage.estimator={estimator}", f"algorithm.advantage.baseline={baseline}"]
-    for name, (estimator, baseline) in ESTIMATORS.items()
+    for name, (estimator, baseline) in ESTIMATOR_PRESETS.items()
 }
 
 

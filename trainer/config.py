@@ -22,13 +22,13 @@ import fused_canon as fc
 DEFAULT_CONFIG_FILE = "default.yaml"
 
 # Named advantage estimators (`fused-canon compare --estimators`, run titles): name -> (estimator, baseline).
-ESTIMATORS = {"grpo": ("grpo", "mean"), "qae": ("grpo", "quantile"), "dr_grpo": ("dr_grpo", "mean"),
-              "rloo": ("rloo", "mean"), "canon": ("canon", "mean")}
+ESTIMATOR_PRESETS = {"grpo": ("grpo", "mean"), "qae": ("grpo", "quantile"), "dr_grpo": ("dr_grpo", "mean"),
+                     "rloo": ("rloo", "mean"), "canon": ("canon", "mean")}
 
 
 def estimator_name(advantage: fc.AdvantageConfig) -> str:
-    """The ESTIMATORS name of an advantage config (qae = grpo with a quantile baseline), else its estimator."""
-    for name, pair in ESTIMATORS.items():
+    """The ESTIMATOR_PRESETS name of an advantage config (qae = grpo with a quantile baseline), else its estimator."""
+    for name, pair in ESTIMATOR_PRESETS.items():
         if pair == (advantage.estimator, advantage.baseline):
             return name
     return advantage.estimator

@@ -1,4 +1,4 @@
-"""Token-statistics kernels (kernels/token_stats.py) against a float64 torch reference.
+"""Token-statistics kernels from logits (kernels/logits_token_stats.py) against a float64 torch reference.
 
 By default the kernels run under Triton's interpreter on CPU tensors (TRITON_INTERPRET=1 is
 set here unless the environment sets it); with ``TRITON_INTERPRET=0`` on a CUDA machine the
@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from helpers import AllocationRecorder, assert_elementwise_close  # noqa: E402
 
-from fused_canon.kernels.token_stats import (  # noqa: E402
+from fused_canon.kernels.logits_token_stats import (  # noqa: E402
     _token_stats_fwd_kernel,
     token_stats_backward,
     token_stats_forward,
@@ -357,7 +357,8 @@ def test_int64_offsets_beyond_2_31_elements():
     import sys
 
     here = os.path.dirname(os.path.abspath(__file__))
-    code = f"import sys; sys.path.insert(0, {here!r}); import test_kernel_token_stats as t; t._int64_offsets_case()"
+    code = (f"import sys; sys.path.insert(0, {here!r}); import test_kernel_logits_token_stats as t; "
+            "t._int64_offsets_case()")
     env = dict(os.environ, TRITON_INTERPRET="1" if _INTERPRET else "0")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "INT64_OK" in proc.stdout, (
@@ -369,7 +370,7 @@ def test_kernels_cast_row_ids_to_int64_before_multiplying():
     cast to int64 before it multiplies a stride."""
     import inspect
 
-    from fused_canon.kernels.token_stats import _token_stats_bwd_kernel
+    from fused_canon.kernels.logits_token_stats import _token_stats_bwd_kernel
 
     fwd = inspect.getsource(_token_stats_fwd_kernel.fn)
     assert "tl.program_id(0).to(tl.int64)" in fwd and "tl.load(row_index_ptr + pid).to(tl.int64)" in fwd
@@ -417,7 +418,7 @@ def test_input_validation():
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="checks the CPU-without-interpreter error")
 def test_cpu_tensors_without_interpreter_get_a_clear_error(monkeypatch):
-    import fused_canon.kernels.token_stats as ts
+    import fused_canon.kernels.logits_token_stats as ts
 
     monkeypatch.setattr(ts, "triton_interpreter_enabled", lambda: False)  # as if TRITON_INTERPRET were unset
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_canon.token_stats import triton_interpreter_enabled
+from . import triton_interpreter_enabled
 
 _NEG_INF = float("-inf")
 

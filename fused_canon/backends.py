@@ -1,0 +1,201 @@
+"""Which implementation runs: one table for every op and name, and ``select``, the one function that decides.
+
+A loss call runs up to three ops (docs/architecture.md); each has a torch implementation for every
+name and, for some names, a Triton launch with the same signature:
+
+    op                  name                   torch                                Triton
+    token_stats         -                      statistics.torch_token_stats         kernels/logits_token_stats.py
+    linear_token_stats  -                      statistics.torch_linear_token_stats  kernels/linear_token_stats.py
+    advantages          an ESTIMATORS name     ESTIMATORS[name]                     estimators.triton_advantages
+    objective           a POLICY_LOSSES name   losses.policy_objective              losses.triton_policy_objective
+
+The torch side reads the registries, so a name registered with ``register_estimator`` /
+``register_policy_loss`` runs at once (in torch): adding an estimator or a loss is one registered
+function. A Triton launch reproduces one registered function (``TritonLaunch.reproduces``); a name
+re-registered with ``overwrite=True`` no longer has it. ``OPS`` is the torch side of the table,
+``_triton_table`` the Triton side: adding a kernel for a name is one entry there.
+
+``select(op, backend, data, name)``:
+  "torch"   the torch implementation;
+  "triton"  the Triton launch, or an error that names why it cannot run these inputs
+            (RuntimeError: no triton / no CUDA or interpreter; ValueError: the dtype, the name, a limit);
+  "auto"    the Triton launch on CUDA tensors when it can run them, else torch. The choice and the
+            reason (``Choice.describe()``) are what ``LossOutput.backends`` reports.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from .estimators import ESTIMATORS, Groups
+from .losses import POLICY_LOSSES, policy_objective
+from .statistics import torch_linear_token_stats, torch_token_stats
+
+__all__ = ["BACKENDS", "TOKEN_STATS", "LINEAR_TOKEN_STATS", "ADVANTAGES", "OBJECTIVE", "OPS", "Op", "Choice",
+           "TritonLaunch", "select", "check_backend", "triton_names"]
+
+BACKENDS = ("auto", "triton", "torch")
+TOKEN_STATS, LINEAR_TOKEN_STATS, ADVANTAGES, OBJECTIVE = "token_stats", "linear_token_stats", "advantages", "objective"
+# Device types on which backend="auto" picks Triton (tests widen it to run auto's fallbacks in the interpreter).
+AUTO_TRITON_DEVICES = ("cuda",)
+
+_STATISTICS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the statistics kernels read
+_FP32 = (torch.float32,)  # the estimator and objective kernels compute in fp32 only
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The implementation ``select`` picked: ``fn`` has the op's signature."""
+
+    backend: str  # "torch" | "triton": what runs
+    fn: Callable
+    reason: str  # why: "requested", "auto: cuda tensors", "auto: cpu tensors", "auto: fp64 rewards ..."
+
+    def describe(self) -> str:
+        return f"{self.backend} ({self.reason})"
+
+
+@dataclass(frozen=True)
+class TritonLaunch:
+    """The Triton implementation of one (op, name)."""
+
+    fn: Callable  # same signature as the op's torch implementation
+    dtypes: Tuple[torch.dtype, ...]  # dtypes of the deciding input (``data`` of select) it takes
+    reproduces: Optional[Callable] = None  # the registered torch function it computes (named ops)
+    limit: Optional[Callable[..., Optional[str]]] = None  # why these inputs exceed the kernel, or None
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not valid; choose one of {list(BACKENDS)}")
+
+
+@dataclass(frozen=True)
+class Op:
+    """The torch side of one op of the table."""
+
+    input: str  # the input whose device and dtype decide, as messages name it
+    torch: Optional[Callable] = None  # the torch implementation; None: the registered function of the name
+    registry: Optional[Dict[str, Callable]] = None  # named ops: name -> the registered torch function
+    noun: str = ""  # named ops: what a name is, as messages and LossConfig call it
+
+
+OPS = {
+    TOKEN_STATS: Op("logits", torch=torch_token_stats),
+    LINEAR_TOKEN_STATS: Op("hidden states", torch=torch_linear_token_stats),
+    ADVANTAGES: Op("rewards", registry=ESTIMATORS, noun="estimator"),
+    OBJECTIVE: Op("log-probs", torch=policy_objective, registry=POLICY_LOSSES, noun="loss_mode"),  # calls the loss
+}
+
+
+def _torch_implementation(op: str, name: Optional[str]) -> Callable:
+    """The torch implementation of (op, name); an unknown name raises, listing the registered ones."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; ops: {list(OPS)}")
+    spec = OPS[op]
+    if spec.registry is not None and name not in spec.registry:
+        raise ValueError(f"unknown {spec.noun} {name!r}; registered: {sorted(spec.registry)}")
+    return spec.torch or spec.registry[name]
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_table() -> Dict[str, Dict[Optional[str], TritonLaunch]]:
+    """The Triton side of the table: op -> name -> its launch. Built on first use (it imports triton and the
+    kernels), so that fused_canon imports and runs without triton."""
+    from . import estimators, losses
+    from .kernels import advantages as advantage_kernel
+    from .kernels import linear_token_stats, logits_token_stats
+    from .kernels import objective as objective_kernel
+
+    def group_limit(groups: Groups) -> Optional[str]:
+        largest = groups.largest
+        if largest > advantage_kernel.MAX_GROUP_SIZE:
+            return (f"a prompt group has {largest} responses; the Triton estimator kernel holds at most "
+                    f"MAX_GROUP_SIZE={advantage_kernel.MAX_GROUP_SIZE} per group")
+        return None
+
+    def estimator(builtin, kernel_constant):
+        launch = functools.partial(estimators.triton_advantages, estimator=kernel_constant)
+        return TritonLaunch(launch, _FP32, reproduces=builtin, limit=group_limit)
+
+    def loss(builtin, kernel_constant):
+        launch = functools.partial(losses.triton_policy_objective, loss_mode=kernel_constant)
+        return TritonLaunch(launch, _FP32, reproduces=builtin)
+
+    return {
+        TOKEN_STATS: {None: TritonLaunch(logits_token_stats.triton_token_stats, _STATISTICS_DTYPES)},
+        LINEAR_TOKEN_STATS: {None: TritonLaunch(linear_token_stats.triton_linear_token_stats, _STATISTICS_DTYPES)},
+        ADVANTAGES: {
+            "grpo": estimator(estimators.grpo, advantage_kernel.GRPO),
+            "dr_grpo": estimator(estimators.dr_grpo, advantage_kernel.DR_GRPO),
+            "rloo": estimator(estimators.rloo, advantage_kernel.RLOO),
+            "canon": estimator(estimators.canon, advantage_kernel.CANON),
+        },
+        OBJECTIVE: {
+            "vanilla": loss(losses.vanilla, objective_kernel.VANILLA),
+            "clip_cov": loss(losses.clip_cov, objective_kernel.CLIP_COV),
+            "kl_cov": loss(losses.kl_cov, objective_kernel.KL_COV),
+            "gspo": loss(losses.gspo, objective_kernel.GSPO),
+            "cispo": loss(losses.cispo, objective_kernel.CISPO),
+        },
+    }
+
+
+def triton_names(op: str) -> list:
+    """The names of ``op`` that have a Triton launch (imports triton)."""
+    return sorted(name for name in _triton_table()[op] if name is not None)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(
+        dtype, str(dtype))
+
+
+def _why_triton_cannot_run(op: str, name: Optional[str], data: torch.Tensor, limit_inputs: dict) -> Optional[str]:
+    """Why the Triton launch of (op, name) cannot run inputs like ``data``, or None when it can."""
+    spec, launch = OPS[op], _triton_table()[op].get(name)
+    if launch is None:
+        return f"{spec.noun} {name!r} has no Triton kernel (Triton {spec.noun}s: {triton_names(op)})"
+    if launch.reproduces is not None and spec.registry[name] is not launch.reproduces:
+        return (f"{spec.noun} {name!r} is registered to {spec.registry[name].__qualname__}, and its Triton kernel "
+                f"computes the built-in {launch.reproduces.__qualname__}")
+    if data.dtype not in launch.dtypes:
+        return (f"{_dtype_name(data.dtype)} {spec.input}: the Triton kernel takes "
+                f"{', '.join(_dtype_name(d) for d in launch.dtypes)}")
+    return launch.limit(**limit_inputs) if launch.limit is not None else None
+
+
+def select(op: str, backend: str, data: torch.Tensor, name: Optional[str] = None, **limit_inputs) -> Choice:
+    """The implementation of ``op`` (for ``name``) that ``backend`` asks for, for inputs like ``data``: the
+    tensor whose device and dtype decide (logits, hidden states, the rewards in their statistics dtype,
+    log-probs). ``limit_inputs`` go to the launch's limit check (advantages: ``groups``)."""
+    check_backend(backend)
+    torch_fn = _torch_implementation(op, name)
+    if backend == "torch":
+        return Choice("torch", torch_fn, "requested")
+    device = data.device.type
+    if backend == "auto" and device not in AUTO_TRITON_DEVICES:
+        return Choice("torch", torch_fn, f"auto: {device} tensors")
+    from . import kernels  # the package itself does not import triton
+
+    if not kernels.triton_available():
+        if backend == "triton":
+            raise RuntimeError("backend='triton' needs the triton package: pip install 'fused-canon[triton]'")
+        return Choice("torch", torch_fn, "auto: triton is not installed")
+    if device != "cuda" and not kernels.triton_interpreter_enabled():
+        if backend == "triton":
+            raise RuntimeError(f"backend='triton' on a {device} tensor needs Triton's interpreter: set "
+                               "TRITON_INTERPRET=1 before importing fused_canon (or use backend='torch')")
+        return Choice("torch", torch_fn, f"auto: {device} tensors without Triton's interpreter")
+    why_not = _why_triton_cannot_run(op, name, data, limit_inputs)
+    if why_not is None:
+        reason = "requested" if backend == "triton" else f"auto: {device} tensors"
+        return Choice("triton", _triton_table()[op][name].fn, reason)
+    if backend == "triton":
+        raise ValueError(f"backend='triton' cannot run {op}: {why_not}; use backend='auto' (falls back to torch) "
+                         "or 'torch'")
+    return Choice("torch", torch_fn, f"auto: {why_not}")
