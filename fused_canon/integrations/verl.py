@@ -1,0 +1,274 @@
+"""verl 0.9.1 plugin: fused-canon's estimators and fused token statistics inside verl.
+
+``pip install "fused-canon[verl]"`` installs the ``verl.plugins`` entry point that verl loads when it
+is imported (``VERL_USE_EXTERNAL_PLUGINS``, default "auto"), in the driver and in every worker.
+Loading this module does three things, each in one place below:
+
+1. **Estimators.** Every estimator of ``fused_canon.ESTIMATORS`` is registered in verl's
+   ``ADV_ESTIMATOR_REGISTRY`` as ``fc_<name>``, and as plain ``<name>`` where verl has no estimator
+   of that name (verl keeps its own ``grpo``, ``rloo``, ...); CANON's script names
+   (``dr_entropy_token_budget`` ...) are registered as presets of ``canon``. Options come from the
+   Hydra node ``algorithm.fused_canon`` (the fields of ``fused_canon.AdvantageConfig``).
+2. **Rollout entropy and step.** verl's V1 trainer keeps the old-policy token entropy in its
+   TransferQueue but does not hand it (nor the global step) to the estimator. The trainers
+   ``fused_canon_<mode>`` (``trainer.v1.trainer_mode=fused_canon_sync``) are verl's own V1 trainers
+   whose ``_compute_advantage`` runs inside ``rollout_context(token_entropy, step)``, which the
+   estimators read. They are registered in verl's trainer registry when verl imports
+   ``verl.trainer.ppo.v1`` (only the driver does), so workers never import the trainer.
+3. **Fused token statistics in the actor.** ``verl_engine.FusedTokenStatsFSDPEngine`` is verl's
+   ``FSDPEngineWithLMHead`` whose log-prob and entropy come from ``fused_canon.token_stats`` (Triton
+   on CUDA) in one pass over the logits, without verl's ``[N, V]`` fp32 softmax temporaries; it is
+   registered for NVIDIA GPUs when verl imports its FSDP engine (workers do) and switched on by
+   ``+actor_rollout_ref.model.fused_kernel_options.fused_canon_token_stats=true``.
+
+The config lines are in docs/integrations.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import importlib.abc
+import importlib.util
+import sys
+from typing import Optional
+
+import numpy as np
+import torch
+
+from verl.trainer.ppo import core_algos
+
+from ..config import AdvantageConfig, CosineRestartSchedule
+from ..estimators import ESTIMATORS, compute_advantages
+
+__all__ = ["PREFIX", "CANON_SCRIPT_PRESETS", "OPTIONS_KEY", "advantage_config",
+           "registered_names", "rollout_context", "register_estimators", "RolloutContextForAdvantages"]
+
+PREFIX = "fc_"
+OPTIONS_KEY = "fused_canon"  # algorithm.fused_canon.<AdvantageConfig field>
+
+# CANON's run-script estimator names (biuboomc/CANON core_algos.py) as presets of fused-canon's canon.
+# The user's algorithm.fused_canon options override a preset (docs/algorithms.md §2).
+CANON_SCRIPT_PRESETS = {
+    "dr_entropy_token_budget": dict(estimator="canon", canon_metric="entropy"),
+    "dr_length_on_mean": dict(estimator="canon", canon_metric="length"),
+    "dr_entropy_token_budget_annel": dict(estimator="canon", canon_metric="entropy", canon_schedule="anneal"),
+    "dr_entropy_token_budget_cosine_restart": dict(estimator="canon", canon_metric="entropy",
+                                                   canon_schedule="cosine_restart"),
+    "dr_entropy_token_budget_cosine_restart_r": dict(estimator="canon", canon_metric="entropy",
+                                                     canon_schedule="cosine_restart_r"),
+    "dr_random": dict(estimator="canon", canon_metric="random"),
+}
+
+_OPTION_FIELDS = {f.name for f in dataclasses.fields(AdvantageConfig)} - {"estimator"}
+_SCHEDULE_FIELDS = ("cosine_restart", "cosine_restart_r")
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Estimators in verl's registry
+# ---------------------------------------------------------------------------------------------
+
+def _plain(value):
+    """An OmegaConf node (or a plain mapping) as a plain dict, resolving interpolations."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+    except ImportError:  # verl depends on omegaconf; a plain dict needs nothing
+        return dict(value)
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else dict(value)
+
+
+def advantage_config(name: str, algorithm_config=None) -> AdvantageConfig:
+    """The ``AdvantageConfig`` of registered verl name ``name`` under verl's ``algorithm`` config."""
+    preset = dict(CANON_SCRIPT_PRESETS.get(name) or {"estimator": name[len(PREFIX):] if name.startswith(PREFIX)
+                                                       else name})
+    options = algorithm_config.get(OPTIONS_KEY) if algorithm_config is not None else None
+    options = _plain(options) if options is not None else {}
+    unknown = sorted(set(options) - _OPTION_FIELDS)
+    if unknown:
+        hint = " (the estimator is algorithm.adv_estimator)" if "estimator" in unknown else ""
+        raise ValueError(f"algorithm.{OPTIONS_KEY} has unknown option(s) {unknown}{hint}; "
+                         f"allowed: {sorted(_OPTION_FIELDS)}")
+    for schedule in _SCHEDULE_FIELDS:
+        if isinstance(options.get(schedule), dict):
+            options[schedule] = CosineRestartSchedule(**options[schedule])
+    return AdvantageConfig(**{**preset, **options})
+
+
+class _Rollout:
+    """What the trainer knows at advantage time and verl does not pass to estimators."""
+
+    def __init__(self, token_entropy: Optional[torch.Tensor], step: int):
+        self.token_entropy = token_entropy
+        self.step = step
+
+
+_ROLLOUT: contextvars.ContextVar[Optional[_Rollout]] = contextvars.ContextVar("fused_canon_verl_rollout",
+                                                                             default=None)
+
+
+@contextlib.contextmanager
+def rollout_context(*, step: int, token_entropy: Optional[torch.Tensor] = None):
+    """Hand the global ``step`` and the old policy's ``token_entropy [B, T]`` (in the batch's row order)
+    to the fused-canon estimators that verl's ``compute_advantage`` calls inside this block."""
+    token = _ROLLOUT.set(_Rollout(token_entropy, int(step)))
+    try:
+        yield
+    finally:
+        _ROLLOUT.reset(token)
+
+
+_NO_CONTEXT = ("verl passes neither the rollout entropy nor the global step to estimators: run verl's V1 trainer "
+               "with trainer.v1.trainer_mode=fused_canon_sync (or fused_canon_colocate_async / "
+               "fused_canon_separate_async), or call compute_advantage inside "
+               "fused_canon.integrations.verl.rollout_context(step=..., token_entropy=...)")
+
+
+def _needs_step(config: AdvantageConfig) -> bool:
+    return config.estimator == "canon" and (config.canon_metric == "random"
+                                            or config.canon_schedule in _SCHEDULE_FIELDS)
+
+
+def _needs_entropy(config: AdvantageConfig) -> bool:
+    return config.estimator == "canon" and config.canon_metric == "entropy"
+
+
+def _group_ids(index, device) -> torch.Tensor:
+    """verl's ``uid`` array (any hashable ids) as dense int64 group ids."""
+    _, inverse = np.unique(np.asarray(index), return_inverse=True)
+    return torch.as_tensor(inverse.reshape(-1), dtype=torch.long, device=device)
+
+
+def _verl_estimator(name: str):
+    """verl's estimator contract around ``fc.compute_advantages`` for registered name ``name``."""
+
+    def estimator(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index=None, config=None,
+                  reward_baselines: Optional[torch.Tensor] = None):
+        adv_config = advantage_config(name, config)
+        if index is None:
+            raise ValueError(f"{name} groups responses by prompt: the batch needs verl's 'uid' column")
+        rollout = _ROLLOUT.get()
+        if rollout is None and (_needs_entropy(adv_config) or _needs_step(adv_config)):
+            raise ValueError(f"{name} needs the {'rollout entropy' if _needs_entropy(adv_config) else 'global step'}; "
+                             + _NO_CONTEXT)
+        token_entropy = rollout.token_entropy if rollout is not None else None
+        if _needs_entropy(adv_config):
+            if token_entropy is None:
+                raise ValueError(f"{name} needs the old policy's token entropy, but none was computed for this "
+                                 "batch (rollout_correction.bypass_mode skips the old-log-prob pass)")
+            token_entropy = token_entropy.to(response_mask.device)
+        mask = response_mask.bool()
+        kwargs = {} if reward_baselines is None else {"baseline_rewards": reward_baselines}
+        advantages = compute_advantages(token_level_rewards.sum(-1), _group_ids(index, token_level_rewards.device),
+                                        adv_config, mask=mask, token_entropy=token_entropy,
+                                        step=rollout.step if rollout is not None else 0, **kwargs)
+        if advantages.dim() == 1:
+            advantages = advantages[:, None]
+        advantages = (advantages * response_mask).to(token_level_rewards.dtype)
+        return advantages, advantages
+
+    estimator.__name__ = estimator.__qualname__ = f"fused_canon_{name}"
+    return estimator
+
+
+_REGISTERED: dict = {}  # verl name -> our function (re-registering must hand verl the same object)
+
+
+def registered_names() -> list:
+    """The names this plugin put into verl's ADV_ESTIMATOR_REGISTRY."""
+    return sorted(_REGISTERED)
+
+
+def register_estimators() -> list:
+    """Register every current fused-canon estimator (and the CANON presets) in verl's registry.
+
+    Runs when the plugin loads; call it again after ``fc.register_estimator`` to expose new ones."""
+    names = [PREFIX + n for n in ESTIMATORS]
+    names += [n for n in ESTIMATORS if n not in core_algos.ADV_ESTIMATOR_REGISTRY or n in _REGISTERED]
+    names += list(CANON_SCRIPT_PRESETS)
+    for name in names:
+        if name not in _REGISTERED:
+            _REGISTERED[name] = _verl_estimator(name)
+        core_algos.register_adv_est(name)(_REGISTERED[name])
+    return registered_names()
+
+
+register_estimators()
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. V1 trainers that hand the rollout entropy and the step to the estimators
+# ---------------------------------------------------------------------------------------------
+
+TRAINER_PREFIX = "fused_canon_"
+
+
+class RolloutContextForAdvantages:
+    """Mixin over a verl V1 ``PPOTrainer``: ``_compute_advantage`` runs inside ``rollout_context``
+    with the trainer's ``global_steps`` and the token entropy its old-log-prob pass stored."""
+
+    def _compute_advantage(self, batch, metrics):
+        token_entropy = None
+        algorithm = self.config.algorithm
+        name = algorithm.adv_estimator
+        if name in _REGISTERED and _needs_entropy(advantage_config(name, algorithm)):
+            import transfer_queue as tq
+
+            fields = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["entropy"])
+            token_entropy = fields.to_padded_tensor()["entropy"]
+        with rollout_context(step=self.global_steps, token_entropy=token_entropy):
+            return super()._compute_advantage(batch, metrics)
+
+
+def _register_trainers(v1) -> None:
+    """Register ``fused_canon_<mode>`` for every trainer mode of verl's V1 trainer registry."""
+    for mode, trainer_cls in list(v1.trainer_base.TRAINER_REGISTRY.items()):
+        if mode.startswith(TRAINER_PREFIX):
+            continue
+        cls = type(f"FusedCanon{trainer_cls.__name__}", (RolloutContextForAdvantages, trainer_cls),
+                   {"__module__": __name__})
+        v1.register_trainer(TRAINER_PREFIX + mode)(cls)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Run ``callback(module)`` once, right after ``module_name`` is first imported."""
+
+    def __init__(self, module_name, callback):
+        self.module_name, self.callback = module_name, callback
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.module_name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        exec_module = spec.loader.exec_module
+
+        def exec_then_callback(module):
+            exec_module(module)
+            self.callback(module)
+
+        spec.loader.exec_module = exec_then_callback
+        return spec
+
+
+def _when_imported(module_name, callback) -> None:
+    if module_name in sys.modules:
+        callback(sys.modules[module_name])
+    else:
+        sys.meta_path.insert(0, _AfterImport(module_name, callback))
+
+
+_when_imported("verl.trainer.ppo.v1", _register_trainers)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The fused token-statistics engine (fused_canon.integrations.verl_engine)
+# ---------------------------------------------------------------------------------------------
+
+def _register_engine(_transformer_impl) -> None:
+    from .verl_engine import register_engine
+
+    register_engine()
+
+
+_when_imported("verl.workers.engine.fsdp.transformer_impl", _register_engine)
