@@ -116,3 +116,18 @@ def test_options_are_checked_and_missing_context_is_an_error():
         compute_advantage(data, adv_estimator="dr_entropy_token_budget", config=config)
     with pytest.raises(ValueError, match="token entropy"):
         run_verl("dr_entropy_token_budget", data, token_entropy=None)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_verl_dp_size_factor_is_the_ddp_average(mode):
+    """verl's agg_loss(dp_size=2) with global counts is 2x fused-canon's loss with the same counts:
+    fused-canon's losses add up over ranks, verl pre-multiplies by dp_size for DDP's gradient average."""
+    from fused_canon.losses import Normalizers
+
+    g = torch.Generator().manual_seed(5)
+    values = torch.randn(3, 4, generator=g)
+    mask = (torch.arange(4) < torch.tensor([4, 1, 3])[:, None]).float()
+    ours = fc.agg_loss(values, mask, mode, Normalizers(17.0, 7.0, 4.0))
+    theirs = core_algos.agg_loss(values, mask, mode, dp_size=2, batch_num_tokens=17, global_batch_size=7,
+                                 loss_scale_factor=4)
+    torch.testing.assert_close(theirs, 2 * ours)
