@@ -8,6 +8,7 @@ do) around the plain module; everything from ``train_batch`` down is verl's code
 
 import functools
 import math
+import socket
 
 import pytest
 import torch
@@ -36,7 +37,10 @@ def single_process_group():
     if dist.is_initialized():
         yield
         return
-    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
+    with socket.socket() as s:  # a free port: pytest-xdist may run this module in two processes
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 
