@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import fused_canon as fc
-from golden import load_cases, relative_error
+from golden import load_cases
+from helpers import relative_error
 from peers import require
 
 require("verl")
