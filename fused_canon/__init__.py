@@ -12,13 +12,14 @@ from .config import AdvantageConfig, CosineRestartSchedule, LossConfig
 from .estimators import ESTIMATOR_INPUTS, ESTIMATORS, compute_advantages, register_estimator
 from . import ktae, token_estimators  # noqa: F401  (register the token-level estimators)
 from .losses import POLICY_LOSSES, TokenLoss, agg_loss, kl_penalty, register_policy_loss
-from .api import FusedPolicyLoss, LossOutput, linear_policy_loss, policy_loss, policy_loss_from_logprobs, token_stats
+from .api import (SIGNALS, FusedPolicyLoss, LossOutput, linear_policy_loss, policy_loss, policy_loss_from_logprobs,
+                  token_signals, token_stats)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdvantageConfig", "CosineRestartSchedule", "LossConfig", "LossOutput", "FusedPolicyLoss",
-    "token_stats", "kl_penalty", "compute_advantages", "policy_loss", "linear_policy_loss", "policy_loss_from_logprobs",
+    "token_stats", "token_signals", "SIGNALS", "kl_penalty", "compute_advantages", "policy_loss", "linear_policy_loss", "policy_loss_from_logprobs",
     "agg_loss", "register_estimator", "register_policy_loss", "ESTIMATORS", "ESTIMATOR_INPUTS", "POLICY_LOSSES",
     "TokenLoss",
 ]

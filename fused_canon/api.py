@@ -1,10 +1,13 @@
-"""The public entry points: ``token_stats``, ``policy_loss`` (from logits), ``linear_policy_loss`` (from hidden
-states), ``policy_loss_from_logprobs`` (from the caller's log-probs) and ``FusedPolicyLoss``.
+"""The public entry points: ``token_stats`` and ``token_signals``, ``policy_loss`` (from logits),
+``linear_policy_loss`` (from hidden states), ``policy_loss_from_logprobs`` (from the caller's log-probs) and
+``FusedPolicyLoss``.
 
 One loss call runs the stages of DESIGN.md §4, each an op of the dispatch table (backends.py):
   1. per-token statistics of the valid rows only (log-prob of the target, entropy): ``token_stats``
      from logits, ``linear_token_stats`` from hidden states and the LM head. ``policy_loss_from_logprobs``
-     starts after this stage, with the caller's own log-probs;
+     starts after this stage, with the caller's own log-probs. When the estimator reads a signal of the
+     logits (UCAS: self-certainty and raw target logit; the optimal token baseline: sum p^2), the same
+     pass emits it (``extra_stats``): no second read of the logits;
   2. O(N + B) work on [B, T] vectors, one path for all three entry points (``_loss_from_logprobs``):
      ``advantages`` (when rewards are given) and the ``objective`` (policy loss, aggregation, metrics);
   3. the backward: autograd through stage 2 yields dL/dlogp and dL/dH per token, and the statistics
@@ -20,13 +23,17 @@ import torch
 
 from .backends import LINEAR_TOKEN_STATS, OBJECTIVE, TOKEN_STATS, select
 from .config import LossConfig
-from .estimators import advantages_and_choice
+from .estimators import ADVANTAGE_INPUTS, ESTIMATOR_INPUTS, EstimatorInputs, advantages_and_choice
 from .losses import Normalizers
+from .statistics import EXTRA_SIGNALS
 from .validation import (check_advantages, check_logits_and_targets, check_mask, check_per_token, check_tensor,
                          check_targets_in_range, FLOAT_DTYPES)
 
-__all__ = ["LossOutput", "token_stats", "policy_loss", "linear_policy_loss", "policy_loss_from_logprobs",
-           "FusedPolicyLoss"]
+__all__ = ["LossOutput", "token_stats", "token_signals", "SIGNALS", "policy_loss", "linear_policy_loss",
+           "policy_loss_from_logprobs", "FusedPolicyLoss"]
+
+# What token_signals can return: a statistics pass's two differentiable outputs, then its extra ones.
+SIGNALS = ("logprobs", "entropy") + EXTRA_SIGNALS
 
 
 @dataclass
@@ -72,6 +79,58 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float 
     return logp.reshape(shape), entropy.reshape(shape)
 
 
+@torch.no_grad()
+def token_signals(logits: torch.Tensor, targets: torch.Tensor, names, temperature: float = 1.0,
+                  backend: str = "auto", *, mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    """Detached per-token signals of ``softmax(logits / temperature)`` at ``targets``, one statistics pass.
+
+    ``logits [..., V]``, ``targets [...]``; ``names`` from ``SIGNALS``: "logprobs", "entropy",
+    "self_certainty" (lse(z) - mean_v(z) of the tempered logits z; +inf on a row with -inf entries),
+    "target_logits" (the raw, untempered logit of the target), "sum_pi_squared" (sum_v p_v^2). Returns
+    ``{name: tensor shaped like targets}`` in fp32 (fp64 for fp64 logits). On the Triton backend every
+    signal comes from one read of each row. Positions where ``mask`` is 0 are not read and hold 0.
+    """
+    names = [names] if isinstance(names, str) else list(names)
+    unknown = [name for name in names if name not in SIGNALS]
+    if unknown or not names:
+        raise ValueError(f"token_signals names {unknown or names} are not valid; choose from {list(SIGNALS)}")
+    if mask is not None:
+        check_tensor("mask", mask, device=logits.device)
+        mask = check_mask(mask, tuple(targets.shape), logits.device)
+    check_logits_and_targets(logits, targets, mask)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    stats = select(TOKEN_STATS, backend, logits)
+    logits3d = logits.reshape(1, -1, logits.shape[-1]) if logits.dim() != 3 else logits
+    targets2d = targets.reshape(logits3d.shape[:2])
+    row_index = (torch.arange(targets2d.numel(), device=logits.device) if mask is None
+                 else valid_row_index(mask.reshape(targets2d.shape)))
+    outputs = stats.fn(logits3d, targets2d, row_index, temperature,
+                       extra_stats=any(name in EXTRA_SIGNALS for name in names))
+    by_name = dict(zip(SIGNALS, outputs))
+    return {name: scatter_rows(by_name[name].detach(), row_index, targets2d.shape).reshape(targets.shape)
+            for name in names}
+
+
+def _estimator_inputs_of(config: LossConfig) -> EstimatorInputs:
+    return ESTIMATOR_INPUTS.get(config.advantage.estimator, EstimatorInputs())
+
+
+def _needs_extra_signals(config: LossConfig, rewards, advantage_inputs) -> bool:
+    """Whether the statistics pass must emit EXTRA_SIGNALS: the estimator runs in this call and reads one
+    that the caller did not pass."""
+    if rewards is None:
+        return False
+    declared = _estimator_inputs_of(config)
+    return any(name in declared.required + declared.optional and name not in (advantage_inputs or {})
+               for name in EXTRA_SIGNALS)
+
+
+def _pass_signals(outputs, row_index, shape) -> Dict[str, torch.Tensor]:
+    """The EXTRA_SIGNALS a statistics pass emitted (outputs after logp and entropy), as [B, T]."""
+    return {name: scatter_rows(x, row_index, shape) for name, x in zip(EXTRA_SIGNALS, outputs[2:])}
+
+
 def _check_normalizer(name: str, value) -> None:
     if value is not None and not value > 0:
         raise ValueError(f"{name} must be > 0 (the global count over all micro-batches and ranks), got {value}")
@@ -87,11 +146,15 @@ def _check_common(mask, shape, device, config, global_num_tokens, global_num_seq
 
 def _loss_from_logprobs(logp, entropy, mask, row_index, *, backend, rewards, group_ids, advantages, old_logprobs,
                         ref_logprobs, metric, config, step, global_num_tokens, global_num_seqs,
-                        backends) -> LossOutput:
+                        backends, advantage_inputs=None, pass_inputs=None) -> LossOutput:
     """Stage 2, shared by every entry point: ``logp`` / ``entropy`` [B, T] with zeros at padded positions
-    (``entropy`` may be None), ``row_index`` the valid rows of ``mask``; ``backends`` what ran so far."""
+    (``entropy`` may be None), ``row_index`` the valid rows of ``mask``; ``backends`` what ran so far;
+    ``pass_inputs`` the estimator inputs the entry point provides (token ids, the pass's signals), which
+    the caller's ``advantage_inputs`` override."""
     shape = mask.shape
     device = mask.device
+    if advantage_inputs is not None and rewards is None:
+        raise ValueError("advantage_inputs are inputs of the estimator: pass them with `rewards` and `group_ids`")
     if advantages is not None:
         if rewards is not None:
             raise ValueError("pass either `advantages` or `rewards` + `group_ids`, not both")
@@ -104,12 +167,24 @@ def _loss_from_logprobs(logp, entropy, mask, row_index, *, backend, rewards, gro
         if rewards.shape != (shape[0],):
             raise ValueError(f"rewards must be [B={shape[0]}], got {tuple(rewards.shape)}")
         needs_entropy = config.advantage.estimator == "canon" and config.advantage.canon_metric == "entropy"
+        declared = _estimator_inputs_of(config)
+        for name in advantage_inputs or {}:
+            if name == "mask" or name not in ADVANTAGE_INPUTS:
+                raise ValueError(f"advantage_inputs[{name!r}] is not an estimator input; valid keys: "
+                                 f"{sorted(set(ADVANTAGE_INPUTS) - {'mask'})}")
+            if name not in declared.required + declared.optional:
+                raise ValueError(f"advantage_inputs[{name!r}] is not read by estimator {config.advantage.estimator!r} "
+                                 f"(it reads {list(declared.required + declared.optional)})")
+        # On-policy, the rollout policy's log-probs are this pass's own.
+        inputs = {"old_logprobs": logp.detach() if old_logprobs is None else old_logprobs,
+                  **(pass_inputs or {}), **(advantage_inputs or {})}
         reported_advantages, choice = advantages_and_choice(
             rewards.to(logp.dtype) if rewards.is_floating_point() else rewards, group_ids, config.advantage,
             metric=metric, mask=mask, token_entropy=entropy.detach() if needs_entropy and entropy is not None else None,
-            step=step, backend=backend)
+            step=step, backend=backend, **inputs)
         backends["advantages"] = choice.describe()
-        token_advantages = reported_advantages[:, None].expand(shape)
+        token_advantages = (reported_advantages if reported_advantages.dim() == 2
+                            else reported_advantages[:, None].expand(shape))
 
     old = check_per_token("old_logprobs", old_logprobs, shape, device, mask)
     ref = check_per_token("ref_logprobs", ref_logprobs, shape, device, mask)
@@ -137,7 +212,8 @@ def policy_loss_from_logprobs(logprobs: torch.Tensor, mask: torch.Tensor, *, ent
                               ref_logprobs: Optional[torch.Tensor] = None, metric: Optional[torch.Tensor] = None,
                               config: Optional[LossConfig] = None, step: int = 0,
                               global_num_tokens: Optional[float] = None, global_num_seqs: Optional[float] = None,
-                              backend: str = "auto") -> LossOutput:
+                              backend: str = "auto",
+                              advantage_inputs: Optional[Dict[str, torch.Tensor]] = None) -> LossOutput:
     """``policy_loss`` from per-token log-probs the caller computed itself (TRL's or verl's own pass).
 
     ``logprobs [B, T]`` (float, differentiable: the gradient flows back into them) are the log-probs of
@@ -146,6 +222,8 @@ def policy_loss_from_logprobs(logprobs: torch.Tensor, mask: torch.Tensor, *, ent
     hold anything at padded positions. Every other keyword, the config, the metrics and the errors are
     those of ``policy_loss``. Without ``entropy``, ``entropy_coeff`` must be 0, CANON's entropy metric
     needs ``metric=``, and the metric ``actor/entropy`` is not reported (``LossOutput.entropy`` is None).
+    There are no logits here: an estimator that reads token ids or a signal of the logits (ktae, ucas,
+    optimal_token_baseline) gets them in ``advantage_inputs`` (e.g. from ``token_signals``).
     The Triton objective takes fp32 log-probs.
     """
     config = config or LossConfig()
@@ -168,7 +246,8 @@ def policy_loss_from_logprobs(logprobs: torch.Tensor, mask: torch.Tensor, *, ent
     return _loss_from_logprobs(logp, entropy, mask, valid_row_index(mask), backend=backend, rewards=rewards,
                                group_ids=group_ids, advantages=advantages, old_logprobs=old_logprobs,
                                ref_logprobs=ref_logprobs, metric=metric, config=config, step=step,
-                               global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs, backends={})
+                               global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs, backends={},
+                               advantage_inputs=advantage_inputs)
 
 
 def policy_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *,
@@ -177,7 +256,8 @@ def policy_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                 ref_logprobs: Optional[torch.Tensor] = None, metric: Optional[torch.Tensor] = None,
                 config: Optional[LossConfig] = None, step: int = 0,
                 global_num_tokens: Optional[float] = None, global_num_seqs: Optional[float] = None,
-                backend: str = "auto", inplace_backward: bool = False) -> LossOutput:
+                backend: str = "auto", inplace_backward: bool = False,
+                advantage_inputs: Optional[Dict[str, torch.Tensor]] = None) -> LossOutput:
     """Clipped policy-gradient loss from ``logits [B, T, V]`` of the sampled ``targets [B, T]``.
 
     Give ``advantages`` ([B] or [B, T]) or ``rewards [B]`` + ``group_ids [B]`` (the estimator of
@@ -186,6 +266,13 @@ def policy_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
     ``global_num_tokens`` / ``global_num_seqs`` are the normalizers over all micro-batches and ranks.
     ``inplace_backward=True`` (Triton only) writes dlogits over the logits buffer: only when nothing
     else uses these logits afterwards. ``LossOutput.backends`` says what ran for each stage.
+
+    With ``rewards``, the estimator gets what it declares (``fc.ESTIMATOR_INPUTS``) from this call: the
+    mask, ``targets`` as token ids (ktae), ``old_logprobs`` (else this pass's own, on-policy), and the
+    signals of these logits (ucas: self-certainty and raw target logit; optimal_token_baseline: sum p^2)
+    from the same statistics pass. ``advantage_inputs`` adds the others (gae: ``values``; remax:
+    ``baseline_rewards``; ``rollout_is_weights``) or replaces the pass's (e.g. the rollout policy's own
+    self-certainty when off-policy), keyed like ``compute_advantages``' keywords.
     """
     config = config or LossConfig()
     if not torch.is_tensor(logits) or logits.dim() != 3:
@@ -194,14 +281,15 @@ def policy_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
     check_logits_and_targets(logits, targets, mask)
     stats = select(TOKEN_STATS, backend, logits)
     row_index = valid_row_index(mask)
-    logp_rows, entropy_rows = stats.fn(logits, targets, row_index, config.temperature,
-                                       inplace_backward=inplace_backward)
-    return _loss_from_logprobs(scatter_rows(logp_rows, row_index, mask.shape),
-                               scatter_rows(entropy_rows, row_index, mask.shape), mask, row_index,
+    outputs = stats.fn(logits, targets, row_index, config.temperature, inplace_backward=inplace_backward,
+                       extra_stats=_needs_extra_signals(config, rewards, advantage_inputs))
+    return _loss_from_logprobs(scatter_rows(outputs[0], row_index, mask.shape),
+                               scatter_rows(outputs[1], row_index, mask.shape), mask, row_index,
                                backend=backend, rewards=rewards, group_ids=group_ids, advantages=advantages,
                                old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, metric=metric, config=config,
                                step=step, global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
-                               backends={TOKEN_STATS: stats.describe()})
+                               backends={TOKEN_STATS: stats.describe()}, advantage_inputs=advantage_inputs,
+                               pass_inputs=dict(token_ids=targets, **_pass_signals(outputs, row_index, mask.shape)))
 
 
 def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *,
@@ -210,7 +298,7 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
                        old_logprobs: Optional[torch.Tensor] = None, ref_logprobs: Optional[torch.Tensor] = None,
                        metric: Optional[torch.Tensor] = None, config: Optional[LossConfig] = None, step: int = 0,
                        global_num_tokens: Optional[float] = None, global_num_seqs: Optional[float] = None,
-                       backend: str = "auto") -> LossOutput:
+                       backend: str = "auto", advantage_inputs: Optional[Dict[str, torch.Tensor]] = None) -> LossOutput:
     """``policy_loss`` from the last hidden states ``hidden [B, T, H]`` and the LM head ``weight [V, H]``
     (+ ``bias [V]``), without materialising the [B, T, V] logits (logits = hidden @ weight.T + bias).
     Same keywords and output as ``policy_loss``; the loss is differentiable w.r.t. hidden, weight, bias."""
@@ -234,14 +322,16 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     check_targets_in_range(targets, weight.shape[0], mask)
     stats = select(LINEAR_TOKEN_STATS, backend, hidden)
     row_index = valid_row_index(mask)
-    logp_rows, entropy_rows = stats.fn(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), row_index,
-                                       bias=bias, temperature=config.temperature)
-    return _loss_from_logprobs(scatter_rows(logp_rows, row_index, mask.shape),
-                               scatter_rows(entropy_rows, row_index, mask.shape), mask, row_index,
+    outputs = stats.fn(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), row_index,
+                       bias=bias, temperature=config.temperature,
+                       extra_stats=_needs_extra_signals(config, rewards, advantage_inputs))
+    return _loss_from_logprobs(scatter_rows(outputs[0], row_index, mask.shape),
+                               scatter_rows(outputs[1], row_index, mask.shape), mask, row_index,
                                backend=backend, rewards=rewards, group_ids=group_ids, advantages=advantages,
                                old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, metric=metric, config=config,
                                step=step, global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
-                               backends={LINEAR_TOKEN_STATS: stats.describe()})
+                               backends={LINEAR_TOKEN_STATS: stats.describe()}, advantage_inputs=advantage_inputs,
+                               pass_inputs=dict(token_ids=targets, **_pass_signals(outputs, row_index, mask.shape)))
 
 
 class FusedPolicyLoss(torch.nn.Module):

@@ -155,14 +155,17 @@ _FROM_LOGITS = ("pass {them}, compute {them} with fc.token_signals, or call poli
                 "so the fused pass computes {them}")
 ADVANTAGE_INPUTS = {
     "mask": "the valid-token mask [B, T] of the responses",
-    "values": "the critic's value of every response token [B, T] (a value model's forward pass)",
-    "baseline_rewards": "the reward of a greedy rollout of each response's prompt [B]",
+    "values": "the critic's value of every response token [B, T] (a value model's forward pass; "
+              "policy_loss takes {them} in advantage_inputs)",
+    "baseline_rewards": "the reward of a greedy rollout of each response's prompt [B] (policy_loss takes "
+                        "{them} in advantage_inputs)",
     "token_ids": "the sampled token ids [B, T] (policy_loss with rewards= uses its targets)",
     "self_certainty": _FROM_LOGITS,
     "target_logits": _FROM_LOGITS,
     "sum_pi_squared": _FROM_LOGITS,
     "old_logprobs": _FROM_LOGITS,
-    "rollout_is_weights": "the rollout importance-sampling weights [B, T]",
+    "rollout_is_weights": "the rollout importance-sampling weights [B, T] (policy_loss takes {them} in "
+                          "advantage_inputs)",
 }
 _ROW_INPUTS = ("baseline_rewards",)  # [B]; every other input is [B, T]
 _INTEGER_INPUTS = ("token_ids",)

@@ -12,6 +12,9 @@ of valid rows, both outputs differentiable:
     torch_token_stats(logits [B, T, V], targets [B, T], row_index [N], temperature) -> (logp [N], entropy [N])
     torch_linear_token_stats(hidden [R, H], weight [V, H], targets [R], row_index [N], bias, temperature)
 The objective (losses.py) only sees those two vectors, so autograd hands a backend exactly c_logp and c_ent.
+With ``extra_stats=True`` both also return, from the same rows, the detached signals some estimators read
+(``EXTRA_SIGNALS``, ALGORITHMS.md §5.1 and §1.3): the self-certainty lse(z) - mean_v(z), the raw
+(untempered) logit of the target, and sum_v p_v^2.
 """
 
 from __future__ import annotations
@@ -20,7 +23,11 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["TorchTokenStats", "torch_token_stats", "torch_linear_token_stats", "LINEAR_REFERENCE_CHUNK_ROWS"]
+__all__ = ["TorchTokenStats", "torch_token_stats", "torch_linear_token_stats", "LINEAR_REFERENCE_CHUNK_ROWS",
+           "EXTRA_SIGNALS"]
+
+# The detached per-token signals a statistics pass emits with extra_stats=True, in this order.
+EXTRA_SIGNALS = ("self_certainty", "target_logits", "sum_pi_squared")
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -62,13 +69,26 @@ class TorchTokenStats(torch.autograd.Function):
         return (dz / ctx.temperature).to(logits.dtype), None, None
 
 
+@torch.no_grad()
+def _extra_signals(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> Tuple[torch.Tensor, ...]:
+    """``EXTRA_SIGNALS`` of rows ``logits [N, V]`` at ``targets [N]``, detached. A row with a -inf entry
+    has mean_v(z) = -inf, so its certainty is +inf (as torch, and UCAS, compute it)."""
+    z, lse, p, _ = _row_statistics(logits, temperature)
+    certainty = (lse - z.mean(-1, keepdim=True)).squeeze(-1)
+    target_logits = logits.gather(-1, targets[:, None]).squeeze(-1).to(z.dtype)
+    return certainty, target_logits, (p * p).sum(-1)
+
+
 def torch_token_stats(logits: torch.Tensor, targets: torch.Tensor, row_index: torch.Tensor, temperature: float = 1.0,
-                      *, inplace_backward: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Statistics of rows ``row_index`` (flat b*T + t) of ``logits [B, T, V]`` at ``targets [B, T]``."""
+                      *, inplace_backward: bool = False, extra_stats: bool = False) -> Tuple[torch.Tensor, ...]:
+    """Statistics of rows ``row_index`` (flat b*T + t) of ``logits [B, T, V]`` at ``targets [B, T]``:
+    ``(logp, entropy)``, then the ``EXTRA_SIGNALS`` with ``extra_stats``."""
     if inplace_backward:
         raise ValueError("inplace_backward=True is only available with backend='triton'")
     rows = logits.reshape(-1, logits.shape[-1]).index_select(0, row_index)
-    return TorchTokenStats.apply(rows, targets.reshape(-1).index_select(0, row_index), temperature)
+    row_targets = targets.reshape(-1).index_select(0, row_index)
+    stats = TorchTokenStats.apply(rows, row_targets, temperature)
+    return stats + _extra_signals(rows, row_targets, temperature) if extra_stats else stats
 
 
 # Rows of the reference LM-head path per chunk: bounds its [chunk, V] logits (recomputed in backward).
@@ -77,22 +97,22 @@ LINEAR_REFERENCE_CHUNK_ROWS = 1024
 
 def torch_linear_token_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                              row_index: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                             temperature: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+                             temperature: float = 1.0, *, extra_stats: bool = False) -> Tuple[torch.Tensor, ...]:
     """Statistics of rows ``row_index`` of the logits ``hidden [R, H] @ weight.T (+ bias)`` at ``targets [R]``,
-    chunk by chunk with activation checkpointing: memory O(chunk * V)."""
+    chunk by chunk with activation checkpointing: memory O(chunk * V). ``(logp, entropy)``, then the
+    ``EXTRA_SIGNALS`` with ``extra_stats``."""
     from torch.utils.checkpoint import checkpoint
 
     def chunk_stats(h, w, b, t):
         logits = h @ w.T if b is None else torch.addmm(b, h, w.T)
-        return TorchTokenStats.apply(logits, t, temperature)
+        stats = TorchTokenStats.apply(logits, t, temperature)
+        return stats + _extra_signals(logits, t, temperature) if extra_stats else stats
 
     hidden_rows, targets_rows = hidden.index_select(0, row_index), targets.index_select(0, row_index)
-    logps, entropies = [], []
+    chunks = []
     # At least one (possibly empty) chunk, so the loss stays connected to weight and bias.
     for start in range(0, max(hidden_rows.shape[0], 1), LINEAR_REFERENCE_CHUNK_ROWS):
         rows = slice(start, start + LINEAR_REFERENCE_CHUNK_ROWS)
-        logp, entropy = checkpoint(chunk_stats, hidden_rows[rows], weight, bias, targets_rows[rows],
-                                   use_reentrant=False)
-        logps.append(logp)
-        entropies.append(entropy)
-    return torch.cat(logps), torch.cat(entropies)
+        chunks.append(checkpoint(chunk_stats, hidden_rows[rows], weight, bias, targets_rows[rows],
+                                 use_reentrant=False))
+    return tuple(torch.cat(outputs) for outputs in zip(*chunks))

@@ -223,6 +223,9 @@ def _linear_token_stats_fwd_kernel(
     entropy_ptr,  # fp32 [N] out
     lse_ptr,  # fp32 [N] out, saved for the backward
     zbar_ptr,  # fp32 [N] out, saved for the backward
+    certainty_ptr,  # fp32 [N] out, written only if EXTRA_STATS: lse - mean_v(z)
+    target_logit_ptr,  # fp32 [N] out, written only if EXTRA_STATS: the raw (untempered) target logit
+    sum_pi_squared_ptr,  # fp32 [N] out, written only if EXTRA_STATS: sum_v p_v^2
     n_valid,
     vocab_size,
     hidden_size,
@@ -231,6 +234,7 @@ def _linear_token_stats_fwd_kernel(
     inv_temperature,
     HAS_BIAS: tl.constexpr,
     UPCAST_DOT_INPUTS: tl.constexpr,
+    EXTRA_STATS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -245,6 +249,8 @@ def _linear_token_stats_fwd_kernel(
     rest = tl.zeros([BLOCK_N], dtype=tl.float32)
     u = tl.zeros([BLOCK_N], dtype=tl.float32)
     z_target = tl.zeros([BLOCK_N], dtype=tl.float32)
+    z_sum = tl.zeros([BLOCK_N], dtype=tl.float32)  # sum_v z (self-certainty)
+    s2 = tl.zeros([BLOCK_N], dtype=tl.float32)  # sum_v exp(z - m)^2 (sum p^2 = s2 / s^2)
     for v_start in range(0, vocab_size, BLOCK_V):
         cols = v_start + tl.arange(0, BLOCK_V)
         col_ok = cols < vocab_size
@@ -263,7 +269,12 @@ def _linear_token_stats_fwd_kernel(
         n_max = tl.sum(is_max.to(tl.float32), axis=1)
         tile_rest = tl.sum(tl.where(is_max, 0.0, e), axis=1) + (n_max - 1.0)
         tile_u = tl.sum(e * tl.where(col_ok[None, :], shifted, 0.0), axis=1)  # no 0 * -inf
+        m_before = m
         m, rest, u = _merge_row_stats(m, rest, u, tile_max, tile_rest, tile_u)
+        if EXTRA_STATS:
+            z_sum += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
+            # exp(2 (m_before - m)) is 0 while m_before == -inf (s2 is 0 then too).
+            s2 = s2 * tl.exp(2.0 * (m_before - m)) + tl.sum(e * e, axis=1) * tl.exp(2.0 * (tile_max - m))
 
     # With s = 1 + rest = sum_k exp(z_k - m):  lse = m + log s,  p_k = exp(z_k - m) / s,
     # entropy = -sum p log p = log s - u / s  (two non-negative terms: no cancellation),
@@ -274,6 +285,10 @@ def _linear_token_stats_fwd_kernel(
     tl.store(entropy_ptr + slots, log_sum_exp_shifted - u_over_s, mask=slot_ok)
     tl.store(lse_ptr + slots, m + log_sum_exp_shifted, mask=slot_ok)
     tl.store(zbar_ptr + slots, m + u_over_s, mask=slot_ok)
+    if EXTRA_STATS:
+        tl.store(certainty_ptr + slots, m + log_sum_exp_shifted - z_sum / vocab_size, mask=slot_ok)
+        tl.store(target_logit_ptr + slots, z_target / inv_temperature, mask=slot_ok)
+        tl.store(sum_pi_squared_ptr + slots, s2 / ((1.0 + rest) * (1.0 + rest)), mask=slot_ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -607,23 +622,27 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _forward(hidden, weight, bias, targets, row_index, inv_temperature, blocks):
+def _forward(hidden, weight, bias, targets, row_index, inv_temperature, blocks, extra_stats=False):
+    """(logp, entropy, lse, zbar, extras): extras is (certainty, target_logit, sum_pi_squared), empty
+    tensors unless ``extra_stats``."""
     n_valid = row_index.numel()
     vocab_size, hidden_size = weight.shape
     logp, entropy, lse, zbar = (torch.empty(n_valid, dtype=torch.float32, device=hidden.device) for _ in range(4))
+    extras = tuple(torch.empty(n_valid if extra_stats else 0, dtype=torch.float32, device=hidden.device)
+                   for _ in range(3))
     if n_valid == 0:
-        return logp, entropy, lse, zbar
+        return logp, entropy, lse, zbar, extras
     upcast = _runs_in_interpreter(hidden) and hidden.dtype == torch.bfloat16
     grid = (triton.cdiv(n_valid, blocks.block_n),)
     _linear_token_stats_fwd_kernel[grid](
         hidden, weight, bias if bias is not None else weight, targets, row_index,
-        logp, entropy, lse, zbar,
+        logp, entropy, lse, zbar, *(extras if extra_stats else (logp, logp, logp)),  # unused then
         n_valid, vocab_size, hidden_size, hidden.stride(0), weight.stride(0), inv_temperature,
-        HAS_BIAS=bias is not None, UPCAST_DOT_INPUTS=upcast,
+        HAS_BIAS=bias is not None, UPCAST_DOT_INPUTS=upcast, EXTRA_STATS=bool(extra_stats),
         BLOCK_N=blocks.block_n, BLOCK_V=blocks.block_v, BLOCK_H=blocks.block_h,
         **_launch_options(blocks, torch.float32 if upcast else hidden.dtype),
     )
-    return logp, entropy, lse, zbar
+    return logp, entropy, lse, zbar, extras
 
 
 def _backward(hidden, weight, bias, targets, row_index, logp, entropy, lse, zbar, coef_logp, coef_entropy,
@@ -707,13 +726,14 @@ def _backward(hidden, weight, bias, targets, row_index, logp, entropy, lse, zbar
 
 
 class TritonLinearTokenStats(torch.autograd.Function):
-    """``(logp, entropy) = f(hidden, weight, bias)`` for the valid rows; see the module docstring.
+    """``(logp, entropy, certainty, target_logit, sum_pi_squared) = f(hidden, weight, bias)`` for the valid
+    rows; see the module docstring. The last three are detached and empty unless ``extra_stats``.
 
-    ``apply(hidden, weight, targets, row_index, bias, temperature, block_sizes)``.
+    ``apply(hidden, weight, targets, row_index, bias, temperature, block_sizes, extra_stats)``.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, row_index, bias, temperature, block_sizes):
+    def forward(ctx, hidden, weight, targets, row_index, bias, temperature, block_sizes, extra_stats):
         temperature = _check_inputs(hidden, weight, targets, row_index, bias, temperature)
         blocks = _resolve_blocks(block_sizes)
         hidden = _last_dim_contiguous(hidden)
@@ -721,14 +741,16 @@ class TritonLinearTokenStats(torch.autograd.Function):
         bias = bias.contiguous() if bias is not None else None
         targets, row_index = targets.contiguous(), row_index.contiguous()  # the kernels index them with stride 1
         inv_temperature = 1.0 / temperature
-        logp, entropy, lse, zbar = _forward(hidden, weight, bias, targets, row_index, inv_temperature, blocks)
+        logp, entropy, lse, zbar, extras = _forward(hidden, weight, bias, targets, row_index, inv_temperature,
+                                                    blocks, extra_stats)
         ctx.save_for_backward(hidden, weight, bias, targets, row_index, logp, entropy, lse, zbar)
         ctx.inv_temperature = inv_temperature
         ctx.blocks = blocks
-        return logp, entropy
+        ctx.mark_non_differentiable(*extras)
+        return logp, entropy, *extras
 
     @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
+    def backward(ctx, grad_logp, grad_entropy, *_grad_extra_stats):
         hidden, weight, bias, targets, row_index, logp, entropy, lse, zbar = ctx.saved_tensors
         need_hidden, need_weight, _, _, need_bias = ctx.needs_input_grad[:5]
         need_bias = need_bias and bias is not None
@@ -743,17 +765,22 @@ class TritonLinearTokenStats(torch.autograd.Function):
             coefficient(grad_logp), coefficient(grad_entropy), ctx.inv_temperature, ctx.blocks,
             need_hidden, need_weight, need_bias,
         )
-        return grad_hidden, grad_weight, None, None, grad_bias, None, None
+        return grad_hidden, grad_weight, None, None, grad_bias, None, None, None
 
 
-def triton_linear_token_stats(hidden, weight, targets, row_index, bias=None, temperature=1.0, *, block_sizes=None):
+def triton_linear_token_stats(hidden, weight, targets, row_index, bias=None, temperature=1.0, *, block_sizes=None,
+                              extra_stats=False):
     """Per-token ``(logp, entropy)``, fp32 ``[N]``, of the valid rows ``row_index`` of
     ``z = (hidden @ weight.T + bias) / temperature``, without materialising ``[N, V]``.
 
     ``block_sizes``: None (defaults), a ``LinearTokenStatsBlocks`` or a dict of its fields.
     Differentiable w.r.t. ``hidden``, ``weight`` and ``bias``; see the module docstring.
+    ``extra_stats=True`` also returns, from the same pass, the self-certainty ``lse - mean_v(z)``, the raw
+    target logit and ``sum_v p_v^2`` (fp32 ``[N]``, detached): five outputs.
     """
-    return TritonLinearTokenStats.apply(hidden, weight, targets, row_index, bias, temperature, block_sizes)
+    outputs = TritonLinearTokenStats.apply(hidden, weight, targets, row_index, bias, temperature, block_sizes,
+                                           bool(extra_stats))
+    return outputs if extra_stats else outputs[:2]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -788,7 +815,8 @@ def _aot_entries(dtype: torch.dtype):
     gemm_dot = torch.float32 if workspace != dtype else dtype  # see _backward's upcast rule
     stats = {"hidden_ptr": f"*{ty}", "weight_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "targets_ptr": "*i64",
              "row_index_ptr": "*i64", "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32",
-             "zbar_ptr": "*fp32", "coef_logp_ptr": "*fp32", "coef_entropy_ptr": "*fp32",
+             "zbar_ptr": "*fp32", "certainty_ptr": "*fp32", "target_logit_ptr": "*fp32",
+             "sum_pi_squared_ptr": "*fp32", "coef_logp_ptr": "*fp32", "coef_entropy_ptr": "*fp32",
              "dlogits_ptr": f"*{_TRITON_TYPE[workspace]}"}
     gemm_pointers = {"dlogits_ptr": stats["dlogits_ptr"], "weight_ptr": f"*{ty}", "hidden_ptr": f"*{ty}",
             "row_index_ptr": "*i64", "grad_hidden_ptr": f"*{ty}", "grad_weight_ptr": "*fp32", "grad_bias_ptr": "*fp32"}
@@ -800,7 +828,9 @@ def _aot_entries(dtype: torch.dtype):
     dweight_blocks = (k_block, out_block, out_block)
     return [
         _aot_entry(_linear_token_stats_fwd_kernel, stats, tile_options, tile_blocks, HAS_BIAS=True,
-                   UPCAST_DOT_INPUTS=False),
+                   UPCAST_DOT_INPUTS=False, EXTRA_STATS=False),
+        _aot_entry(_linear_token_stats_fwd_kernel, stats, tile_options, tile_blocks, HAS_BIAS=True,
+                   UPCAST_DOT_INPUTS=False, EXTRA_STATS=True),
         _aot_entry(_linear_token_stats_dlogits_kernel, stats, tile_options, tile_blocks, HAS_BIAS=True,
                    UPCAST_DOT_INPUTS=False),
         _aot_entry(_linear_token_stats_dhidden_kernel, gemm_pointers, gemm_options, dhidden_blocks,

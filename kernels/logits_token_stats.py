@@ -43,7 +43,7 @@ def _token_stats_fwd_kernel(
     targets_ptr, stride_yb, stride_yt,  # [B, T] int
     row_index_ptr,  # [N] int64: b * T + t of the valid rows
     logp_ptr, entropy_ptr, lse_ptr, zbar_ptr,  # [N] fp32 outputs
-    certainty_ptr, target_logit_ptr,  # [N] fp32 outputs, written only if EXTRA_STATS
+    certainty_ptr, target_logit_ptr, sum_pi_squared_ptr,  # [N] fp32 outputs, written only if EXTRA_STATS
     T, V, inv_temp,
     BLOCK_V: tl.constexpr,
     EXTRA_STATS: tl.constexpr,
@@ -60,6 +60,7 @@ def _token_stats_fwd_kernel(
     s = 0.0  # sum exp(z - m)
     w = 0.0  # sum exp(z - m) * (z - m)
     z_sum = tl.zeros([BLOCK_V], dtype=tl.float32)  # per-lane sum of z (self-certainty)
+    s2 = 0.0  # sum exp(z - m)^2 (sum of p^2 = s2 / s^2)
     for v0 in range(0, V, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
         mask = offs < V
@@ -80,6 +81,7 @@ def _token_stats_fwd_kernel(
         m = m_new
         if EXTRA_STATS:
             z_sum += tl.where(mask, z, 0.0)
+            s2 = alpha * alpha * s2 + tl.sum(e * e, axis=0)
 
     log_s = tl.log(s)
     w_over_s = w / s
@@ -93,9 +95,11 @@ def _token_stats_fwd_kernel(
     tl.store(zbar_ptr + pid, m + w_over_s)
     if EXTRA_STATS:
         # UCAS self-certainty lse - mean_v(z) (+inf if the row has -inf entries, like torch),
-        # and the raw target logit, read before the temperature division.
+        # the raw target logit, read before the temperature division, and sum_v p_v^2 (the
+        # optimal token baseline's path variance), all from this one read of the row.
         tl.store(certainty_ptr + pid, lse - tl.sum(z_sum, axis=0) / V)
         tl.store(target_logit_ptr + pid, x_y)
+        tl.store(sum_pi_squared_ptr + pid, s2 / (s * s))
 
 
 @triton.jit
@@ -203,8 +207,8 @@ def _check_inputs(logits, targets, row_index, temperature, block_v):
 
 def token_stats_forward(logits, targets, row_index, temperature=1.0, *, block_v=None, extra_stats=False):
     """Launch the forward kernel (no autograd). Returns fp32 ``[N]`` tensors
-    ``(logp, entropy, lse, zbar, certainty, target_logit)``; the last two are empty unless
-    ``extra_stats``. ``lse`` and ``zbar`` are what :func:`token_stats_backward` needs."""
+    ``(logp, entropy, lse, zbar, certainty, target_logit, sum_pi_squared)``; the last three are empty
+    unless ``extra_stats``. ``lse`` and ``zbar`` are what :func:`token_stats_backward` needs."""
     _check_inputs(logits, targets, row_index, temperature, block_v)
     B, T, V = logits.shape
     row_index = row_index.contiguous()
@@ -212,20 +216,19 @@ def token_stats_forward(logits, targets, row_index, temperature=1.0, *, block_v=
     block_v = block_v or default_block_v(V)
     f32 = dict(dtype=torch.float32, device=logits.device)
     logp, entropy, lse, zbar = (torch.empty(N, **f32) for _ in range(4))
-    certainty = torch.empty(N if extra_stats else 0, **f32)
-    target_logit = torch.empty(N if extra_stats else 0, **f32)
+    certainty, target_logit, sum_pi_squared = (torch.empty(N if extra_stats else 0, **f32) for _ in range(3))
     if N > 0:
         _token_stats_fwd_kernel[(N,)](
             logits, logits.stride(0), logits.stride(1),
             targets, targets.stride(0), targets.stride(1),
             row_index,
             logp, entropy, lse, zbar,
-            certainty if extra_stats else logp, target_logit if extra_stats else logp,  # unused then
+            *((certainty, target_logit, sum_pi_squared) if extra_stats else (logp, logp, logp)),  # unused then
             T, V, 1.0 / temperature,
             BLOCK_V=block_v, EXTRA_STATS=bool(extra_stats),
             num_warps=_num_warps(block_v),
         )
-    return logp, entropy, lse, zbar, certainty, target_logit
+    return logp, entropy, lse, zbar, certainty, target_logit, sum_pi_squared
 
 
 def token_stats_backward(logits, targets, row_index, lse, zbar, c_logp, c_ent, temperature=1.0, *,
@@ -260,12 +263,12 @@ def token_stats_backward(logits, targets, row_index, lse, zbar, c_logp, c_ent, t
 
 
 class TritonTokenStats(torch.autograd.Function):
-    """(logp, entropy, certainty, target_logit) of the rows in ``row_index``; the first two
-    are differentiable w.r.t. logits, the last two are empty unless ``extra_stats``."""
+    """(logp, entropy, certainty, target_logit, sum_pi_squared) of the rows in ``row_index``; the first
+    two are differentiable w.r.t. logits, the last three are empty unless ``extra_stats``."""
 
     @staticmethod
     def forward(ctx, logits, targets, row_index, temperature, inplace_backward, block_v, extra_stats):
-        logp, entropy, lse, zbar, certainty, target_logit = token_stats_forward(
+        logp, entropy, lse, zbar, certainty, target_logit, sum_pi_squared = token_stats_forward(
             logits, targets, row_index, temperature, block_v=block_v, extra_stats=extra_stats)
         # Only per-row scalars are saved, plus references to the inputs (no copies).
         ctx.save_for_backward(logits, targets, row_index, lse, zbar)
@@ -273,12 +276,12 @@ class TritonTokenStats(torch.autograd.Function):
         ctx.inplace_backward = inplace_backward
         ctx.block_v = block_v or default_block_v(logits.shape[-1])
         ctx.set_materialize_grads(False)  # a None grad stays None: its term is compiled out
-        ctx.mark_non_differentiable(certainty, target_logit)
-        return logp, entropy, certainty, target_logit
+        ctx.mark_non_differentiable(certainty, target_logit, sum_pi_squared)
+        return logp, entropy, certainty, target_logit, sum_pi_squared
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logp, grad_entropy, _grad_certainty, _grad_target_logit):
+    def backward(ctx, grad_logp, grad_entropy, *_grad_extra_stats):
         logits, targets, row_index, lse, zbar = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None:
             return (None,) * 7
@@ -309,20 +312,18 @@ def triton_token_stats(logits, targets, row_index, temperature=1.0, *, inplace_b
             Saves one ``[B, T, V]`` allocation but destroys the logits: only safe when they
             feed no other loss (unsloth#5002). Later autograd use of them raises.
         block_v: vocabulary tile (power of two); default ``min(next_pow2(V), 4096)``.
-        extra_stats: also return the self-certainty ``lse - mean_v(z)`` and the raw
-            (untempered) target logit, both fp32 ``[N]`` and non-differentiable.
+        extra_stats: also return the self-certainty ``lse - mean_v(z)``, the raw (untempered)
+            target logit and ``sum_v p_v^2``, fp32 ``[N]`` and non-differentiable, from the same read.
 
     Returns:
         ``(logp, entropy)`` fp32 ``[N]``, both differentiable w.r.t. logits, or
-        ``(logp, entropy, certainty, target_logit)`` with ``extra_stats=True``.
+        ``(logp, entropy, certainty, target_logit, sum_pi_squared)`` with ``extra_stats=True``.
     """
     if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
         temperature = float(temperature)
-    logp, entropy, certainty, target_logit = TritonTokenStats.apply(
+    outputs = TritonTokenStats.apply(
         logits, targets, row_index, temperature, bool(inplace_backward), block_v, bool(extra_stats))
-    if extra_stats:
-        return logp, entropy, certainty, target_logit
-    return logp, entropy
+    return outputs if extra_stats else outputs[:2]
 
 
 # Ahead-of-time compile registry (tests/test_aot_compile.py): (kernel, signature, constexprs, options).
@@ -331,7 +332,7 @@ def _fwd_sig(dtype, stride_ty="i32"):
     return {"logits_ptr": f"*{dtype}", "stride_lb": stride_ty, "stride_lt": "i32",
             "targets_ptr": "*i64", "stride_yb": "i32", "stride_yt": "i32", "row_index_ptr": "*i64",
             "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32", "zbar_ptr": "*fp32",
-            "certainty_ptr": "*fp32", "target_logit_ptr": "*fp32", "T": "i32", "V": "i32", "inv_temp": "fp32",
+            "certainty_ptr": "*fp32", "target_logit_ptr": "*fp32", "sum_pi_squared_ptr": "*fp32", "T": "i32", "V": "i32", "inv_temp": "fp32",
             "BLOCK_V": "constexpr", "EXTRA_STATS": "constexpr"}
 
 

@@ -78,6 +78,10 @@ def run_case(case, backend="torch", dtype=torch.float64):
                 "grad_logprobs": (logprobs.grad, _t(expected["grad_logprobs"]))}
     logits = _t(inputs["logits"], dtype).requires_grad_()
     targets = _t(inputs["targets"], torch.long)
+    if kind == "token_stats_ucas":
+        signals = fc.token_signals(logits, targets, ["self_certainty", "target_logits"],
+                                   temperature=config["temperature"], backend=backend)
+        return {name: (signals[name], _t(expected[name])) for name in ("self_certainty", "target_logits")}
     if kind == "token_stats":
         logprobs, entropy = fc.token_stats(logits, targets, temperature=config["temperature"], backend=backend)
         (logprobs.sum() + 0.5 * entropy.sum()).backward()

@@ -47,7 +47,7 @@ def fwd(logits, targets, row_index, *args, **kw):
 
 
 def reference(logits, targets, row_index, temperature=1.0, c_logp=None, c_ent=None):
-    """float64 torch: logp, entropy, lse, certainty, raw target logit of the valid rows, and
+    """float64 torch: logp, entropy, lse, certainty, raw target logit, sum p^2 of the valid rows, and
     d(sum c_logp*logp + c_ent*H)/dlogits (zeros in masked rows)."""
     B, T, V = logits.shape
     x = logits.detach().to(torch.float64).requires_grad_(True)
@@ -60,6 +60,7 @@ def reference(logits, targets, row_index, temperature=1.0, c_logp=None, c_ent=No
     lse = torch.logsumexp(z, dim=-1)
     certainty = lse - z.mean(-1)
     target_logit = logits.detach().reshape(B * T, V)[row_index].gather(1, y[:, None])[:, 0].double()
+    sum_pi_squared = (p * p).sum(-1)
     grad = None
     if c_logp is not None or c_ent is not None:
         loss = 0.0
@@ -69,7 +70,7 @@ def reference(logits, targets, row_index, temperature=1.0, c_logp=None, c_ent=No
             loss = loss + (c_ent.double() * ent).sum()
         (grad,) = torch.autograd.grad(loss, x)
     return dict(logp=logp.detach(), entropy=ent.detach(), lse=lse.detach(), certainty=certainty.detach(),
-                target_logit=target_logit, grad=grad)
+                target_logit=target_logit, sum_pi_squared=sum_pi_squared.detach(), grad=grad)
 
 
 def make_case(B, T, V, dtype=torch.float32, seed=0, scale=3.0, offset=4.0, neg_inf_row=True):
@@ -115,10 +116,10 @@ def test_matches_float64_reference(V, block_v, temperature):
         assert V % block_v != 0  # a masked tail tile
     ref = reference(logits, targets, row_index, temperature, c_logp, c_ent)
 
-    logp, ent, lse, zbar, cert, tlogit = fwd(
+    logp, ent, lse, zbar, cert, tlogit, spp = fwd(
         logits, targets, row_index, temperature, block_v=block_v, extra_stats=True)
     for name, val in [("logp", logp), ("entropy", ent), ("lse", lse), ("certainty", cert),
-                      ("target_logit", tlogit)]:
+                      ("target_logit", tlogit), ("sum_pi_squared", spp)]:
         assert val.dtype == torch.float32 and val.shape == (row_index.numel(),)
         assert_elementwise_close(val, ref[name], 1e-4, name)
     # row 0 has -inf entries: its certainty is +inf like torch's lse - mean
@@ -182,7 +183,7 @@ def test_row_neg_inf_except_target_is_exact():
     row_index = torch.arange(4)
     c_logp, c_ent = torch.tensor([0.5, -1.5, 2.0, 1.0]), torch.tensor([0.3, 0.7, -0.4, -2.0])
     ref = reference(logits, targets, row_index, 0.7, c_logp, c_ent)
-    logp, ent, lse, zbar, _, _ = fwd(logits, targets, row_index, 0.7, block_v=256)
+    logp, ent, lse, zbar, *_ = fwd(logits, targets, row_index, 0.7, block_v=256)
     single = [0, 1, 3]
     assert (logp[single] == 0).all() and (ent[single] == 0).all()
     assert torch.equal(zbar[single], lse[single])
@@ -239,12 +240,13 @@ def test_extra_stats_flag():
     logits, targets, mask, row_index, c_logp, c_ent = make_case(2, 2, 1000, seed=4, neg_inf_row=False)
     x = logits.clone().to(DEVICE).requires_grad_(True)
     assert len(triton_token_stats(x, *D(targets, row_index), block_v=256)) == 2
-    logp, ent, cert, tlogit = triton_token_stats(x, *D(targets, row_index), 0.7, block_v=256, extra_stats=True)
+    logp, ent, cert, tlogit, spp = triton_token_stats(x, *D(targets, row_index), 0.7, block_v=256, extra_stats=True)
     ref = reference(logits, targets, row_index, 0.7)
     assert_elementwise_close(cert, ref["certainty"], 1e-4, "certainty")
     assert_elementwise_close(tlogit, ref["target_logit"], 1e-6, "target_logit")  # raw, untempered
+    assert_elementwise_close(spp, ref["sum_pi_squared"], 1e-4, "sum_pi_squared")
     assert logp.requires_grad and ent.requires_grad
-    assert not cert.requires_grad and not tlogit.requires_grad
+    assert not cert.requires_grad and not tlogit.requires_grad and not spp.requires_grad
 
 
 # ----------------------------------------------------------------------------- layout / memory
@@ -343,7 +345,7 @@ def _int64_offsets_case():
     c_logp, c_ent = torch.randn(4, generator=g), torch.randn(4, generator=g)
     ref = reference(vals, targets, row_index, 1.0, c_logp, c_ent)
     targets, row_index, c_logp, c_ent = D(targets, row_index, c_logp, c_ent)
-    logp, ent, lse, zbar, _, _ = token_stats_forward(logits, targets, row_index, block_v=256)
+    logp, ent, lse, zbar, *_ = token_stats_forward(logits, targets, row_index, block_v=256)
     assert_elementwise_close(logp, ref["logp"], 1e-4, "logp")
     assert_elementwise_close(ent, ref["entropy"], 1e-4, "entropy")
     grad = token_stats_backward(logits, targets, row_index, lse, zbar, c_logp, c_ent, block_v=256, inplace=True)
