@@ -1,4 +1,8 @@
-"""``fused-canon train`` and ``fused-canon compare`` (dispatched here by fused_canon.cli)."""
+"""``fused-canon train`` and ``fused-canon compare`` (dispatched here by fused_canon.cli).
+
+A config error (unknown key, bad value, missing file) is printed as one message, exit code 2,
+before anything is built.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +11,14 @@ import os
 import sys
 from typing import List, Optional
 
-from .config import ESTIMATOR_PRESETS, load_config, to_yaml
-
-# Estimator names for `compare`: each maps to algorithm.advantage overrides.
-ESTIMATOR_OVERRIDES = {
-    name: [f"algorithm.advantage.estimator={estimator}", f"algorithm.advantage.baseline={baseline}"]
-    for name, (estimator, baseline) in ESTIMATOR_PRESETS.items()
-}
+from .config import ConfigError, estimator_choices, load_config, to_yaml
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted config overrides, e.g. actor.lr=3e-3 trainer.total_steps=50")
-    parser.add_argument("--config", help="a YAML file merged over the shipped default config")
+    parser.add_argument("--config", help="a YAML file merged over the defaults (see --print-config)")
     parser.add_argument("--print-config", action="store_true", help="print the merged config and exit")
     return parser
 
@@ -28,20 +26,21 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 def train_main(argv: Optional[List[str]] = None) -> int:
     parser = _parser("fused-canon train", "RL-train a policy with the fused loss. With no arguments: the "
                      "embedded default (a tiny char-level model on a synthetic arithmetic task, CANON).")
-    parser.add_argument("--resume", action="store_true", help="continue from <out_dir>/checkpoints (latest)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest intact checkpoint in <out_dir>/checkpoints")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = load_config(args.config, args.overrides + (["trainer.resume=true"] if args.resume else []))
-    except (ValueError, TypeError) as error:
-        print(f"fused-canon train: config error: {error}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(to_yaml(cfg))
-        return 0
     from .tracking import learning_summary
     from .trainer import train
 
-    train(cfg)
+    try:
+        cfg = load_config(args.config, args.overrides + (["trainer.resume=true"] if args.resume else []))
+        if args.print_config:
+            print(to_yaml(cfg))
+            return 0
+        train(cfg)
+    except ConfigError as error:
+        print(f"fused-canon train: config error: {error}", file=sys.stderr)
+        return 2
     if "jsonl" in cfg.trainer.logger:
         s = learning_summary(os.path.join(cfg.trainer.out_dir, "metrics.jsonl"))
         print(f"mean reward: first tenth {s['first_tenth']:.3f} -> last tenth {s['last_tenth']:.3f} "
@@ -54,34 +53,33 @@ def compare_main(argv: Optional[List[str]] = None) -> int:
     parser = _parser("fused-canon compare", "Train the same config and seed with several advantage estimators "
                      "and plot their curves on one figure.")
     parser.add_argument("--estimators", default="grpo,qae,canon",
-                        help=f"comma-separated, from {sorted(ESTIMATOR_OVERRIDES)} (qae = grpo with a quantile baseline)")
+                        help=f"comma-separated, from {estimator_choices()} (qae = grpo with a quantile baseline)")
     parser.add_argument("--out-dir", default="runs/compare", help="one sub-directory per estimator + compare.png")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    names = [name.strip() for name in args.estimators.split(",") if name.strip()]
-    unknown = [name for name in names if name not in ESTIMATOR_OVERRIDES]
-    if unknown or not names:
-        print(f"fused-canon compare: unknown estimator(s) {unknown}; choose from {sorted(ESTIMATOR_OVERRIDES)}",
-              file=sys.stderr)
-        return 2
-    try:
-        configs = {name: load_config(args.config, args.overrides + ESTIMATOR_OVERRIDES[name]
-                                     + [f"trainer.out_dir={os.path.join(args.out_dir, name)}"]) for name in names}
-    except (ValueError, TypeError) as error:
-        print(f"fused-canon compare: config error: {error}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        for name, cfg in configs.items():
-            print(f"# {name}\n{to_yaml(cfg)}")
-        return 0
     from .tracking import learning_summary, plot_runs
     from .trainer import train
 
-    runs = {}
-    for name, cfg in configs.items():
-        print(f"=== {name} ===", flush=True)
-        cfg.trainer.logger = sorted(set(cfg.trainer.logger) | {"jsonl"})  # the comparison reads the JSONL
-        train(cfg)
-        runs[name] = os.path.join(cfg.trainer.out_dir, "metrics.jsonl")
+    names = [name.strip() for name in args.estimators.split(",") if name.strip()]
+    try:
+        if not names:
+            raise ConfigError(f"--estimators names none; choose from {estimator_choices()}")
+        # Each name is checked by load_config, like algorithm.advantage.estimator on the train command.
+        configs = {name: load_config(args.config, args.overrides + [
+            f"algorithm.advantage.estimator={name}", f"trainer.out_dir={os.path.join(args.out_dir, name)}"])
+            for name in names}
+        if args.print_config:
+            for name, cfg in configs.items():
+                print(f"# {name}\n{to_yaml(cfg)}")
+            return 0
+        runs = {}
+        for name, cfg in configs.items():
+            print(f"=== {name} ===", flush=True)
+            cfg.trainer.logger = sorted(set(cfg.trainer.logger) | {"jsonl"})  # the comparison reads the JSONL
+            train(cfg)
+            runs[name] = os.path.join(cfg.trainer.out_dir, "metrics.jsonl")
+    except ConfigError as error:
+        print(f"fused-canon compare: config error: {error}", file=sys.stderr)
+        return 2
     png = os.path.join(args.out_dir, "compare.png")
     plot_runs(runs, png, title="estimators compared (same seed)")
     for name, jsonl_path in runs.items():

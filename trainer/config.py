@@ -1,34 +1,61 @@
-"""Trainer configuration: nested dataclasses (the schema), YAML files and dotted overrides.
+"""Trainer configuration: nested dataclasses (the schema *and* the defaults), YAML files, dotted overrides.
 
-Loading order: the dataclass defaults below, then the shipped ``configs/default.yaml`` (the
-embedded default run), then an optional user YAML, then ``key=value`` overrides from the
-command line, e.g. ``actor.lr=3e-3 algorithm.advantage.estimator=grpo``.
+The defaults below are the embedded default run of ``fused-canon train`` (no arguments): a tiny
+char-level Qwen2 built in code learns one-digit addition ("7+5=" -> "12", "3+4=" -> "07") from
+random weights with CANON advantages, on 2 CPU cores, downloading nothing. The reward is digit-wise
+partial credit, so the untrained policy already scores about 0.05 and the signal is there from the
+first step. ``fused-canon train --print-config`` prints them as YAML.
+
+Loading order: the defaults, then an optional user YAML (``--config``), then ``key=value`` overrides
+from the command line, e.g. ``actor.lr=3e-3 algorithm.advantage.estimator=grpo``.
 
 The ``algorithm`` section *is* ``fused_canon.LossConfig`` (with ``algorithm.advantage`` being
 ``fused_canon.AdvantageConfig``), so every field of the loss API is configurable under the same
 name and is validated by the loss API itself.
+
+Every value is checked before anything runs (``check_config``): a bad one raises ``ConfigError``
+naming the field, the value and what is allowed, which the CLI prints without a traceback (exit 2).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import math
+import os
 from dataclasses import dataclass, field
-from importlib import resources
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 import fused_canon as fc
 
-DEFAULT_CONFIG_FILE = "default.yaml"
+from . import tasks
 
-# Named advantage estimators (`fused-canon compare --estimators`, run titles): name -> (estimator, baseline).
-ESTIMATOR_PRESETS = {"grpo": ("grpo", "mean"), "qae": ("grpo", "quantile"), "dr_grpo": ("dr_grpo", "mean"),
-                     "rloo": ("rloo", "mean"), "canon": ("canon", "mean")}
+
+class ConfigError(ValueError):
+    """A bad config value, key or file; the message names it and what is allowed."""
+
+
+# Trainer names for an estimator with a non-default baseline: name -> (estimator, baseline).
+# QAE is GRPO with the group K-quantile as the baseline. A name the core library (or a plugin)
+# registers itself is used as it is, never rewritten.
+ESTIMATOR_ALIASES: Dict[str, Tuple[str, str]] = {"qae": ("grpo", "quantile")}
+GROUP_ESTIMATORS = ("grpo", "rloo", "canon")  # compare the samples of one prompt: need rollout.n >= 2
+DTYPES = ("float32", "bfloat16", "float16")
+LOGGERS = ("console", "jsonl", "tensorboard")
+MAX_SEED = 2**32  # numpy's legacy seed (seed_everything) must lie in [0, 2**32)
+
+
+def estimator_choices() -> List[str]:
+    """Every estimator name the config accepts: the registered ones and the trainer's aliases."""
+    return sorted(set(fc.ESTIMATORS) | set(ESTIMATOR_ALIASES))
 
 
 def estimator_name(advantage: fc.AdvantageConfig) -> str:
-    """The ESTIMATOR_PRESETS name of an advantage config (qae = grpo with a quantile baseline), else its estimator."""
-    for name, pair in ESTIMATOR_PRESETS.items():
+    """The alias of an advantage config (qae for grpo + quantile baseline), else its estimator."""
+    for name, pair in ESTIMATOR_ALIASES.items():
         if pair == (advantage.estimator, advantage.baseline):
             return name
     return advantage.estimator
@@ -58,7 +85,7 @@ class DataConfig:
     reward_fn: str = ""  # "" -> the task's own reward; else "pkg.module:function" (response, answer) -> float
     train_batch_size: int = 16  # prompts per step (each sampled rollout.n times)
     max_prompt_length: int = 256  # tokens; longer prompts are an error (vLLM sizes its context from this)
-    max_response_length: int = 8  # new tokens per response
+    max_response_length: int = 2  # new tokens per response; 2 = the arithmetic answer's width (no <eos> needed)
     val_batch_size: int = 64  # held-out prompts for the greedy validation every trainer.test_freq steps
 
 
@@ -67,7 +94,7 @@ class ActorConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max global gradient norm
     ppo_epochs: int = 1  # updates per rollout batch; > 1 uses recomputed old log-probs
     ppo_mini_batch_size: int = 0  # prompts per optimizer step; 0 -> the whole batch (one step)
     micro_batch_size: int = 0  # sequences per forward/backward; 0 -> the whole mini-batch
@@ -88,7 +115,7 @@ class RolloutConfig:
 
 @dataclass
 class TrainerConfig:
-    total_steps: int = 100
+    total_steps: int = 200
     seed: int = 0
     device: str = "auto"  # "auto" -> cuda when available, else cpu
     num_threads: int = 0  # torch threads per process; 0 leaves torch's default
@@ -96,9 +123,9 @@ class TrainerConfig:
     logger: List[str] = field(default_factory=lambda: ["console", "jsonl", "tensorboard"])
     progress_bar: bool = True
     plot: bool = True  # write <out_dir>/metrics.png at the end
-    test_freq: int = 0  # greedy validation every N steps (0: never)
-    save_freq: int = 0  # checkpoint every N steps (0: only when the run ends)
-    max_ckpt_to_keep: int = 2
+    test_freq: int = 20  # greedy validation every N steps (0: never)
+    save_freq: int = 50  # checkpoint every N steps (0: only when the run ends)
+    max_ckpt_to_keep: int = 2  # 0: keep all
     resume: bool = False  # continue from <out_dir>/checkpoints/latest
     resume_from: str = ""  # or from this global_step_N directory
     plugins: List[str] = field(default_factory=list)  # modules imported in every process (registrations)
@@ -107,12 +134,19 @@ class TrainerConfig:
 @dataclass
 class RayConfig:
     enabled: bool = False
-    address: str = ""  # an existing cluster ("auto" or host:port); setting it implies enabled
+    # An existing cluster ("auto" or host:port); setting it implies enabled. The trainer then uses
+    # that cluster as it is: whoever can reach it can run code on it (see the README's security note).
+    address: str = ""
     num_cpus: int = 2  # logical CPUs declared to a local cluster; bundles must fit in them
     learner_num_cpus: float = 1.0
     rollout_num_cpus: float = 1.0
     num_gpus: float = 0.0  # per actor; learner and rollout share a GPU when both ask for a fraction
     timeout_s: float = 600.0  # every ray.get waits at most this long
+
+
+def _demo_loss_config() -> fc.LossConfig:
+    """The default run's loss: CANON advantages, DAPO's clip-higher upper ratio."""
+    return fc.LossConfig(advantage=fc.AdvantageConfig(estimator="canon"), clip_ratio_high=0.28)
 
 
 @dataclass
@@ -121,37 +155,56 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    algorithm: fc.LossConfig = field(default_factory=fc.LossConfig)
+    algorithm: fc.LossConfig = field(default_factory=_demo_loss_config)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 
-def default_yaml_text() -> str:
-    return resources.files("fused_canon.trainer").joinpath("configs", DEFAULT_CONFIG_FILE).read_text()
-
+# ----------------------------------------------------------------------------- loading
 
 def load_config(yaml_path: Optional[str] = None, overrides: Optional[List[str]] = None) -> TrainConfig:
-    """Merge defaults, the shipped default.yaml, a user YAML and ``key=value`` overrides.
+    """Merge the defaults, a user YAML and ``key=value`` overrides, then check every value.
 
-    Unknown keys raise ``ValueError`` naming the valid keys at that level; invalid values are
-    rejected by the dataclasses (e.g. ``fc.LossConfig`` checks its choices).
+    Raises ``ConfigError`` for an unknown key (naming the valid keys at that level), a value of
+    the wrong type, a missing or malformed file, and every value ``check_config`` rejects.
     """
     schema = OmegaConf.structured(TrainConfig)
-    layers = [("default.yaml", OmegaConf.create(default_yaml_text()))]
+    layers = []
     if yaml_path:
-        layers.append((yaml_path, OmegaConf.load(yaml_path)))
+        layers.append((yaml_path, _read_yaml(yaml_path)))
     if overrides:
         bad = [o for o in overrides if "=" not in o]
         if bad:
-            raise ValueError(f"overrides must look like key=value, got {bad}")
+            raise ConfigError(f"overrides must look like key=value, got {bad}")
         layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
     merged = schema
     for source, layer in layers:
         _reject_unknown_keys(schema, layer, prefix="", source=source)
-        merged = OmegaConf.merge(merged, layer)
-    cfg: TrainConfig = OmegaConf.to_object(merged)  # builds the dataclasses, running their checks
-    _check(cfg)
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as error:
+            raise ConfigError(f"{error.full_key}: {str(error.msg).splitlines()[0]} (from {source})") from None
+    _import_plugins(list(merged.trainer.plugins))  # plugins may register estimator names
+    _expand_estimator_alias(merged, layers)
+    try:
+        cfg: TrainConfig = OmegaConf.to_object(merged)  # builds the dataclasses, running fc's checks
+    except (ValueError, TypeError) as error:  # fc.LossConfig names the field within `algorithm`
+        raise ConfigError(f"algorithm: {error}") from None
+    check_config(cfg)
     return cfg
+
+
+def _read_yaml(path: str) -> DictConfig:
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        layer = OmegaConf.load(path)
+    except Exception as error:  # yaml's parser errors share no base class with OmegaConf's
+        raise ConfigError(f"--config {path} is not valid YAML: {error}") from None
+    if not isinstance(layer, DictConfig):
+        raise ConfigError(f"--config {path} must hold a mapping of sections (model:, actor:, ...), "
+                          f"not a {type(layer).__name__}")
+    return layer
 
 
 def _reject_unknown_keys(schema: DictConfig, layer: DictConfig, prefix: str, source: str) -> None:
@@ -160,7 +213,7 @@ def _reject_unknown_keys(schema: DictConfig, layer: DictConfig, prefix: str, sou
         if key not in schema:
             valid = ", ".join(str(k) for k in schema.keys())
             section = prefix.rstrip(".") or "the top level"
-            raise ValueError(f"unknown config key '{full_key}' (from {source}); valid keys in {section}: {valid}")
+            raise ConfigError(f"unknown config key '{full_key}' (from {source}); valid keys in {section}: {valid}")
         child_schema, child = schema[key], layer[key]
         # Recurse into dataclass sections only; free-form dicts (data.task_options) take any key.
         if isinstance(child_schema, DictConfig) and OmegaConf.get_type(child_schema) is not dict \
@@ -168,37 +221,145 @@ def _reject_unknown_keys(schema: DictConfig, layer: DictConfig, prefix: str, sou
             _reject_unknown_keys(child_schema, child, prefix=f"{full_key}.", source=source)
 
 
-def _check(cfg: TrainConfig) -> None:
-    """Cross-field checks that no single dataclass can make."""
-    choices = {
-        "actor.loss_fn": (cfg.actor.loss_fn, ("policy_loss", "linear_policy_loss")),
-        "actor.loss_backend": (cfg.actor.loss_backend, ("auto", "triton", "torch")),
-        "rollout.engine": (cfg.rollout.engine, ("hf", "vllm")),
-        "trainer.device": (cfg.trainer.device, ("auto", "cpu", "cuda")),
-        "model.dtype": (cfg.model.dtype, ("float32", "bfloat16", "float16")),
-    }
-    for name, (value, valid) in choices.items():
-        if value not in valid:
-            raise ValueError(f"{name}={value!r} is not valid; choose one of {list(valid)}")
-    for logger in cfg.trainer.logger:
-        if logger not in ("console", "jsonl", "tensorboard"):
-            raise ValueError(f"trainer.logger entry {logger!r} is not valid; choose from console, jsonl, tensorboard")
-    positive = {"data.train_batch_size": cfg.data.train_batch_size, "rollout.n": cfg.rollout.n,
-                "data.max_response_length": cfg.data.max_response_length, "actor.ppo_epochs": cfg.actor.ppo_epochs,
-                "trainer.total_steps": cfg.trainer.total_steps}
-    for name, value in positive.items():
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    mini = cfg.actor.ppo_mini_batch_size
-    if mini < 0 or (mini and cfg.data.train_batch_size % mini):
-        raise ValueError(f"actor.ppo_mini_batch_size={mini} must be 0 or divide data.train_batch_size="
-                         f"{cfg.data.train_batch_size}")
-    if cfg.actor.micro_batch_size < 0:
-        raise ValueError("actor.micro_batch_size must be >= 0")
-    if cfg.rollout.n < 2 and cfg.algorithm.advantage.estimator in ("grpo", "rloo", "canon"):
-        raise ValueError(f"estimator {cfg.algorithm.advantage.estimator!r} compares samples of one prompt: "
-                         "rollout.n must be >= 2")
+def _expand_estimator_alias(merged: DictConfig, layers) -> None:
+    """``estimator=qae`` -> ``estimator=grpo, baseline=quantile`` (the only place aliases are read)."""
+    advantage = merged.algorithm.advantage
+    name = advantage.estimator
+    if name not in ESTIMATOR_ALIASES or name in fc.ESTIMATORS:
+        return
+    estimator, baseline = ESTIMATOR_ALIASES[name]
+    for source, layer in layers:
+        given = OmegaConf.select(layer, "algorithm.advantage.baseline")
+        if given is not None and given != baseline:
+            raise ConfigError(f"algorithm.advantage.estimator={name} means estimator={estimator} with "
+                              f"baseline={baseline}, but {source} sets algorithm.advantage.baseline={given}")
+    advantage.estimator, advantage.baseline = estimator, baseline
 
 
 def to_yaml(cfg: TrainConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _fail(key: str, value, allowed: str) -> None:
+    raise ConfigError(f"{key}={value!r} is not valid: {allowed}")
+
+
+def _choice(key: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        _fail(key, value, f"choose one of {list(choices)}")
+
+
+def _number(key: str, value, low: float, high: float = math.inf, low_open: bool = False,
+            high_open: bool = False) -> None:
+    """A finite number in [low, high] (open at an end where asked)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        low_text = f"{'>' if low_open else '>='} {low:g}"
+        high_text = "" if high == math.inf else f" and {'<' if high_open else '<='} {high:g}"
+        _fail(key, value, f"must be a finite number {low_text}{high_text}")
+
+
+def _integer(key: str, value, low: int, high: Optional[int] = None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value >= high):
+        _fail(key, value, f"must be an integer >= {low}" + ("" if high is None else f" and < {high}"))
+
+
+def _package(key: str, value, package: str, extra: str) -> None:
+    if importlib.util.find_spec(package) is None:
+        _fail(key, value, f"needs the {package} package (pip install -e \".[{extra}]\")")
+
+
+def _import_plugins(plugins: List[str]) -> None:
+    try:
+        tasks.import_plugins(plugins)
+    except ImportError as error:
+        _fail("trainer.plugins", list(plugins), f"cannot import {error.name!r} ({error})")
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Every check that no single field type can make; raises ConfigError at the first bad value.
+
+    Runs before anything is built (``load_config`` and ``train`` call it). Imports the configured
+    plugins, since they may register the estimator or loss names that the config uses.
+    """
+    model, data, actor, rollout, trainer, ray = cfg.model, cfg.data, cfg.actor, cfg.rollout, cfg.trainer, cfg.ray
+    _import_plugins(trainer.plugins)
+
+    for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
+        _integer(f"model.{name}", getattr(model, name), 1)
+    if model.hidden_size % model.num_heads:
+        _fail("model.num_heads", model.num_heads, f"must divide model.hidden_size={model.hidden_size}")
+    _choice("model.dtype", model.dtype, DTYPES)
+
+    for name in ("train_batch_size", "max_prompt_length", "max_response_length", "val_batch_size"):
+        _integer(f"data.{name}", getattr(data, name), 1)
+    try:
+        tasks.check_data_config(data)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+    _number("actor.lr", actor.lr, 0, low_open=True)
+    _number("actor.weight_decay", actor.weight_decay, 0)
+    if not isinstance(actor.betas, (list, tuple)) or len(actor.betas) != 2:
+        _fail("actor.betas", actor.betas, "must be two numbers [beta1, beta2], each in [0, 1)")
+    for index, beta in enumerate(actor.betas):
+        _number(f"actor.betas[{index}]", beta, 0, 1, high_open=True)
+    _number("actor.grad_clip", actor.grad_clip, 0, low_open=True)
+    _integer("actor.ppo_epochs", actor.ppo_epochs, 1)
+    _integer("actor.ppo_mini_batch_size", actor.ppo_mini_batch_size, 0)
+    if actor.ppo_mini_batch_size and data.train_batch_size % actor.ppo_mini_batch_size:
+        _fail("actor.ppo_mini_batch_size", actor.ppo_mini_batch_size,
+              f"must be 0 or divide data.train_batch_size={data.train_batch_size}")
+    _integer("actor.micro_batch_size", actor.micro_batch_size, 0)
+    _choice("actor.loss_fn", actor.loss_fn, ("policy_loss", "linear_policy_loss"))
+    _choice("actor.loss_backend", actor.loss_backend, ("auto", "triton", "torch"))
+    if actor.loss_backend == "triton":
+        _package("actor.loss_backend", actor.loss_backend, "triton", "triton")
+
+    _choice("rollout.engine", rollout.engine, ("hf", "vllm"))
+    if rollout.engine == "vllm":
+        _package("rollout.engine", rollout.engine, "vllm", "vllm")
+    _integer("rollout.n", rollout.n, 1)
+    _number("rollout.temperature", rollout.temperature, 0, low_open=True)
+    _number("rollout.top_p", rollout.top_p, 0, 1, low_open=True)
+    if rollout.top_k != -1:
+        _integer("rollout.top_k", rollout.top_k, 1)
+    _number("rollout.gpu_memory_utilization", rollout.gpu_memory_utilization, 0, 1, low_open=True)
+
+    estimator = cfg.algorithm.advantage.estimator
+    if estimator not in fc.ESTIMATORS:
+        _fail("algorithm.advantage.estimator", estimator, f"choose one of {estimator_choices()} "
+              "(qae = grpo with baseline=quantile; plugins in trainer.plugins may register more)")
+    _choice("algorithm.loss_mode", cfg.algorithm.loss_mode, sorted(fc.POLICY_LOSSES))
+    if rollout.n < 2 and estimator in GROUP_ESTIMATORS:
+        _fail("rollout.n", rollout.n, f"estimator {estimator!r} compares the samples of one prompt: must be >= 2")
+
+    _integer("trainer.total_steps", trainer.total_steps, 1)
+    _integer("trainer.seed", trainer.seed, 0, MAX_SEED)
+    _choice("trainer.device", trainer.device, ("auto", "cpu", "cuda"))
+    if trainer.device == "cuda" and not torch.cuda.is_available():
+        _fail("trainer.device", trainer.device, "no CUDA device is available here; use cpu or auto")
+    _integer("trainer.num_threads", trainer.num_threads, 0)
+    if not trainer.out_dir:
+        _fail("trainer.out_dir", trainer.out_dir, "must name a directory")
+    for logger in trainer.logger:
+        _choice("trainer.logger entry", logger, LOGGERS)
+    if "tensorboard" in trainer.logger:
+        _package("trainer.logger entry", "tensorboard", "tensorboard", "train")
+    if trainer.progress_bar:
+        _package("trainer.progress_bar", True, "tqdm", "train")
+    if trainer.plot and "jsonl" in trainer.logger:
+        _package("trainer.plot", True, "matplotlib", "train")
+    for name in ("test_freq", "save_freq", "max_ckpt_to_keep"):
+        _integer(f"trainer.{name}", getattr(trainer, name), 0)
+    if trainer.resume_from and not os.path.isdir(trainer.resume_from):
+        _fail("trainer.resume_from", trainer.resume_from, "no such checkpoint directory")
+
+    _integer("ray.num_cpus", ray.num_cpus, 1)
+    _number("ray.learner_num_cpus", ray.learner_num_cpus, 0, low_open=True)
+    _number("ray.rollout_num_cpus", ray.rollout_num_cpus, 0, low_open=True)
+    _number("ray.num_gpus", ray.num_gpus, 0)
+    _number("ray.timeout_s", ray.timeout_s, 0, low_open=True)

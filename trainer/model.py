@@ -9,7 +9,6 @@ import torch
 from .config import ModelConfig
 
 TINY_CHAR = "tiny-char"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class CharTokenizer:
@@ -63,7 +62,7 @@ def build_tokenizer(model_cfg: ModelConfig, alphabet: str):
 def build_model(model_cfg: ModelConfig, tokenizer, seed: int) -> torch.nn.Module:
     """The policy network. Every process builds it the same way; the rollout engines then receive
     the learner's weights, so their initialisation never matters."""
-    dtype = DTYPES[model_cfg.dtype]
+    dtype = getattr(torch, model_cfg.dtype)  # one of config.DTYPES
     if model_cfg.path != TINY_CHAR:
         from transformers import AutoModelForCausalLM
 

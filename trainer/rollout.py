@@ -152,7 +152,7 @@ class VLLMEngine:
         params = [self.vllm.SamplingParams(
             n=n, max_tokens=sampling.max_new_tokens, temperature=0.0 if sampling.greedy else sampling.temperature,
             top_p=sampling.top_p, top_k=sampling.top_k, stop_token_ids=[self.eos_id], logprobs=0,
-            detokenize=False, seed=sampling.seed * 100_003 + index,
+            detokenize=False, seed=(sampling.seed * 100_003 + index) % 2**63,  # a generator seed is 64-bit
         ) for index in range(len(prompt_ids))]
         prompts = [{"prompt_token_ids": p} for p in prompt_ids]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)

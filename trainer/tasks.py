@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -104,17 +105,22 @@ SYNTHETIC_TASKS: Dict[str, SyntheticTask] = {
 
 # ----------------------------------------------------------------------------- prompt streams
 
+def synthetic_task(task: str, options: dict) -> SyntheticTask:
+    """The named synthetic task, after checking that ``options`` are keywords of its generator."""
+    if task not in SYNTHETIC_TASKS:
+        raise ValueError(f"data.task={task!r} is not valid: choose one of {sorted(SYNTHETIC_TASKS) + ['gsm8k']}")
+    valid = list(inspect.signature(SYNTHETIC_TASKS[task].generate).parameters)[1:]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"data.task_options {unknown} are not options of task {task!r}; valid: {valid}")
+    return SYNTHETIC_TASKS[task]
+
+
 class SyntheticPrompts:
     """Example i of a split is generate(Random(f"{seed}/{split}/{i}")): reproducible by index."""
 
     def __init__(self, task: str, options: dict, seed: int, split: str = "train"):
-        if task not in SYNTHETIC_TASKS:
-            raise ValueError(f"unknown task {task!r}; choose one of {sorted(SYNTHETIC_TASKS) + ['gsm8k']}")
-        self.task = SYNTHETIC_TASKS[task]
-        valid = list(inspect.signature(self.task.generate).parameters)[1:]
-        unknown = sorted(set(options) - set(valid))
-        if unknown:
-            raise ValueError(f"data.task_options {unknown} are not options of task {task!r}; valid: {valid}")
+        self.task = synthetic_task(task, options)
         self.options, self.seed, self.split = dict(options), seed, split
         self.position = 0  # examples handed out so far: the whole state of the stream
         self.alphabet = self.task.alphabet
@@ -192,10 +198,30 @@ def resolve_callable(spec: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
-def build_prompts(data_cfg, seed: int, split: str = "train"):
+def check_data_config(data_cfg) -> None:
+    """A known task with valid options, an existing dataset file and a reward that resolves, else ValueError."""
     if data_cfg.task == "gsm8k":
         if not data_cfg.path:
             raise ValueError("data.task=gsm8k needs data.path (a JSONL or parquet file)")
+        if not os.path.isfile(data_cfg.path):
+            raise ValueError(f"data.path={data_cfg.path!r} is not valid: no such file")
+        if data_cfg.task_options:
+            raise ValueError(f"data.task_options={dict(data_cfg.task_options)} is not valid: task gsm8k takes none")
+        if not data_cfg.prompt_key or not data_cfg.answer_key:
+            raise ValueError("data.prompt_key and data.answer_key must name fields of the dataset")
+    else:
+        synthetic_task(data_cfg.task, data_cfg.task_options)
+    if data_cfg.reward_fn:
+        try:
+            reward = resolve_callable(data_cfg.reward_fn)
+        except (ValueError, ImportError, AttributeError) as error:
+            raise ValueError(f"data.reward_fn={data_cfg.reward_fn!r} is not valid: {error}") from None
+        if not callable(reward):
+            raise ValueError(f"data.reward_fn={data_cfg.reward_fn!r} is not valid: not a function")
+
+
+def build_prompts(data_cfg, seed: int, split: str = "train"):
+    if data_cfg.task == "gsm8k":
         # A different shuffle seed keeps validation batches different from the training order.
         return DatasetPrompts(data_cfg.path, data_cfg.prompt_key, data_cfg.answer_key,
                               seed if split == "train" else seed + 1)

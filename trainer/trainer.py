@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .config import TrainConfig, estimator_name, to_yaml
+from .config import TrainConfig, check_config, estimator_name, to_yaml
 from .model import build_tokenizer
 from .rollout import Rollout, Sampling, left_pad
 from .tasks import Example, build_prompts, build_reward, import_plugins
@@ -76,6 +76,7 @@ def seed_everything(seed: int) -> None:
 
 def train(cfg: TrainConfig) -> Dict[str, float]:
     """Runs (or resumes) one training run; returns the metrics of its last step."""
+    check_config(cfg)  # a config built in Python has not been through load_config
     import_plugins(cfg.trainer.plugins)
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
