@@ -13,7 +13,7 @@ pytest.importorskip("omegaconf")
 import fused_canon as fc  # noqa: E402
 from fused_canon.trainer import checkpoint, tasks  # noqa: E402
 from fused_canon.trainer.cli import compare_main, train_main  # noqa: E402
-from fused_canon.trainer.config import TrainConfig, estimator_name, load_config, to_yaml  # noqa: E402
+from fused_canon.trainer.config import ConfigError, TrainConfig, estimator_name, load_config, to_yaml  # noqa: E402
 from fused_canon.trainer.learner import Learner  # noqa: E402
 from fused_canon.trainer.model import CharTokenizer  # noqa: E402
 from fused_canon.trainer.rollout import HFEngine, Sampling  # noqa: E402
@@ -223,7 +223,8 @@ def test_micro_batches_give_the_full_batch_update(tmp_path):
             prompts = [tokenizer.encode(p) for p in ("1+2=", "5-3=", "9+9=", "0-7=")]
             rollout = engine.generate(prompts, 4, Sampling(max_new_tokens=5, seed=1))
             rewards = [float(i % 3 == 0) for i in range(16)]
-            learner.update(make_batch(prompts, rollout, rewards, 4, tokenizer.pad_id), step=1)
+            batch = learner.compute_advantages(make_batch(prompts, rollout, rewards, 4, tokenizer.pad_id), step=1)
+            learner.update(batch, step=1)
             results.append((micro, agg, torch.cat([p.detach().flatten() for p in learner.model.parameters()])))
     for agg in ("token-mean", "seq-mean-token-sum"):
         full, micro = [params for m, a, params in results if a == agg]
@@ -242,6 +243,25 @@ def test_ppo_epochs_minibatches_kl_and_linear_loss_run(tmp_path):
         assert key in metrics and metrics[key] == metrics[key], key  # present and not NaN
     # The second epoch and mini-batch run on updated weights against the recomputed old log-probs.
     assert metrics["actor/ppo_kl"] != 0.0
+
+
+def test_lm_head_loss_refuses_a_soft_capped_model(tmp_path, monkeypatch):
+    """A Gemma-style model's logits are soft-capped: the LM-head loss (hidden @ W) would be silently
+    wrong, so the learner refuses it through the one LM-head lookup (integrations.hf.lm_head_of)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from fused_canon.trainer import learner as learner_module
+
+    def tiny_gemma(model_cfg, tokenizer, seed):
+        return Gemma2ForCausalLM(Gemma2Config(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                              head_dim=16, final_logit_softcapping=30.0))
+
+    monkeypatch.setattr(learner_module, "build_model", tiny_gemma)
+    tokenizer = CharTokenizer(tasks.SYNTHETIC_TASKS["arithmetic"].alphabet)
+    with pytest.raises(ConfigError, match=r"linear_policy_loss is not valid .*\(final_logit_softcapping\)"):
+        Learner(tiny_config(tmp_path, "actor.loss_fn=linear_policy_loss"), tokenizer)
+    assert Learner(tiny_config(tmp_path), tokenizer).lm_head is None  # the logits path applies the model's capping
 
 
 # ----------------------------------------------------------------------------- end to end

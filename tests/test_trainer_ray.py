@@ -18,15 +18,23 @@ PLUGIN = textwrap.dedent('''
     """A plugin module: imported by the driver and by every actor (trainer.plugins)."""
     import os
 
+    import torch
+
     import fused_canon as fc
     from fused_canon.estimators import ESTIMATORS
 
 
+    def trace(event):
+        with open(os.environ["PLUGIN_TRACE"], "a") as f:
+            f.write(f"{event} {os.getpid()} {torch.get_num_threads()}\\n")
+
+
+    trace("import")  # which processes imported it, with the torch threads they were set up with
+
+
     @fc.register_estimator("grpo_from_plugin")
     def grpo_from_plugin(rewards, groups, config, **kwargs):
-        # Records which processes imported it, then defers to the built-in GRPO.
-        with open(os.environ["PLUGIN_TRACE"], "a") as f:
-            f.write(f"{os.getpid()}\\n")
+        trace("estimate")  # which process ran it, then defers to the built-in GRPO
         return ESTIMATORS["grpo"](rewards, groups, config, **kwargs)
 
 
@@ -54,15 +62,22 @@ def test_ray_run_with_plugins(ray_env):
         "trainer.total_steps=3", "trainer.test_freq=0", "trainer.save_freq=0", "data.train_batch_size=4",
         "rollout.n=4", "model.hidden_size=32", "model.num_layers=1", "model.intermediate_size=64",
         "trainer.plugins=[trainer_test_plugin]", "algorithm.advantage.estimator=grpo_from_plugin",
+        "trainer.num_threads=1",
         "data.reward_fn=trainer_test_plugin:length_reward",
     ])
     train(cfg)
     rows = read_metrics(str(out / "metrics.jsonl"))
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(0.0 <= r["data"]["critic/score/mean"] <= 1.0 for r in rows)
-    # The learner actor imported the plugin and ran the estimator: not in the driver's process.
-    pids = set((ray_env / "trace.txt").read_text().split())
-    assert pids and str(os.getpid()) not in pids
+    # Both actors (learner and engine) were set up as the driver is: torch's threads set, then the
+    # plugin imported (the driver imported it first to check the estimator name in the config).
+    events = [line.split() for line in (ray_env / "trace.txt").read_text().splitlines()]
+    imports = {pid: threads for event, pid, threads in events if event == "import"}
+    actors = set(imports) - {str(os.getpid())}
+    assert str(os.getpid()) in imports and len(actors) == 2, events
+    assert all(imports[pid] == "1" for pid in actors), events
+    # The learner actor ran the estimator, not the driver.
+    assert {pid for event, pid, _ in events if event == "estimate"} < actors, events
     # The engine samples from synced weights: its log-probs match the learner's.
     assert all(r["data"]["rollout/logprob_abs_diff_mean"] < 1e-4 for r in rows)
 

@@ -1,17 +1,18 @@
 """The learner: policy model + optimizer, updated with the fused policy-gradient loss.
 
-One ``update`` consumes one rollout batch. In the simplest case (one epoch, the whole batch in
-one micro-batch, no KL) it is a single ``fc.policy_loss(..., rewards=, group_ids=)`` call that
-computes the advantages, the loss and its gradient in one fused pass. Otherwise:
-  1. a no-grad pass over the batch gives the old log-probs (the policy that sampled, up to
-     engine numerics), the token entropy (CANON's metric) and, with a KL loss, the frozen
-     reference model's log-probs;
-  2. advantages for the whole batch (``fc.compute_advantages``), so that splitting the batch
-     into micro-batches never splits a group;
-  3. ppo_epochs x mini-batches (one optimizer step each) x micro-batches (gradient accumulation).
-     Every micro-batch loss is normalised by the *mini-batch's* token and sequence counts
-     (global_num_tokens / global_num_seqs), so the accumulated gradient is exactly the gradient
-     of the mini-batch loss, whatever the micro-batch size.
+A step hands it the rollout batch twice:
+
+1. ``compute_advantages(batch, step)``, the advantage step. In the simplest case (one epoch, the
+   whole batch in one micro-batch, no KL) it returns the batch as it is: the update's single
+   ``fc.policy_loss(..., rewards=, group_ids=)`` call computes the advantages (CANON's entropy
+   from that very pass), the loss and its gradient in one fused pass. Otherwise a no-grad pass
+   gives the old log-probs (the policy that sampled, up to engine numerics), the token entropy
+   (CANON's metric) and, with a KL loss, the frozen reference model's log-probs; then
+   ``fc.compute_advantages`` runs over the whole batch, so that micro-batches never split a group.
+2. ``update(batch, step)``: ppo_epochs x mini-batches (one optimizer step each) x micro-batches
+   (gradient accumulation). Every micro-batch loss is normalised by the *mini-batch's* token and
+   sequence counts (global_num_tokens / global_num_seqs), so the accumulated gradient is exactly
+   the gradient of the mini-batch loss, whatever the micro-batch size.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from typing import Dict, List, Tuple
 import torch
 
 import fused_canon as fc
+from fused_canon.integrations.hf import last_hidden_states, lm_head_of
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .model import build_model, resolve_device
-from .tasks import import_plugins
 
+Batch = Dict[str, torch.Tensor]
 
 # Loss terms fc aggregates with the global normalizers: the micro-batch values add up to the
 # mini-batch's value. The other metrics (clip fractions, ppo_kl) are means over one micro-batch.
@@ -51,15 +53,21 @@ class _MetricAverages:
 
 class Learner:
     def __init__(self, cfg: TrainConfig, tokenizer):
-        import_plugins(cfg.trainer.plugins)  # also runs inside a Ray actor: registries are per process
-        if cfg.trainer.num_threads:
-            torch.set_num_threads(cfg.trainer.num_threads)
         self.cfg = cfg
         self.loss_config: fc.LossConfig = cfg.algorithm
         self.device = resolve_device(cfg.trainer.device)
         self.model = build_model(cfg.model, tokenizer, cfg.trainer.seed).to(self.device).train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.actor.lr, betas=tuple(cfg.actor.betas),
                                            weight_decay=cfg.actor.weight_decay)
+        # (weight, bias) of the output layer. lm_head_of refuses a model whose logits are more than
+        # that linear map (e.g. Gemma's soft-capping), which the fused LM-head loss would get wrong.
+        self.lm_head = None
+        if cfg.actor.loss_fn == "linear_policy_loss":
+            try:
+                self.lm_head = lm_head_of(self.model)
+            except (NotImplementedError, TypeError) as error:
+                raise ConfigError(f"actor.loss_fn=linear_policy_loss is not valid for model.path={cfg.model.path!r}: "
+                                  f"{error}") from None
         # The KL loss pulls the policy towards its starting point, so keep a frozen copy of it.
         self.ref_model = None
         if self.loss_config.kl_coef > 0:
@@ -67,123 +75,161 @@ class Learner:
 
     # ------------------------------------------------------------------ forward passes
 
-    def _response_tensors(self, model, batch: Dict[str, torch.Tensor], rows: slice, hidden: bool) -> torch.Tensor:
-        """Logits (or last hidden states) at the positions that predict the response tokens."""
-        prompt_ids, response_ids = batch["prompt_ids"][rows], batch["response_ids"][rows]
+    @staticmethod
+    def _inputs(batch: Batch, rows: slice) -> Tuple[Dict[str, torch.Tensor], int]:
+        """The model's keyword inputs for prompt + response rows, and the response width R."""
+        response_ids = batch["response_ids"][rows]
         attention_mask = torch.cat([batch["prompt_mask"][rows], batch["response_mask"][rows]], dim=1).long()
-        input_ids = torch.cat([prompt_ids, response_ids], dim=1)
         # Prompts are left-padded: count positions from each row's first real token, as generate() does.
         position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-        response_len = response_ids.shape[1]
-        if hidden:
-            states = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                      position_ids=position_ids).last_hidden_state
-            return states[:, -response_len - 1:-1]
-        # Position t predicts token t+1: the last response_len+1 positions hold the ones we need.
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       logits_to_keep=response_len + 1).logits
-        return logits[:, :-1]
+        inputs = dict(input_ids=torch.cat([batch["prompt_ids"][rows], response_ids], dim=1),
+                      attention_mask=attention_mask, position_ids=position_ids)
+        return inputs, response_ids.shape[1]
+
+    def _response_logits(self, model, batch: Batch, rows: slice) -> torch.Tensor:
+        """Logits [n, R, V] at the positions that predict the response tokens."""
+        inputs, response_len = self._inputs(batch, rows)
+        # Position t predicts token t+1: the last R+1 positions hold the ones we need.
+        return model(**inputs, logits_to_keep=response_len + 1).logits[:, :-1]
+
+    def _response_hidden_states(self, batch: Batch, rows: slice) -> torch.Tensor:
+        """The last hidden states [n, R, H] that the LM head maps to the response logits."""
+        inputs, response_len = self._inputs(batch, rows)
+        return last_hidden_states(self.model, **inputs)[:, -response_len - 1:-1]
 
     @torch.no_grad()
-    def token_stats(self, model, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    def token_stats(self, model, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per-token log-prob and entropy [N, R] of the batch's responses under ``model``."""
         logprobs, entropy = [], []
-        for rows in self._row_slices(0, batch["response_ids"].shape[0], self._micro_rows(batch)):
-            logits = self._response_tensors(model, batch, rows, hidden=False)
+        for rows in self._row_slices(0, self._num_rows(batch), self._micro_rows(batch)):
+            logits = self._response_logits(model, batch, rows)
             lp, ent = fc.token_stats(logits, batch["response_ids"][rows], temperature=self.loss_config.temperature)
             logprobs.append(lp)
             entropy.append(ent)
         return torch.cat(logprobs), torch.cat(entropy)
 
+    # ------------------------------------------------------------------ the advantage step
+
+    def _fuses_advantages(self, batch: Batch) -> bool:
+        """One update on the whole batch in one piece and no reference model: the loss call itself
+        computes the advantages from the rewards, in the same pass as the loss and its gradient."""
+        num_rows = self._num_rows(batch)
+        return (self.cfg.actor.ppo_epochs == 1 and self._mini_rows(num_rows) == self._micro_rows(batch) == num_rows
+                and self.ref_model is None)
+
+    def compute_advantages(self, batch: Batch, step: int) -> Batch:
+        """The batch with ``advantages`` [B], ``old_logprobs`` [N, R] (and ``ref_logprobs`` with a
+        KL loss) added; unchanged when ``update``'s fused call computes them itself."""
+        if self._fuses_advantages(batch):
+            return batch
+        on_device = self._to_device(batch)
+        self.model.eval()  # no dropout in the statistics pass
+        old_logprobs, entropy = self.token_stats(self.model, on_device)
+        added = {"old_logprobs": old_logprobs}
+        if self.ref_model is not None:
+            added["ref_logprobs"] = self.token_stats(self.ref_model, on_device)[0]
+        added["advantages"] = fc.compute_advantages(on_device["rewards"], on_device["group_ids"],
+                                                    config=self.loss_config.advantage, mask=on_device["response_mask"],
+                                                    token_entropy=entropy, step=step)
+        self.model.train()
+        return {**batch, **{key: value.cpu() for key, value in added.items()}}  # the driver may be elsewhere
+
     # ------------------------------------------------------------------ the update
 
-    def update(self, batch: Dict[str, torch.Tensor], step: int) -> Dict[str, float]:
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        mask = batch["response_mask"]
-        num_rows = mask.shape[0]
-        mini_rows = self._mini_rows(num_rows)
-        micro_rows = self._micro_rows(batch)
-        # One update on the whole batch in one piece: a single fused call computes the advantages
-        # from the rewards (CANON's entropy from this very pass), the loss and its gradient.
-        single_fused_call = (self.cfg.actor.ppo_epochs == 1 and mini_rows == micro_rows == num_rows
-                             and self.ref_model is None)
-        advantages = old_logprobs = ref_logprobs = None
-        if not single_fused_call:
-            self.model.eval()  # no dropout in the statistics pass
-            old_logprobs, entropy = self.token_stats(self.model, batch)
-            if self.ref_model is not None:
-                ref_logprobs = self.token_stats(self.ref_model, batch)[0]
-            advantages = fc.compute_advantages(batch["rewards"], batch["group_ids"],
-                                               config=self.loss_config.advantage, mask=mask,
-                                               token_entropy=entropy, step=step)
-            self.model.train()
-
-        averages = _MetricAverages()
-        grad_norms: List[float] = []
+    def update(self, batch: Batch, step: int) -> Dict[str, float]:
+        """ppo_epochs x mini-batches optimizer steps on the batch; returns the update's metrics."""
+        batch = self._to_device(batch)
+        fused = "advantages" not in batch
+        if fused and not self._fuses_advantages(batch):
+            raise ValueError("this update needs the batch's advantages: pass it through compute_advantages first")
+        averages, grad_norms = _MetricAverages(), []
         for _epoch in range(self.cfg.actor.ppo_epochs):
-            for mini in self._row_slices(0, num_rows, mini_rows):
-                # One sync for both counts; sequences = rows with a valid token, as agg_loss counts.
-                global_num_tokens, global_num_seqs = torch.stack([mask[mini].sum(), mask[mini].any(-1).sum()]).tolist()
-                self.optimizer.zero_grad(set_to_none=True)
-                mini_batch_terms: Dict[str, float] = {}
-                for rows in self._row_slices(mini.start, mini.stop, micro_rows):
-                    out = self._loss(batch, rows, advantages, old_logprobs, ref_logprobs, step,
-                                     global_num_tokens, global_num_seqs)
-                    out.loss.backward()
-                    if single_fused_call:  # what the call computed, for the metrics below
-                        advantages, old_logprobs = out.advantages, out.logprobs
-                    tokens = float(mask[rows].sum())  # the weight of this micro-batch's token means
-                    for key, value in out.metrics.items():
-                        if key.startswith("critic/"):  # reported once below (advantages) and by the trainer (score)
-                            continue
-                        if key in GLOBALLY_NORMALIZED:  # a micro-batch's share of the mini-batch value
-                            mini_batch_terms[key] = mini_batch_terms.get(key, 0.0) + value
-                        else:  # a mean over this micro-batch's tokens
-                            averages.add(key, value, weight=tokens)
-                for key, value in mini_batch_terms.items():
-                    averages.add(key, value, weight=1.0)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.actor.grad_clip)
-                if torch.isfinite(grad_norm):
-                    self.optimizer.step()
-                else:  # a non-finite gradient would poison Adam's moments: skip this step
-                    self.optimizer.zero_grad(set_to_none=True)
-                grad_norms.append(float(grad_norm))
-
+            for mini in self._row_slices(0, self._num_rows(batch), self._mini_rows(self._num_rows(batch))):
+                grad_norms.append(self._optimizer_step(batch, mini, step, fused, averages))
         metrics = averages.means()
-        # Over the whole batch's [B] advantages, not averaged over micro-batches.
-        metrics.update({"critic/advantages/mean": float(advantages.mean()),
-                        "critic/advantages/max": float(advantages.max()),
-                        "critic/advantages/min": float(advantages.min())})
+        metrics.update(self._batch_metrics(batch))
         metrics["actor/grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["actor/lr"] = self.optimizer.param_groups[0]["lr"]
-        if "rollout_logprobs" in batch:  # how far the engine's sampling distribution is from the learner's
-            gap = (batch["rollout_logprobs"] - old_logprobs).abs()
-            metrics["rollout/logprob_abs_diff_mean"] = float((gap * mask).sum() / mask.sum().clamp(min=1))
+        if "rollout_logprobs" in batch:
+            metrics.update(self._rollout_gap(batch))
         return metrics
 
-    def _loss(self, batch, rows: slice, advantages, old_logprobs, ref_logprobs, step: int,
-              global_num_tokens: int, global_num_seqs: int):
+    def _optimizer_step(self, batch: Batch, mini: slice, step: int, fused: bool, averages: _MetricAverages) -> float:
+        """Gradient accumulation over the mini-batch's micro-batches, then one clipped optimizer
+        step (skipped if the gradient is not finite). Returns the gradient norm."""
+        mask = batch["response_mask"]
+        # One sync for both counts; sequences = rows with a valid token, as agg_loss counts.
+        global_num_tokens, global_num_seqs = torch.stack([mask[mini].sum(), mask[mini].any(-1).sum()]).tolist()
+        self.optimizer.zero_grad(set_to_none=True)
+        mini_batch_terms: Dict[str, float] = {}
+        for rows in self._row_slices(mini.start, mini.stop, self._micro_rows(batch)):
+            out = self._loss(batch, rows, step, fused, global_num_tokens, global_num_seqs)
+            out.loss.backward()
+            if fused:  # what the call computed, reported as the advantage step's outputs
+                batch["advantages"], batch["old_logprobs"] = out.advantages, out.logprobs
+            tokens = float(mask[rows].sum())  # the weight of this micro-batch's token means
+            for key, value in out.metrics.items():
+                if key.startswith("critic/"):  # reported once from the batch (advantages) and by the trainer (score)
+                    continue
+                if key in GLOBALLY_NORMALIZED:  # a micro-batch's share of the mini-batch value
+                    mini_batch_terms[key] = mini_batch_terms.get(key, 0.0) + value
+                else:  # a mean over this micro-batch's tokens
+                    averages.add(key, value, weight=tokens)
+        for key, value in mini_batch_terms.items():
+            averages.add(key, value, weight=1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.actor.grad_clip)
+        if torch.isfinite(grad_norm):
+            self.optimizer.step()
+        else:  # a non-finite gradient would poison Adam's moments: skip this step
+            self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def _loss(self, batch: Batch, rows: slice, step: int, fused: bool, global_num_tokens: int,
+              global_num_seqs: int) -> fc.LossOutput:
         common = dict(config=self.loss_config, step=step, global_num_tokens=global_num_tokens,
                       global_num_seqs=global_num_seqs, backend=self.cfg.actor.loss_backend)
-        if advantages is None:  # on-policy single call: advantages computed inside, ratio 1
+        if fused:  # on-policy single call: advantages computed inside, ratio 1
             common.update(rewards=batch["rewards"][rows], group_ids=batch["group_ids"][rows])
         else:
-            common.update(advantages=advantages[rows], old_logprobs=old_logprobs[rows],
+            ref_logprobs = batch.get("ref_logprobs")
+            common.update(advantages=batch["advantages"][rows], old_logprobs=batch["old_logprobs"][rows],
                           ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows])
         targets, mask = batch["response_ids"][rows], batch["response_mask"][rows]
-        if self.cfg.actor.loss_fn == "linear_policy_loss":  # LM head fused into the loss: no [N, V] logits
-            hidden = self._response_tensors(self.model, batch, rows, hidden=True)
-            head = self.model.get_output_embeddings()
-            return fc.linear_policy_loss(hidden, head.weight, targets, mask, bias=head.bias, **common)
-        logits = self._response_tensors(self.model, batch, rows, hidden=False)
-        return fc.policy_loss(logits, targets, mask, **common)
+        if self.lm_head is not None:  # LM head fused into the loss: no [N, V] logits
+            weight, bias = self.lm_head
+            return fc.linear_policy_loss(self._response_hidden_states(batch, rows), weight, targets, mask,
+                                         bias=bias, **common)
+        return fc.policy_loss(self._response_logits(self.model, batch, rows), targets, mask, **common)
+
+    @staticmethod
+    def _batch_metrics(batch: Batch) -> Dict[str, float]:
+        """Over the whole batch's [B] advantages, not averaged over micro-batches."""
+        advantages = batch["advantages"]
+        return {"critic/advantages/mean": float(advantages.mean()), "critic/advantages/max": float(advantages.max()),
+                "critic/advantages/min": float(advantages.min())}
+
+    @staticmethod
+    def _rollout_gap(batch: Batch) -> Dict[str, float]:
+        """How far the engine's sampling distribution is from the learner's."""
+        mask = batch["response_mask"]
+        gap = (batch["rollout_logprobs"] - batch["old_logprobs"]).abs()
+        return {"rollout/logprob_abs_diff_mean": float((gap * mask).sum() / mask.sum().clamp(min=1))}
+
+    # ------------------------------------------------------------------ batch geometry
+
+    def _to_device(self, batch: Batch) -> Batch:
+        return {key: value.to(self.device) for key, value in batch.items()}
+
+    @staticmethod
+    def _num_rows(batch: Batch) -> int:
+        return batch["response_ids"].shape[0]
 
     def _mini_rows(self, num_rows: int) -> int:
         """Rows per optimizer step: ppo_mini_batch_size prompts x n samples (0: the whole batch)."""
         return self.cfg.actor.ppo_mini_batch_size * self.cfg.rollout.n or num_rows
 
-    def _micro_rows(self, batch) -> int:
-        return self.cfg.actor.micro_batch_size or self._mini_rows(batch["response_ids"].shape[0])
+    def _micro_rows(self, batch: Batch) -> int:
+        return self.cfg.actor.micro_batch_size or self._mini_rows(self._num_rows(batch))
 
     @staticmethod
     def _row_slices(start: int, stop: int, size: int) -> List[slice]:

@@ -1,19 +1,15 @@
 """Rollout engines: sample responses from the current policy.
 
-Both engines keep their *own* copy of the weights, as an inference server does, and receive the
-learner's weights through ``update_weights`` after every optimizer step. Interface:
-
-    generate(prompt_ids, n, sampling) -> Rollout   # each prompt sampled n times, rows interleaved
-    update_weights(named_tensors)                  # iterable of (name, tensor) in HF naming
-    sleep() / wake()                               # free / restore inference memory during training
-    reset_cache()                                  # drop cached prefixes computed with old weights
+Both engines (``HFEngine``, ``VLLMEngine``) keep their *own* copy of the weights, as an inference
+server does, and receive the learner's weights through ``update_weights`` after every optimizer
+step. Their interface is ``RolloutEngine``.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, List, Optional, Protocol, Tuple
 
 import torch
 
@@ -61,6 +57,23 @@ def left_pad(seqs: List[List[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Te
     ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs])
     mask = torch.tensor([[False] * (width - len(s)) + [True] * len(s) for s in seqs])
     return ids, mask
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompt_ids: List[List[int]], n: int, sampling: Sampling) -> Rollout:
+        """Each prompt sampled n times; rows interleaved (the n samples of a prompt are adjacent)."""
+
+    def update_weights(self, named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> None:
+        """Load (name, tensor) pairs in HF naming: the learner's parameters after an update."""
+
+    def sleep(self) -> None:
+        """Free inference memory while the learner trains."""
+
+    def wake(self) -> None:
+        """Restore what sleep freed."""
+
+    def reset_cache(self) -> None:
+        """Drop cached prefixes computed with the old weights."""
 
 
 class HFEngine:

@@ -1,12 +1,13 @@
-"""The driver loop: prompts -> rollout -> rewards -> fused-loss update -> weight sync -> metrics.
+"""The driver loop. One step reads: rollout -> rewards -> advantages -> update -> sync -> log.
 
     for step in 1..total_steps:
-        prompts   = the next data.train_batch_size prompts
-        rollout   = engine.generate(prompts, n=rollout.n)     # n samples per prompt
-        rewards   = reward(decoded response, answer)          # plain Python callables
-        metrics   = learner.update(batch, step)               # advantages + clipped PG loss + optimizer
-        engine.update_weights(learner weights)                # the engine samples from the new policy
-        log, validate, checkpoint
+        prompts  = the next data.train_batch_size prompts
+        rollout  = engine.generate(prompts, n=rollout.n)       # n samples per prompt
+        rewards  = reward(decoded response, answer)            # plain Python callables
+        batch    = learner.compute_advantages(batch, step)     # (or left to the update's fused loss call)
+        metrics  = learner.update(batch, step)                 # clipped PG loss + optimizer steps
+        engine.load_weights_from(learner)                      # the engine samples from the new policy
+        validate, checkpoint, log
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from . import checkpoint
 from .config import TrainConfig, check_config, estimator_name, to_yaml
 from .model import build_tokenizer
 from .rollout import Rollout, Sampling, left_pad
-from .tasks import Example, build_prompts, build_reward, import_plugins
+from .tasks import Example, build_prompts, build_reward
 from .tracking import Tracker, plot_runs, timer
-from .workers import start_workers, sync_weights
+from .workers import EngineProxy, LearnerProxy, setup_process, start_workers
 
 
 def make_batch(prompt_ids: List[List[int]], rollout: Rollout, rewards: List[float], n: int, pad_id: int
@@ -52,8 +53,11 @@ def encode_prompt(tokenizer, prompt: str, max_prompt_length: int) -> List[int]:
     return ids
 
 
-def decode_responses(tokenizer, rollout: Rollout) -> List[str]:
-    return [tokenizer.decode(ids[mask].tolist()) for ids, mask in zip(rollout.response_ids, rollout.response_mask)]
+def compute_rewards(tokenizer, rollout: Rollout, examples: List[Example], n: int, reward_fn) -> List[float]:
+    """The reward of every response (rows: the n samples of each example, adjacent)."""
+    responses = [tokenizer.decode(ids[mask].tolist()) for ids, mask in zip(rollout.response_ids, rollout.response_mask)]
+    answers = [e.answer for e in examples for _ in range(n)]
+    return [float(reward_fn(r, a)) for r, a in zip(responses, answers)]
 
 
 def rollout_metrics(rollout: Rollout, rewards: List[float]) -> Dict[str, float]:
@@ -77,9 +81,7 @@ def seed_everything(seed: int) -> None:
 def train(cfg: TrainConfig) -> Dict[str, float]:
     """Runs (or resumes) one training run; returns the metrics of its last step."""
     check_config(cfg)  # a config built in Python has not been through load_config
-    import_plugins(cfg.trainer.plugins)
-    if cfg.trainer.num_threads:
-        torch.set_num_threads(cfg.trainer.num_threads)
+    setup_process(cfg.trainer)
     seed_everything(cfg.trainer.seed)
     out_dir = cfg.trainer.out_dir
     os.makedirs(out_dir, exist_ok=True)
@@ -90,71 +92,78 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
     val_prompts = build_prompts(cfg.data, cfg.trainer.seed, split="val")
     reward_fn = build_reward(cfg.data)
     tokenizer = build_tokenizer(cfg.model, prompts.alphabet)
-    learner, engine, stop_workers = start_workers(cfg, tokenizer, out_dir)
-
+    workers = start_workers(cfg, tokenizer, out_dir)
+    learner, engine = workers.learner, workers.engine
     ckpt_root = os.path.join(out_dir, "checkpoints")
-    start_step = 0
-    resume_path = cfg.trainer.resume_from or (checkpoint.latest_checkpoint(ckpt_root) if cfg.trainer.resume else None)
-    if resume_path:
-        learner.call("load", resume_path)
-        state = checkpoint.load_trainer_state(resume_path)
-        start_step, prompts.position = state["step"], state["data_position"]
-        print(f"resumed from {resume_path} at step {start_step}", flush=True)
-    sync_weights(learner, engine)  # the engine starts from the learner's (initial or restored) weights
-
-    tracker = Tracker(out_dir, cfg.trainer.logger, cfg.trainer.total_steps, start_step, cfg.trainer.progress_bar)
     metrics: Dict[str, float] = {}
     try:
-        for step in range(start_step + 1, cfg.trainer.total_steps + 1):
-            metrics = {}
-            with timer("step", metrics):
-                examples = prompts.next_batch(cfg.data.train_batch_size)
-                prompt_ids = [encode_prompt(tokenizer, e.prompt, cfg.data.max_prompt_length) for e in examples]
-                sampling = Sampling(max_new_tokens=cfg.data.max_response_length,
-                                    temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                    top_k=cfg.rollout.top_k, seed=cfg.trainer.seed * 1_000_003 + step)
-                with timer("gen", metrics):
-                    rollout = engine.call("generate", prompt_ids, cfg.rollout.n, sampling)
-                with timer("reward", metrics):
-                    responses = decode_responses(tokenizer, rollout)
-                    answers = [e.answer for e in examples for _ in range(cfg.rollout.n)]
-                    rewards = [float(reward_fn(r, a)) for r, a in zip(responses, answers)]
-                batch = make_batch(prompt_ids, rollout, rewards, cfg.rollout.n, tokenizer.pad_id)
-
-                engine.call("sleep")  # frees inference memory while the learner trains (GPU vLLM only)
-                with timer("update_actor", metrics):
-                    metrics.update(learner.call("update", batch, step))
-                with timer("update_weights", metrics):
-                    engine.call("wake")
-                    sync_weights(learner, engine)
-                    engine.call("reset_cache")
-
-                metrics.update(rollout_metrics(rollout, rewards))
-                if cfg.trainer.test_freq and step % cfg.trainer.test_freq == 0:
-                    with timer("testing", metrics):
-                        metrics.update(validate(engine, tokenizer, val_prompts, reward_fn, cfg))
-                if step == cfg.trainer.total_steps or (cfg.trainer.save_freq and step % cfg.trainer.save_freq == 0):
-                    with timer("save_checkpoint", metrics):
-                        checkpoint.save_checkpoint(ckpt_root, step, lambda d: learner.call("save", d),
-                                                   {"data_position": prompts.position}, cfg.trainer.max_ckpt_to_keep)
-            tracker.log(metrics, step)
+        start_step = _resume(cfg, ckpt_root, learner, prompts)
+        engine.load_weights_from(learner)  # the engine starts from the learner's (initial or restored) weights
+        tracker = Tracker(out_dir, cfg.trainer.logger, cfg.trainer.total_steps, start_step, cfg.trainer.progress_bar)
+        try:
+            for step in range(start_step + 1, cfg.trainer.total_steps + 1):
+                metrics = {}
+                with timer("step", metrics):
+                    examples = prompts.next_batch(cfg.data.train_batch_size)
+                    prompt_ids = [encode_prompt(tokenizer, e.prompt, cfg.data.max_prompt_length) for e in examples]
+                    with timer("gen", metrics):
+                        rollout = engine.generate(prompt_ids, cfg.rollout.n, _sampling(cfg, step))
+                    with timer("reward", metrics):
+                        rewards = compute_rewards(tokenizer, rollout, examples, cfg.rollout.n, reward_fn)
+                    batch = make_batch(prompt_ids, rollout, rewards, cfg.rollout.n, tokenizer.pad_id)
+                    engine.sleep()  # frees inference memory while the learner trains (GPU vLLM only)
+                    with timer("adv", metrics):
+                        batch = learner.compute_advantages(batch, step)
+                    with timer("update_actor", metrics):
+                        metrics.update(learner.update(batch, step))
+                    with timer("update_weights", metrics):
+                        engine.wake()
+                        engine.load_weights_from(learner)
+                        engine.reset_cache()
+                    metrics.update(rollout_metrics(rollout, rewards))
+                    if cfg.trainer.test_freq and step % cfg.trainer.test_freq == 0:
+                        with timer("testing", metrics):
+                            metrics.update(validate(engine, tokenizer, val_prompts, reward_fn, cfg))
+                    if step == cfg.trainer.total_steps or (cfg.trainer.save_freq and step % cfg.trainer.save_freq == 0):
+                        with timer("save_checkpoint", metrics):
+                            checkpoint.save_checkpoint(ckpt_root, step, learner.save, {"data_position": prompts.position},
+                                                       cfg.trainer.max_ckpt_to_keep)
+                tracker.log(metrics, step)
+        finally:
+            tracker.close()
     finally:
-        tracker.close()
-        stop_workers()
+        workers.stop()
 
     if cfg.trainer.plot and "jsonl" in cfg.trainer.logger:
         plot_runs({"run": tracker.jsonl_path}, os.path.join(out_dir, "metrics.png"), title=_run_title(cfg))
     return metrics
 
 
-def validate(engine, tokenizer, val_prompts, reward_fn, cfg: TrainConfig) -> Dict[str, float]:
+def _sampling(cfg: TrainConfig, step: int) -> Sampling:
+    """Each step's generate call is seeded, so a resumed run samples what the original did."""
+    return Sampling(max_new_tokens=cfg.data.max_response_length, temperature=cfg.rollout.temperature,
+                    top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, seed=cfg.trainer.seed * 1_000_003 + step)
+
+
+def _resume(cfg: TrainConfig, ckpt_root: str, learner: LearnerProxy, prompts) -> int:
+    """Restores the learner, the data position and the driver's generators; returns the step reached."""
+    resume_path = cfg.trainer.resume_from or (checkpoint.latest_checkpoint(ckpt_root) if cfg.trainer.resume else None)
+    if not resume_path:
+        return 0
+    learner.load(resume_path)
+    state = checkpoint.load_trainer_state(resume_path)
+    prompts.position = state["data_position"]
+    print(f"resumed from {resume_path} at step {state['step']}", flush=True)
+    return state["step"]
+
+
+def validate(engine: EngineProxy, tokenizer, val_prompts, reward_fn, cfg: TrainConfig) -> Dict[str, float]:
     """Greedy decoding on the same held-out prompts every time: val/score/mean."""
     val_prompts.position = 0
     examples: List[Example] = val_prompts.next_batch(cfg.data.val_batch_size)
     sampling = Sampling(max_new_tokens=cfg.data.max_response_length, greedy=True)
     prompt_ids = [encode_prompt(tokenizer, e.prompt, cfg.data.max_prompt_length) for e in examples]
-    rollout = engine.call("generate", prompt_ids, 1, sampling)
-    rewards = [float(reward_fn(r, e.answer)) for r, e in zip(decode_responses(tokenizer, rollout), examples)]
+    rewards = compute_rewards(tokenizer, engine.generate(prompt_ids, 1, sampling), examples, 1, reward_fn)
     return {"val/score/mean": sum(rewards) / len(rewards)}
 
 

@@ -1,51 +1,133 @@
 """Where the learner and the rollout engine run: in this process, or as Ray actors.
 
-The driver talks to both through ``Worker.call(method, *args)``. ``LocalWorker`` calls the object
-directly; ``RayWorker`` calls the same class running as a Ray actor and waits with a timeout.
+The driver holds a ``LearnerProxy`` and an ``EngineProxy``: typed handles whose methods are the
+Learner's and the engine's methods of the same name (go-to-definition leads from one to the
+other). Each proxy hands its calls to a runner: ``_InProcess`` calls the object directly,
+``_InActor`` calls the same object inside a Ray actor (``WorkerHost``) and waits with a timeout.
 Both layouts therefore run exactly the same Learner and engine code.
+
+Every process that runs trainer code starts with ``setup_process`` (torch threads, plugin
+imports): the driver in ``train``, each Ray actor in ``WorkerHost.__init__``.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Tuple
 
-from .config import TrainConfig
+import torch
+
+from .config import ConfigError, TrainConfig, TrainerConfig
 from .learner import Learner
 from .model import TINY_CHAR, build_model, resolve_device
-from .rollout import HFEngine, VLLMEngine
+from .rollout import HFEngine, Rollout, RolloutEngine, Sampling, VLLMEngine
+from .tasks import import_plugins
 
 
-class LocalWorker:
+def setup_process(trainer_cfg: TrainerConfig) -> None:
+    """What every process of a run needs before it builds anything: registries are per process
+    (so the plugins are imported in each) and so is torch's thread count."""
+    if trainer_cfg.num_threads:
+        torch.set_num_threads(trainer_cfg.num_threads)
+    import_plugins(trainer_cfg.plugins)
+
+
+# ----------------------------------------------------------------------------- runners
+
+class _InProcess:
     def __init__(self, obj):
         self.obj = obj
 
-    def call(self, method: str, *args) -> Any:
-        return getattr(self.obj, method)(*args)
+    def submit(self, method: Callable, *args) -> Any:
+        return getattr(self.obj, method.__name__)(*args)
+
+    def wait(self, pending: Any) -> Any:
+        return pending
 
 
-class RayWorker:
+class _InActor:
     def __init__(self, actor, timeout_s: float):
         self.actor, self.timeout_s = actor, timeout_s
 
-    def call(self, method: str, *args) -> Any:
+    def submit(self, method: Callable, *args) -> Any:
+        # An ObjectRef among args is resolved by Ray before the call: it travels actor to actor.
+        return self.actor.run.remote(method.__name__, *args)
+
+    def wait(self, pending: Any) -> Any:
         import ray
 
-        return ray.get(getattr(self.actor, method).remote(*args), timeout=self.timeout_s)
+        return ray.get(pending, timeout=self.timeout_s)
 
 
-def sync_weights(learner, engine) -> None:
-    """Push the learner's weights into the rollout engine."""
-    if isinstance(learner, RayWorker) and isinstance(engine, RayWorker):
-        import ray
+class WorkerHost:
+    """The Ray actor class: sets the process up, then builds and serves one Learner or engine."""
 
-        # Hand the engine the reference: the tensors go actor to actor through the object store.
-        weights = learner.actor.named_weights.remote()
-        ray.get(engine.actor.update_weights.remote(weights), timeout=engine.timeout_s)
-    else:
-        engine.call("update_weights", learner.call("named_weights"))
+    def __init__(self, trainer_cfg: TrainerConfig, cls: type, kwargs: Dict[str, Any]):
+        setup_process(trainer_cfg)
+        self.obj = cls(**kwargs)
 
+    def run(self, method_name: str, *args) -> Any:
+        return getattr(self.obj, method_name)(*args)
+
+
+# ----------------------------------------------------------------------------- proxies
+
+class _Proxy:
+    def __init__(self, runner):
+        self._runner = runner
+
+    def _call(self, method: Callable, *args) -> Any:
+        return self._runner.wait(self._runner.submit(method, *args))
+
+
+class LearnerProxy(_Proxy):
+    """The driver's handle on the ``Learner``."""
+
+    def compute_advantages(self, batch: Dict[str, torch.Tensor], step: int) -> Dict[str, torch.Tensor]:
+        return self._call(Learner.compute_advantages, batch, step)
+
+    def update(self, batch: Dict[str, torch.Tensor], step: int) -> Dict[str, float]:
+        return self._call(Learner.update, batch, step)
+
+    def save(self, directory: str) -> None:
+        self._call(Learner.save, directory)
+
+    def load(self, directory: str) -> None:
+        self._call(Learner.load, directory)
+
+
+class EngineProxy(_Proxy):
+    """The driver's handle on the rollout engine (``RolloutEngine``: HFEngine or VLLMEngine)."""
+
+    def generate(self, prompt_ids: List[List[int]], n: int, sampling: Sampling) -> Rollout:
+        return self._call(RolloutEngine.generate, prompt_ids, n, sampling)
+
+    def load_weights_from(self, learner: LearnerProxy) -> None:
+        """Push the learner's current weights into the engine (under Ray: actor to actor through the
+        object store, never through the driver)."""
+        weights = learner._runner.submit(Learner.named_weights)
+        self._call(RolloutEngine.update_weights, weights)
+
+    def sleep(self) -> None:
+        self._call(RolloutEngine.sleep)
+
+    def wake(self) -> None:
+        self._call(RolloutEngine.wake)
+
+    def reset_cache(self) -> None:
+        self._call(RolloutEngine.reset_cache)
+
+
+@dataclass
+class Workers:
+    learner: LearnerProxy
+    engine: EngineProxy
+    stop: Callable[[], None]  # releases the actors and their placement group (a no-op in process)
+
+
+# ----------------------------------------------------------------------------- starting them
 
 def engine_spec(cfg: TrainConfig, tokenizer, out_dir: str) -> Tuple[type, dict]:
     """The rollout engine's class and constructor arguments (built here or inside an actor)."""
@@ -62,12 +144,14 @@ def engine_spec(cfg: TrainConfig, tokenizer, out_dir: str) -> Tuple[type, dict]:
                             enable_sleep_mode=cfg.rollout.free_cache_when_training, seed=cfg.trainer.seed)
 
 
-def start_workers(cfg: TrainConfig, tokenizer, out_dir: str):
-    """Returns (learner, engine, stop): Ray actors when cfg.ray.enabled or cfg.ray.address, else
-    objects in this process. ``stop()`` releases the actors and their placement group."""
+def start_workers(cfg: TrainConfig, tokenizer, out_dir: str) -> Workers:
+    """The learner and the engine: Ray actors when cfg.ray.enabled or cfg.ray.address, else
+    objects in this process (which ``train`` has already set up)."""
     engine_cls, engine_kwargs = engine_spec(cfg, tokenizer, out_dir)
+    learner_kwargs = dict(cfg=cfg, tokenizer=tokenizer)
     if not (cfg.ray.enabled or cfg.ray.address):
-        return LocalWorker(Learner(cfg, tokenizer)), LocalWorker(engine_cls(**engine_kwargs)), lambda: None
+        return Workers(LearnerProxy(_InProcess(Learner(**learner_kwargs))),
+                       EngineProxy(_InProcess(engine_cls(**engine_kwargs))), stop=lambda: None)
 
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
@@ -82,24 +166,26 @@ def start_workers(cfg: TrainConfig, tokenizer, out_dir: str):
     wanted = cfg.ray.learner_num_cpus + cfg.ray.rollout_num_cpus
     available = ray.cluster_resources().get("CPU", 0)
     if wanted > available:
-        raise ValueError(f"ray.learner_num_cpus + ray.rollout_num_cpus = {wanted} exceeds the cluster's {available} "
-                         "CPUs (raise ray.num_cpus: it is a logical count)")
+        raise ConfigError(f"ray.learner_num_cpus + ray.rollout_num_cpus = {wanted} exceeds the cluster's "
+                          f"{available} CPUs (raise ray.num_cpus: it is a logical count)")
     group = placement_group([learner_bundle, rollout_bundle], strategy="PACK")
     ray.get(group.ready(), timeout=cfg.ray.timeout_s)
 
-    def in_bundle(index: int, bundle: dict):
-        return dict(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index))
+    def actor(index: int, bundle: dict, cls: type, kwargs: dict) -> _InActor:
+        options = dict(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
+                       scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index))
+        handle = ray.remote(WorkerHost).options(**options).remote(cfg.trainer, cls, kwargs)
+        return _InActor(handle, cfg.ray.timeout_s)
 
-    learner = ray.remote(Learner).options(**in_bundle(0, learner_bundle)).remote(cfg, tokenizer)
-    engine = ray.remote(engine_cls).options(**in_bundle(1, rollout_bundle)).remote(**engine_kwargs)
+    learner = actor(0, learner_bundle, Learner, learner_kwargs)
+    engine = actor(1, rollout_bundle, engine_cls, engine_kwargs)
 
     def stop() -> None:  # a later run in this process needs the CPUs back
-        ray.kill(learner)
-        ray.kill(engine)
+        ray.kill(learner.actor)
+        ray.kill(engine.actor)
         remove_placement_group(group)
 
-    return RayWorker(learner, cfg.ray.timeout_s), RayWorker(engine, cfg.ray.timeout_s), stop
+    return Workers(LearnerProxy(learner), EngineProxy(engine), stop)
 
 
 def init_ray(cfg: TrainConfig) -> None:

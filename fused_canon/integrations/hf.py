@@ -16,11 +16,13 @@ aligned with ``input_ids[:, 1:]``.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..api import LossOutput, linear_policy_loss
 
-__all__ = ["hf_policy_loss", "lm_head_of"]
+__all__ = ["hf_policy_loss", "last_hidden_states", "lm_head_of"]
 
 # Config fields of models whose logits are not a plain linear map of the last hidden state.
 _UNSUPPORTED_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
@@ -39,6 +41,13 @@ def lm_head_of(model: torch.nn.Module):
     return head.weight, head.bias
 
 
+def last_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The backbone's last hidden states ``[B, L, H]``: what the LM head (``lm_head_of``) maps to logits."""
+    return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids).last_hidden_state
+
+
 def hf_policy_loss(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    response_mask: torch.Tensor, **loss_kwargs) -> LossOutput:
     """``linear_policy_loss`` of a Hugging Face causal LM on prompt + response sequences.
@@ -52,6 +61,6 @@ def hf_policy_loss(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     if (response_mask.bool() & ~attention_mask.bool()).any():
         raise ValueError("response_mask marks positions that attention_mask excludes")
     weight, bias = lm_head_of(model)
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = last_hidden_states(model, input_ids, attention_mask)
     return linear_policy_loss(hidden[:, :-1].to(weight.dtype), weight, input_ids[:, 1:], response_mask[:, 1:].bool(),
                               bias=bias, **loss_kwargs)
