@@ -76,8 +76,8 @@ def test_ray_run_with_plugins(ray_env):
     actors = set(imports) - {str(os.getpid())}
     assert str(os.getpid()) in imports and len(actors) == 2, events
     assert all(imports[pid] == "1" for pid in actors), events
-    # The learner actor ran the estimator, not the driver.
-    assert {pid for event, pid, _ in events if event == "estimate"} < actors, events
+    # The learner actor ran the estimator (the driver only dry-runs it to check the config).
+    assert {pid for event, pid, _ in events if event == "estimate"} & actors, events
     # The engine samples from synced weights: its log-probs match the learner's.
     assert all(r["data"]["rollout/logprob_abs_diff_mean"] < 1e-4 for r in rows)
 

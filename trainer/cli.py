@@ -11,7 +11,7 @@ import os
 import sys
 from typing import List, Optional
 
-from .config import ConfigError, estimator_choices, load_config, to_yaml
+from .config import ConfigError, load_config, runnable_estimators, to_yaml
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -53,7 +53,7 @@ def compare_main(argv: Optional[List[str]] = None) -> int:
     parser = _parser("fused-canon compare", "Train the same config and seed with several advantage estimators "
                      "and plot their curves on one figure.")
     parser.add_argument("--estimators", default="grpo,qae,canon",
-                        help=f"comma-separated, from {estimator_choices()} (qae = grpo with a quantile baseline)")
+                        help=f"comma-separated, from {runnable_estimators()} (qae = grpo with a quantile baseline)")
     parser.add_argument("--out-dir", default="runs/compare", help="one sub-directory per estimator + compare.png")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     from .tracking import learning_summary, plot_runs
@@ -62,7 +62,7 @@ def compare_main(argv: Optional[List[str]] = None) -> int:
     names = [name.strip() for name in args.estimators.split(",") if name.strip()]
     try:
         if not names:
-            raise ConfigError(f"--estimators names none; choose from {estimator_choices()}")
+            raise ConfigError(f"--estimators names none; choose from {runnable_estimators()}")
         # Each name is checked by load_config, like algorithm.advantage.estimator on the train command.
         configs = {name: load_config(args.config, args.overrides + [
             f"algorithm.advantage.estimator={name}", f"trainer.out_dir={os.path.join(args.out_dir, name)}"])

@@ -38,27 +38,10 @@ class ConfigError(ValueError):
     """A bad config value, key or file; the message names it and what is allowed."""
 
 
-# Trainer names for an estimator with a non-default baseline: name -> (estimator, baseline).
-# QAE is GRPO with the group K-quantile as the baseline. A name the core library (or a plugin)
-# registers itself is used as it is, never rewritten.
-ESTIMATOR_ALIASES: Dict[str, Tuple[str, str]] = {"qae": ("grpo", "quantile")}
-GROUP_ESTIMATORS = ("grpo", "rloo", "canon")  # compare the samples of one prompt: need rollout.n >= 2
+GROUP_ESTIMATORS = ("grpo", "qae", "rloo", "canon")  # compare the samples of one prompt: need rollout.n >= 2
 DTYPES = ("float32", "bfloat16", "float16")
 LOGGERS = ("console", "jsonl", "tensorboard")
 MAX_SEED = 2**32  # numpy's legacy seed (seed_everything) must lie in [0, 2**32)
-
-
-def estimator_choices() -> List[str]:
-    """Every estimator name the config accepts: the registered ones and the trainer's aliases."""
-    return sorted(set(fc.ESTIMATORS) | set(ESTIMATOR_ALIASES))
-
-
-def estimator_name(advantage: fc.AdvantageConfig) -> str:
-    """The alias of an advantage config (qae for grpo + quantile baseline), else its estimator."""
-    for name, pair in ESTIMATOR_ALIASES.items():
-        if pair == (advantage.estimator, advantage.baseline):
-            return name
-    return advantage.estimator
 
 
 @dataclass
@@ -184,8 +167,6 @@ def load_config(yaml_path: Optional[str] = None, overrides: Optional[List[str]] 
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as error:
             raise ConfigError(f"{error.full_key}: {str(error.msg).splitlines()[0]} (from {source})") from None
-    _import_plugins(list(merged.trainer.plugins))  # plugins may register estimator names
-    _expand_estimator_alias(merged, layers)
     try:
         cfg: TrainConfig = OmegaConf.to_object(merged)  # builds the dataclasses, running fc's checks
     except (ValueError, TypeError) as error:  # fc.LossConfig names the field within `algorithm`
@@ -219,21 +200,6 @@ def _reject_unknown_keys(schema: DictConfig, layer: DictConfig, prefix: str, sou
         if isinstance(child_schema, DictConfig) and OmegaConf.get_type(child_schema) is not dict \
                 and isinstance(child, DictConfig):
             _reject_unknown_keys(child_schema, child, prefix=f"{full_key}.", source=source)
-
-
-def _expand_estimator_alias(merged: DictConfig, layers) -> None:
-    """``estimator=qae`` -> ``estimator=grpo, baseline=quantile`` (the only place aliases are read)."""
-    advantage = merged.algorithm.advantage
-    name = advantage.estimator
-    if name not in ESTIMATOR_ALIASES or name in fc.ESTIMATORS:
-        return
-    estimator, baseline = ESTIMATOR_ALIASES[name]
-    for source, layer in layers:
-        given = OmegaConf.select(layer, "algorithm.advantage.baseline")
-        if given is not None and given != baseline:
-            raise ConfigError(f"algorithm.advantage.estimator={name} means estimator={estimator} with "
-                              f"baseline={baseline}, but {source} sets algorithm.advantage.baseline={given}")
-    advantage.estimator, advantage.baseline = estimator, baseline
 
 
 def to_yaml(cfg: TrainConfig) -> str:
@@ -270,6 +236,24 @@ def _integer(key: str, value, low: int, high: Optional[int] = None) -> None:
 def _package(key: str, value, package: str, extra: str) -> None:
     if importlib.util.find_spec(package) is None:
         _fail(key, value, f"needs the {package} package (pip install -e \".[{extra}]\")")
+
+
+def advantage_step_error(advantage: fc.AdvantageConfig) -> Optional[str]:
+    """Why the trainer's advantage step cannot run this config, or None. The step gives the estimator
+    the rewards, the prompt groups, the response mask and the token entropy (Learner.compute_advantages);
+    a two-response dry run on those inputs lets fused_canon itself refuse what it lacks (a critic's
+    values, a custom CANON metric, a quantile baseline for an estimator with a baseline of its own)."""
+    try:
+        fc.compute_advantages(torch.tensor([0.0, 1.0]), torch.tensor([0, 0]), config=advantage,
+                              mask=torch.ones(2, 1, dtype=torch.bool), token_entropy=torch.zeros(2, 1))
+    except (ValueError, TypeError) as error:
+        return str(error)
+    return None
+
+
+def runnable_estimators() -> List[str]:
+    """The registered estimators the trainer's advantage step can run with their default settings."""
+    return [name for name in sorted(fc.ESTIMATORS) if advantage_step_error(fc.AdvantageConfig(estimator=name)) is None]
 
 
 def _import_plugins(plugins: List[str]) -> None:
@@ -331,8 +315,11 @@ def check_config(cfg: TrainConfig) -> None:
 
     estimator = cfg.algorithm.advantage.estimator
     if estimator not in fc.ESTIMATORS:
-        _fail("algorithm.advantage.estimator", estimator, f"choose one of {estimator_choices()} "
-              "(qae = grpo with baseline=quantile; plugins in trainer.plugins may register more)")
+        _fail("algorithm.advantage.estimator", estimator,
+              f"choose one of {runnable_estimators()} (plugins in trainer.plugins may register more)")
+    reason = advantage_step_error(cfg.algorithm.advantage)
+    if reason:
+        _fail("algorithm.advantage.estimator", estimator, f"the trainer cannot run it: {reason}")
     _choice("algorithm.loss_mode", cfg.algorithm.loss_mode, sorted(fc.POLICY_LOSSES))
     if rollout.n < 2 and estimator in GROUP_ESTIMATORS:
         _fail("rollout.n", rollout.n, f"estimator {estimator!r} compares the samples of one prompt: must be >= 2")

@@ -203,8 +203,10 @@ class Learner:
 
     @staticmethod
     def _batch_metrics(batch: Batch) -> Dict[str, float]:
-        """Over the whole batch's [B] advantages, not averaged over micro-batches."""
+        """Over the whole batch's advantages ([B], or the valid tokens of [B, T]), not per micro-batch."""
         advantages = batch["advantages"]
+        if advantages.dim() == 2:  # a token-level estimator: padding holds zeros, not advantages
+            advantages = advantages[batch["response_mask"]]
         return {"critic/advantages/mean": float(advantages.mean()), "critic/advantages/max": float(advantages.max()),
                 "critic/advantages/min": float(advantages.min())}
 

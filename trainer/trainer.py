@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .config import TrainConfig, check_config, estimator_name, to_yaml
+from .config import TrainConfig, check_config, to_yaml
 from .model import build_tokenizer
 from .rollout import Rollout, Sampling, left_pad
 from .tasks import Example, build_prompts, build_reward
@@ -126,8 +126,8 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
                             metrics.update(validate(engine, tokenizer, val_prompts, reward_fn, cfg))
                     if step == cfg.trainer.total_steps or (cfg.trainer.save_freq and step % cfg.trainer.save_freq == 0):
                         with timer("save_checkpoint", metrics):
-                            checkpoint.save_checkpoint(ckpt_root, step, learner.save, {"data_position": prompts.position},
-                                                       cfg.trainer.max_ckpt_to_keep)
+                            checkpoint.save_checkpoint(ckpt_root, step, learner.save,
+                                                       {"data_position": prompts.position}, cfg.trainer.max_ckpt_to_keep)
                 tracker.log(metrics, step)
         finally:
             tracker.close()
@@ -168,4 +168,6 @@ def validate(engine: EngineProxy, tokenizer, val_prompts, reward_fn, cfg: TrainC
 
 
 def _run_title(cfg: TrainConfig) -> str:
-    return f"task={cfg.data.task} estimator={estimator_name(cfg.algorithm.advantage)} seed={cfg.trainer.seed}"
+    advantage = cfg.algorithm.advantage
+    baseline = "" if advantage.baseline == "mean" else f" baseline={advantage.baseline}"
+    return f"task={cfg.data.task} estimator={advantage.estimator}{baseline} seed={cfg.trainer.seed}"
