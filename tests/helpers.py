@@ -135,3 +135,30 @@ def make_batch(batch_size=4, length=4, vocab=64, *, dtype=torch.float32, seed=0,
     batch = dict(logits=logits, targets=targets, mask=mask, old_logprobs=old.to(stats_dtype),
                  ref_logprobs=ref.to(stats_dtype), rewards=rewards, group_ids=torch.arange(batch_size) % 2 + 10)
     return {name: value.to(device) for name, value in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer runs
+# ---------------------------------------------------------------------------------------------
+
+# Small and fast: a run of a few steps takes about a second on 2 CPU cores.
+TINY_TRAINER = ["trainer.progress_bar=false", "trainer.logger=[jsonl]", "trainer.plot=false", "trainer.test_freq=0",
+                "trainer.save_freq=0", "data.train_batch_size=4", "rollout.n=4", "model.hidden_size=32",
+                "model.num_layers=1", "model.intermediate_size=64", "trainer.num_threads=2"]
+
+
+def tiny_trainer_config(out_dir, *overrides):
+    """A tiny trainer config writing into ``out_dir`` (needs the trainer's dependencies)."""
+    from fused_canon.trainer.config import load_config
+
+    return load_config(overrides=TINY_TRAINER + [f"trainer.out_dir={out_dir}"] + list(overrides))
+
+
+def logged_steps(out_dir) -> dict:
+    """{step: [metrics without the timings], ...}: every row of <out_dir>/metrics.jsonl, repeats kept."""
+    from fused_canon.trainer.tracking import read_metrics
+
+    rows = {}
+    for row in read_metrics(f"{out_dir}/metrics.jsonl"):
+        rows.setdefault(row["step"], []).append({k: v for k, v in row["data"].items() if not k.startswith("timing_s/")})
+    return rows

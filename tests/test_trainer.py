@@ -20,16 +20,7 @@ from fused_canon.trainer.model import CharTokenizer  # noqa: E402
 from fused_canon.trainer.rollout import HFEngine, Sampling  # noqa: E402
 from fused_canon.trainer.tracking import learning_summary, read_metrics  # noqa: E402
 from fused_canon.trainer.trainer import make_batch, train  # noqa: E402
-
-# Small and fast: every run below takes a few seconds on 2 CPU cores.
-TINY = ["trainer.progress_bar=false", "trainer.logger=[jsonl]", "trainer.plot=false", "trainer.test_freq=0",
-        "trainer.save_freq=0", "data.train_batch_size=4", "rollout.n=4", "model.hidden_size=32",
-        "model.num_layers=1", "model.intermediate_size=64", "trainer.num_threads=2"]
-
-
-def tiny_config(tmp_path, *overrides) -> TrainConfig:
-    return load_config(overrides=TINY + [f"trainer.out_dir={tmp_path}"] + list(overrides))
-
+from helpers import TINY_TRAINER, tiny_trainer_config  # noqa: E402
 
 # ----------------------------------------------------------------------------- config
 
@@ -113,9 +104,10 @@ def test_qae_is_an_estimator_name_of_the_trainer(tmp_path, capsys):
     """`algorithm.advantage.estimator=qae` trains (qae = grpo with baseline=quantile: the same run);
     compare checks its names the same way, before any run."""
     assert "qae" in runnable_estimators()
-    qae = train(tiny_config(tmp_path / "qae", "trainer.total_steps=2", "algorithm.advantage.estimator=qae"))
-    grpo_quantile = train(tiny_config(tmp_path / "grpo", "trainer.total_steps=2", "algorithm.advantage.estimator=grpo",
-                                      "algorithm.advantage.baseline=quantile"))
+    qae = train(tiny_trainer_config(tmp_path / "qae", "trainer.total_steps=2", "algorithm.advantage.estimator=qae"))
+    grpo_quantile = train(tiny_trainer_config(tmp_path / "grpo", "trainer.total_steps=2",
+                                              "algorithm.advantage.estimator=grpo",
+                                              "algorithm.advantage.baseline=quantile"))
     assert _without_timing(qae) == _without_timing(grpo_quantile)
     assert compare_main(["--estimators", "grpo,qea", "--out-dir", str(tmp_path / "cmp")]) == 2
     assert "'qea' is not valid" in capsys.readouterr().err and not (tmp_path / "cmp").exists()
@@ -182,7 +174,7 @@ def test_gsm8k_dataset_trains_one_step(tmp_path):
     path = tmp_path / "tiny.jsonl"
     path.write_text("".join(json.dumps({"question": f"What is {a} + 1?", "answer": f"#### {a + 1}"}) + "\n"
                             for a in range(5)))
-    cfg = tiny_config(tmp_path / "run", "data.task=gsm8k", f"data.path={path}", "trainer.total_steps=1")
+    cfg = tiny_trainer_config(tmp_path / "run", "data.task=gsm8k", f"data.path={path}", "trainer.total_steps=1")
     metrics = train(cfg)
     assert 0.0 <= metrics["critic/score/mean"] <= 1.0 and "actor/pg_loss" in metrics
 
@@ -190,7 +182,7 @@ def test_gsm8k_dataset_trains_one_step(tmp_path):
 # ----------------------------------------------------------------------------- engine and learner
 
 def _engine_and_learner(tmp_path, *overrides):
-    cfg = tiny_config(tmp_path, *overrides)
+    cfg = tiny_trainer_config(tmp_path, *overrides)
     tokenizer = CharTokenizer(tasks.SYNTHETIC_TASKS[cfg.data.task].alphabet)
     engine = HFEngine(cfg.model, tokenizer, "cpu", seed=123)  # its own init: sync must replace it
     learner = Learner(cfg, tokenizer)
@@ -240,7 +232,7 @@ def test_micro_batches_give_the_full_batch_update(tmp_path):
 
 
 def test_ppo_epochs_minibatches_kl_and_linear_loss_run(tmp_path):
-    cfg = tiny_config(tmp_path, "trainer.total_steps=2", "actor.ppo_epochs=2", "actor.ppo_mini_batch_size=2",
+    cfg = tiny_trainer_config(tmp_path, "trainer.total_steps=2", "actor.ppo_epochs=2", "actor.ppo_mini_batch_size=2",
                       "actor.micro_batch_size=3", "algorithm.kl_coef=0.1", "actor.loss_fn=linear_policy_loss",
                       "algorithm.advantage.estimator=grpo",
                       "data.reward_fn=fused_canon.trainer.tasks:positional_reward")  # dense: non-zero advantages
@@ -268,8 +260,8 @@ def test_lm_head_loss_refuses_a_soft_capped_model(tmp_path, monkeypatch):
     monkeypatch.setattr(learner_module, "build_model", tiny_gemma)
     tokenizer = CharTokenizer(tasks.SYNTHETIC_TASKS["arithmetic"].alphabet)
     with pytest.raises(ConfigError, match=r"linear_policy_loss is not valid .*\(final_logit_softcapping\)"):
-        Learner(tiny_config(tmp_path, "actor.loss_fn=linear_policy_loss"), tokenizer)
-    assert Learner(tiny_config(tmp_path), tokenizer).lm_head is None  # the logits path applies the model's capping
+        Learner(tiny_trainer_config(tmp_path, "actor.loss_fn=linear_policy_loss"), tokenizer)
+    assert Learner(tiny_trainer_config(tmp_path), tokenizer).lm_head is None  # logits: the model applies its capping
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -288,11 +280,11 @@ def test_e2e_reward_improves_and_outputs_are_written(tmp_path):
     assert "val/score/mean" in rows[29]["data"] and "val/score/mean" not in rows[30]["data"]
     assert (out / "metrics.png").stat().st_size > 10_000
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(out / "tensorboard"))
-    assert checkpoint.latest_checkpoint(str(out / "checkpoints")).endswith("global_step_60")
+    assert checkpoint.pointed_step(str(out / "checkpoints")) == 60
 
 
 def test_console_lines_follow_the_verl_format(tmp_path, capsys):
-    train(tiny_config(tmp_path, "trainer.total_steps=2", "trainer.logger=[console]"))
+    train(tiny_trainer_config(tmp_path, "trainer.total_steps=2", "trainer.logger=[console]"))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step:")]
     assert len(lines) == 2 and lines[1].startswith("step:2 - ")
     assert " - critic/score/mean:" in lines[0] and " - timing_s/step:" in lines[0]
@@ -301,11 +293,11 @@ def test_console_lines_follow_the_verl_format(tmp_path, capsys):
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = ["trainer.total_steps=4", "trainer.save_freq=2", "trainer.max_ckpt_to_keep=0"]
-    train(tiny_config(straight, *common))
+    train(tiny_trainer_config(straight, *common))
     # Keep only the step-2 checkpoint of the uninterrupted run, as if it had stopped there.
     shutil.copytree(straight / "checkpoints" / "global_step_2", resumed / "checkpoints" / "global_step_2")
     (resumed / "checkpoints" / checkpoint.POINTER).write_text("2")
-    train(tiny_config(resumed, *common, "trainer.resume=true"))
+    train(tiny_trainer_config(resumed, *common, "trainer.resume=true"))
 
     def steps_3_4(run):
         rows = read_metrics(str(run / "metrics.jsonl"))
@@ -322,14 +314,14 @@ def test_checkpoint_pointer_names_only_complete_checkpoints(tmp_path):
     for step in (1, 2, 3):
         checkpoint.save_checkpoint(root, step, lambda d: open(os.path.join(d, "model.pt"), "w").close(),
                                    {"data_position": step * 10}, max_to_keep=2)
-    assert checkpoint.latest_checkpoint(root).endswith("global_step_3")
+    assert checkpoint.pointed_step(root) == 3
     assert sorted(os.listdir(root)) == ["global_step_2", "global_step_3", checkpoint.POINTER]
-    assert checkpoint.load_trainer_state(checkpoint.latest_checkpoint(root)) == {"step": 3, "data_position": 30}
+    assert checkpoint.load_trainer_state(checkpoint.checkpoint_path(root, 3)) == {"step": 3, "data_position": 30}
 
 
 def test_compare_runs_each_estimator_and_plots(tmp_path, capsys):
     code = compare_main(["--estimators", "grpo,qae", "--out-dir", str(tmp_path)]
-                        + TINY + ["trainer.total_steps=2"])
+                        + TINY_TRAINER + ["trainer.total_steps=2"])
     assert code == 0
     assert (tmp_path / "compare.png").stat().st_size > 10_000
     grpo = (tmp_path / "grpo" / "config.yaml").read_text()

@@ -82,6 +82,7 @@ def test_ray_run_with_plugins(ray_env):
     assert all(r["data"]["rollout/logprob_abs_diff_mean"] < 1e-4 for r in rows)
 
     # A placement group asking for more CPUs than the cluster has would wait forever: it must fail fast.
-    too_big = load_config(overrides=common + ["ray.learner_num_cpus=2", "ray.rollout_num_cpus=1"])
+    too_big = load_config(overrides=common + ["ray.learner_num_cpus=2", "ray.rollout_num_cpus=1",
+                                              f"trainer.out_dir={ray_env / 'too_big'}"])
     with pytest.raises(ValueError, match="exceeds the cluster"):
         train(too_big)

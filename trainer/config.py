@@ -109,8 +109,9 @@ class TrainerConfig:
     test_freq: int = 20  # greedy validation every N steps (0: never)
     save_freq: int = 50  # checkpoint every N steps (0: only when the run ends)
     max_ckpt_to_keep: int = 2  # 0: keep all
-    resume: bool = False  # continue from <out_dir>/checkpoints/latest
+    resume: bool = False  # continue from the newest intact checkpoint in <out_dir>/checkpoints
     resume_from: str = ""  # or from this global_step_N directory
+    overwrite: bool = False  # replace the outputs of an earlier run in out_dir (without it: refused)
     plugins: List[str] = field(default_factory=list)  # modules imported in every process (registrations)
 
 
@@ -344,6 +345,8 @@ def check_config(cfg: TrainConfig) -> None:
         _integer(f"trainer.{name}", getattr(trainer, name), 0)
     if trainer.resume_from and not os.path.isdir(trainer.resume_from):
         _fail("trainer.resume_from", trainer.resume_from, "no such checkpoint directory")
+    if trainer.overwrite and (trainer.resume or trainer.resume_from):
+        _fail("trainer.overwrite", True, "replaces the run that trainer.resume / trainer.resume_from continues")
 
     _integer("ray.num_cpus", ray.num_cpus, 1)
     _number("ray.learner_num_cpus", ray.learner_num_cpus, 0, low_open=True)

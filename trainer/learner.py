@@ -18,7 +18,6 @@ A step hands it the rollout batch twice:
 from __future__ import annotations
 
 import copy
-import os
 from typing import Dict, List, Tuple
 
 import torch
@@ -26,6 +25,7 @@ import torch
 import fused_canon as fc
 from fused_canon.integrations.hf import last_hidden_states, lm_head_of
 
+from . import checkpoint
 from .config import ConfigError, TrainConfig
 from .model import build_model, resolve_device
 
@@ -244,9 +244,9 @@ class Learner:
         return [(name, param.detach().cpu()) for name, param in self.model.named_parameters()]
 
     def save(self, directory: str) -> None:
-        torch.save(self.model.state_dict(), os.path.join(directory, "model.pt"))
-        torch.save(self.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+        checkpoint.save_tensors(self.model.state_dict(), directory, "model.pt")
+        checkpoint.save_tensors(self.optimizer.state_dict(), directory, "optimizer.pt")
 
     def load(self, directory: str) -> None:
-        self.model.load_state_dict(torch.load(os.path.join(directory, "model.pt"), map_location=self.device))
-        self.optimizer.load_state_dict(torch.load(os.path.join(directory, "optimizer.pt"), map_location=self.device))
+        self.model.load_state_dict(checkpoint.load_tensors(directory, "model.pt", self.device))
+        self.optimizer.load_state_dict(checkpoint.load_tensors(directory, "optimizer.pt", self.device))

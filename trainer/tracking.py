@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from contextlib import contextmanager
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 # The curves plotted at the end of a run (and by `fused-canon compare`).
 PLOTTED = (("critic/score/mean", "mean reward"), ("actor/entropy", "entropy"),
@@ -15,32 +16,34 @@ PLOTTED = (("critic/score/mean", "mean reward"), ("actor/entropy", "entropy"),
 
 class Tracker:
     """``log(metrics, step)`` fans out to the configured backends, verl-style:
-    console ``step:N - key:value - ...``, JSONL ``{"step": N, "data": {...}}``, TensorBoard scalars."""
+    console ``step:N - key:value - ...``, JSONL ``{"step": N, "data": {...}}``, TensorBoard scalars.
 
-    def __init__(self, out_dir: str, loggers: List[str], total_steps: int, start_step: int, progress_bar: bool):
+    A resumed run continues the same files: the JSONL keeps exactly one row per step up to
+    ``start_step`` (``resumed_row``, stored in the checkpoint, fills in that step's row if a kill
+    took it) and TensorBoard hides the events of later steps, which the resumed run logs again.
+    """
+
+    def __init__(self, out_dir: str, loggers: List[str], total_steps: int, start_step: int, progress_bar: bool,
+                 resumed_row: Optional[Dict[str, float]] = None):
         os.makedirs(out_dir, exist_ok=True)
         self.loggers = loggers
         self.jsonl_path = os.path.join(out_dir, "metrics.jsonl")
-        # Appending keeps a resumed run's earlier steps; rows of steps past the resume point are dropped.
-        self._truncate_jsonl_after(start_step)
-        self.jsonl = open(self.jsonl_path, "a") if "jsonl" in loggers else None
+        self.jsonl = None
+        if "jsonl" in loggers:
+            restore_jsonl(self.jsonl_path, start_step, resumed_row)
+            self.jsonl = open(self.jsonl_path, "a")
         self.tensorboard = None
         if "tensorboard" in loggers:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+            # purge_step: TensorBoard hides the events of steps > start_step that an interrupted
+            # attempt wrote (this run logs them again), so no step appears twice.
+            self.tensorboard = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=start_step + 1)
         self.bar = None
         if progress_bar:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True)
-
-    def _truncate_jsonl_after(self, step: int) -> None:
-        if not os.path.exists(self.jsonl_path):
-            return
-        kept = [row for row in read_metrics(self.jsonl_path) if row["step"] <= step]
-        with open(self.jsonl_path, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in kept)
 
     def log(self, metrics: Dict[str, float], step: int) -> None:
         if "console" in self.loggers:
@@ -50,7 +53,7 @@ class Tracker:
             else:
                 print(line, flush=True)
         if self.jsonl is not None:
-            self.jsonl.write(json.dumps({"step": step, "data": metrics}) + "\n")
+            self.jsonl.write(_jsonl_line(step, metrics))  # one write: a kill leaves the row whole or absent
             self.jsonl.flush()
         if self.tensorboard is not None:
             for key, value in metrics.items():
@@ -60,7 +63,10 @@ class Tracker:
             if "critic/score/mean" in metrics:
                 self.bar.set_postfix(reward=f"{metrics['critic/score/mean']:.3f}")
 
-    def close(self) -> None:
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, *exc) -> None:
         if self.jsonl is not None:
             self.jsonl.close()
         if self.tensorboard is not None:
@@ -81,9 +87,64 @@ def timer(name: str, metrics: Dict[str, float]):
     metrics[f"timing_s/{name}"] = time.perf_counter() - start
 
 
-def read_metrics(jsonl_path: str) -> List[dict]:
+def _jsonl_line(step: int, metrics: Dict[str, float]) -> str:
+    return json.dumps({"step": step, "data": metrics}) + "\n"
+
+
+def _parse_jsonl(jsonl_path: str) -> Tuple[List[dict], List[int]]:
+    """(the rows, the numbers of the lines that are not a whole row: torn by a kill or a full disk)."""
+    rows, torn = [], []
     with open(jsonl_path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                rows.append({"step": int(row["step"]), "data": dict(row["data"])})
+            except (ValueError, KeyError, TypeError):
+                torn.append(number)
+    return rows, torn
+
+
+def read_metrics(jsonl_path: str) -> List[dict]:
+    rows, torn = _parse_jsonl(jsonl_path)
+    if torn:
+        print(f"{jsonl_path}: skipped torn line(s) {torn}", file=sys.stderr)
+    return rows
+
+
+def _read_text(path: str) -> str:
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        return f.read()
+
+
+def restore_jsonl(jsonl_path: str, step: int, row: Optional[Dict[str, float]]) -> None:
+    """Make the log hold exactly one row for each step up to ``step`` (the first one written; ``row``
+    for ``step`` itself when the log lacks it) and nothing after. The new file replaces the old one
+    by an atomic rename, so a kill during the rewrite loses nothing."""
+    rows, torn = _parse_jsonl(jsonl_path) if os.path.exists(jsonl_path) else ([], [])
+    kept: Dict[int, dict] = {}
+    for r in rows:
+        if r["step"] <= step:
+            kept.setdefault(r["step"], r)
+    if step and step not in kept and row is not None:
+        kept[step] = {"step": step, "data": row}
+    text = "".join(_jsonl_line(r["step"], r["data"]) for r in sorted(kept.values(), key=lambda r: r["step"]))
+    if _read_text(jsonl_path) == text:
+        return
+    if torn:
+        print(f"{jsonl_path}: dropped torn line(s) {torn}", flush=True)
+    missing = sorted(set(range(1, step + 1)) - set(kept))
+    if missing:
+        print(f"{jsonl_path}: no row for step(s) {missing}", flush=True)
+    tmp = jsonl_path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, jsonl_path)
 
 
 def _curve(rows: List[dict], key: str):

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Dict, List
+import shutil
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from . import checkpoint
-from .config import TrainConfig, check_config, to_yaml
+from .config import ConfigError, TrainConfig, TrainerConfig, check_config, to_yaml
 from .model import build_tokenizer
 from .rollout import Rollout, Sampling, left_pad
 from .tasks import Example, build_prompts, build_reward
@@ -84,23 +85,20 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
     setup_process(cfg.trainer)
     seed_everything(cfg.trainer.seed)
     out_dir = cfg.trainer.out_dir
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.yaml"), "w") as f:
-        f.write(to_yaml(cfg))
+    prepare_out_dir(cfg)
 
     prompts = build_prompts(cfg.data, cfg.trainer.seed)
     val_prompts = build_prompts(cfg.data, cfg.trainer.seed, split="val")
     reward_fn = build_reward(cfg.data)
     tokenizer = build_tokenizer(cfg.model, prompts.alphabet)
-    workers = start_workers(cfg, tokenizer, out_dir)
-    learner, engine = workers.learner, workers.engine
     ckpt_root = os.path.join(out_dir, "checkpoints")
     metrics: Dict[str, float] = {}
-    try:
-        start_step = _resume(cfg, ckpt_root, learner, prompts)
+    with start_workers(cfg, tokenizer, out_dir) as workers:
+        learner, engine = workers.learner, workers.engine
+        start_step, resumed_row = _resume(cfg, ckpt_root, learner, prompts)
         engine.load_weights_from(learner)  # the engine starts from the learner's (initial or restored) weights
-        tracker = Tracker(out_dir, cfg.trainer.logger, cfg.trainer.total_steps, start_step, cfg.trainer.progress_bar)
-        try:
+        with Tracker(out_dir, cfg.trainer.logger, cfg.trainer.total_steps, start_step, cfg.trainer.progress_bar,
+                     resumed_row) as tracker:
             for step in range(start_step + 1, cfg.trainer.total_steps + 1):
                 metrics = {}
                 with timer("step", metrics):
@@ -116,7 +114,7 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
                         batch = learner.compute_advantages(batch, step)
                     with timer("update_actor", metrics):
                         metrics.update(learner.update(batch, step))
-                    with timer("update_weights", metrics):
+                    with timer("update_weights", metrics):  # sync: the engine samples from the new policy
                         engine.wake()
                         engine.load_weights_from(learner)
                         engine.reset_cache()
@@ -126,13 +124,12 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
                             metrics.update(validate(engine, tokenizer, val_prompts, reward_fn, cfg))
                     if step == cfg.trainer.total_steps or (cfg.trainer.save_freq and step % cfg.trainer.save_freq == 0):
                         with timer("save_checkpoint", metrics):
+                            # The step's metrics go into the checkpoint too: a kill before the
+                            # log line below cannot lose that row (the resumed log restores it).
                             checkpoint.save_checkpoint(ckpt_root, step, learner.save,
-                                                       {"data_position": prompts.position}, cfg.trainer.max_ckpt_to_keep)
+                                                       {"data_position": prompts.position, "metrics": dict(metrics)},
+                                                       cfg.trainer.max_ckpt_to_keep)
                 tracker.log(metrics, step)
-        finally:
-            tracker.close()
-    finally:
-        workers.stop()
 
     if cfg.trainer.plot and "jsonl" in cfg.trainer.logger:
         plot_runs({"run": tracker.jsonl_path}, os.path.join(out_dir, "metrics.png"), title=_run_title(cfg))
@@ -145,16 +142,62 @@ def _sampling(cfg: TrainConfig, step: int) -> Sampling:
                     top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, seed=cfg.trainer.seed * 1_000_003 + step)
 
 
-def _resume(cfg: TrainConfig, ckpt_root: str, learner: LearnerProxy, prompts) -> int:
-    """Restores the learner, the data position and the driver's generators; returns the step reached."""
-    resume_path = cfg.trainer.resume_from or (checkpoint.latest_checkpoint(ckpt_root) if cfg.trainer.resume else None)
-    if not resume_path:
-        return 0
-    learner.load(resume_path)
-    state = checkpoint.load_trainer_state(resume_path)
+# What a run writes into trainer.out_dir; an earlier run's are refused (or removed with --overwrite).
+OUTPUTS = ("config.yaml", "metrics.jsonl", "metrics.png", "checkpoints", "tensorboard", "rollout_model")
+
+
+def _earlier_outputs(trainer_cfg: TrainerConfig) -> List[str]:
+    return [name for name in OUTPUTS if os.path.exists(os.path.join(trainer_cfg.out_dir, name))]
+
+
+def check_out_dir(trainer_cfg: TrainerConfig) -> None:
+    """A new run never mixes its outputs with an earlier run's: continue it, replace it, or go elsewhere."""
+    earlier = _earlier_outputs(trainer_cfg)
+    if earlier and not (trainer_cfg.resume or trainer_cfg.resume_from or trainer_cfg.overwrite):
+        raise ConfigError(f"trainer.out_dir={trainer_cfg.out_dir!r} holds an earlier run ({', '.join(earlier)}): "
+                          "pass --resume to continue it, --overwrite to replace it, or choose another trainer.out_dir")
+
+
+def prepare_out_dir(cfg: TrainConfig) -> None:
+    check_out_dir(cfg.trainer)
+    out_dir = cfg.trainer.out_dir
+    if cfg.trainer.overwrite:
+        for name in _earlier_outputs(cfg.trainer):  # only what a run writes: never the user's other files
+            path = os.path.join(out_dir, name)
+            print(f"--overwrite: removing the earlier run's {path}", flush=True)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.yaml"), "w") as f:
+        f.write(to_yaml(cfg))
+
+
+def _resume(cfg: TrainConfig, ckpt_root: str, learner: LearnerProxy, prompts) -> Tuple[int, Optional[Dict[str, float]]]:
+    """Restores the learner, the data position and the driver's generators from the checkpoint to
+    resume; returns (the step reached, that step's metrics row) -- (0, None) for a new run."""
+    path = cfg.trainer.resume_from
+    if path:
+        reason = checkpoint.damage(path)
+        if reason:
+            raise checkpoint.CheckpointError(f"trainer.resume_from={path!r} is not an intact checkpoint: {reason}")
+    elif cfg.trainer.resume:
+        path, notes = checkpoint.find_resume_checkpoint(ckpt_root)
+        for note in notes:
+            print(note, flush=True)
+        if path is None and checkpoint.checkpoint_steps(ckpt_root):
+            raise checkpoint.CheckpointError(f"no intact checkpoint under {ckpt_root} to resume from; pass --overwrite "
+                                             "instead of --resume to start the run again")
+        if path is None:
+            print(f"no checkpoint under {ckpt_root} yet: starting at step 0", flush=True)
+    if not path:
+        return 0, None
+    learner.load(path)
+    state = checkpoint.prepare_resume(ckpt_root, path)
     prompts.position = state["data_position"]
-    print(f"resumed from {resume_path} at step {state['step']}", flush=True)
-    return state["step"]
+    print(f"resumed from {path} at step {state['step']}", flush=True)
+    return state["step"], state.get("metrics")
 
 
 def validate(engine: EngineProxy, tokenizer, val_prompts, reward_fn, cfg: TrainConfig) -> Dict[str, float]:

@@ -122,9 +122,18 @@ class EngineProxy(_Proxy):
 
 @dataclass
 class Workers:
+    """``with start_workers(...) as workers:`` releases the Ray actors and their placement group at
+    the end (a later run in this process needs the CPUs back); a no-op in process."""
+
     learner: LearnerProxy
     engine: EngineProxy
-    stop: Callable[[], None]  # releases the actors and their placement group (a no-op in process)
+    stop: Callable[[], None]
+
+    def __enter__(self) -> "Workers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 # ----------------------------------------------------------------------------- starting them
@@ -180,7 +189,7 @@ def start_workers(cfg: TrainConfig, tokenizer, out_dir: str) -> Workers:
     learner = actor(0, learner_bundle, Learner, learner_kwargs)
     engine = actor(1, rollout_bundle, engine_cls, engine_kwargs)
 
-    def stop() -> None:  # a later run in this process needs the CPUs back
+    def stop() -> None:
         ray.kill(learner.actor)
         ray.kill(engine.actor)
         remove_placement_group(group)
