@@ -13,6 +13,7 @@ imports): the driver in ``train``, each Ray actor in ``WorkerHost.__init__``.
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Tuple
@@ -202,12 +203,32 @@ def init_ray(cfg: TrainConfig) -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local cluster needs no token
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Actors must import plugins and fused_canon the way the driver does: give them its module path.
     python_path = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
-    runtime_env = {"env_vars": {"PYTHONPATH": python_path, "RAY_AUTH_MODE": "disabled"}}
-    if cfg.ray.address:
+    runtime_env = {"env_vars": {"PYTHONPATH": python_path}}
+    if cfg.ray.address:  # an existing cluster, used as it is: its exposure is its owner's choice
         ray.init(address=cfg.ray.address, runtime_env=runtime_env)
-    else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env=runtime_env)
+        return
+    _serve_this_machine_only()
+    ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env=runtime_env)
+
+
+def _serve_this_machine_only() -> None:
+    """Whoever can connect to a Ray cluster can run code in it, so the cluster the trainer starts
+    accepts connections from this machine only, and only with a token:
+
+    - Ray binds its servers to the node's address, and takes 127.0.0.1 as that address when it runs
+      as a single-machine cluster (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read by Ray once, at import;
+      hence the constant too, for a process that imported ray already). Measured with Ray 2.60:
+      without it, gcs_server, raylet and the workers listen on every interface.
+    - Ray's token authentication, which a new local cluster turns on when RAY_AUTH_MODE is unset
+      (Ray >= 2.52), stays on: RAY_AUTH_MODE is left to the user, and the token is a random one per
+      driver process, in the environment that the cluster's processes inherit (so nothing is
+      written to ~/.ray/auth_token). An explicit RAY_AUTH_TOKEN is kept.
+    """
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
