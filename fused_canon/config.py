@@ -98,20 +98,20 @@ class AdvantageConfig:
     adora_max_length: int = 4054
 
     def __post_init__(self):
-        if self.epsilon is None:
-            self.epsilon = DEFAULT_EPSILON.get(self.estimator, 1e-6)
         _check_choice("baseline", self.baseline, BASELINES)
         _check_choice("canon_metric", self.canon_metric, CANON_METRICS)
         _check_choice("canon_schedule", self.canon_schedule, CANON_SCHEDULES)
         if self.canon_favor is not None:
             _check_choice("canon_favor", self.canon_favor, ("low", "high"))
-        for name in ("epsilon", "quantile_k", "canon_alpha", "canon_beta", "canon_lambda", "token_budget"):
+        if self.epsilon is not None:
+            _check_finite("epsilon", self.epsilon)
+        for name in ("quantile_k", "canon_alpha", "canon_beta", "canon_lambda", "token_budget"):
             _check_finite(name, getattr(self, name))
         if self.baseline == "quantile" and not 0.0 < self.quantile_k < 1.0:
             raise ValueError(f"quantile_k must lie in (0, 1) for baseline='quantile', got {self.quantile_k}")
         if self.token_budget <= 0:
             raise ValueError(f"token_budget must be > 0, got {self.token_budget}")
-        if self.epsilon < 0:
+        if self.effective_epsilon < 0:
             raise ValueError(f"epsilon must be >= 0, got {self.epsilon}")
         for name in ("gamma", "lam", "ucas_beta_pos", "ucas_beta_neg", "ucas_token_coef", "ktae_alpha", "ktae_beta",
                      "ktae_top", "ktae_k1", "ktae_b", "adora_lambda", "adora_correct_score", "adora_max_length"):
@@ -133,6 +133,13 @@ class AdvantageConfig:
             raise ValueError(f"adora_lambda must lie in [0, 1] (it scales down a group), got {self.adora_lambda}")
         if self.adora_max_length <= 0:
             raise ValueError(f"adora_max_length must be > 0 (a length in tokens), got {self.adora_max_length}")
+
+    @property
+    def effective_epsilon(self) -> float:
+        """The epsilon the estimators use: ``epsilon``, or when it is None the estimator's own default
+        (resolved here, at use, so a config built with defaults and given another estimator later, as
+        the trainer's config layers do, still gets that estimator's default)."""
+        return DEFAULT_EPSILON.get(self.estimator, 1e-6) if self.epsilon is None else self.epsilon
 
     @property
     def favored_half(self) -> str:

@@ -219,7 +219,7 @@ def grpo(rewards, groups, config, *, metric=None, step=0):
     """a = (r - b) / (std + eps), or r - b without std; b = group mean or quantile (§1.1, §3.1)."""
     advantage = rewards - _singleton_aware_baseline(rewards, groups, config)
     if config.norm_by_std:
-        advantage = advantage / (group_std(rewards, groups) + config.epsilon)
+        advantage = advantage / (group_std(rewards, groups) + config.effective_epsilon)
     return advantage
 
 
@@ -298,7 +298,7 @@ def group_zscore(values: torch.Tensor, groups: Groups, config: AdvantageConfig) 
     """GRPO's statistics on any per-response value: (x - mean)/(std + eps), or x - mean without
     norm_by_std; a singleton has mean 0 and std 1 (verl)."""
     centred = values - group_mean(values, groups)
-    return centred / (group_std(values, groups) + config.epsilon) if config.norm_by_std else centred
+    return centred / (group_std(values, groups) + config.effective_epsilon) if config.norm_by_std else centred
 
 
 def batch_whitening(values: torch.Tensor, valid: torch.Tensor, estimator: str):
@@ -361,7 +361,7 @@ def grpo_passk(rewards, groups, config, *, metric=None, step=0):
     best_row = order[best_position]
     gap = rewards[best_row] - rewards[order[best_position - 1]]
     if config.norm_by_std:
-        gap = gap / (group_std(rewards, groups)[best_row] + config.epsilon)
+        gap = gap / (group_std(rewards, groups)[best_row] + config.effective_epsilon)
     return torch.zeros_like(rewards).index_copy_(0, best_row, gap)
 
 
@@ -573,7 +573,7 @@ def triton_advantages(rewards: torch.Tensor, groups: Groups, config: AdvantageCo
     return kernel.triton_group_advantages(
         rewards, metric if is_canon else rewards, order, groups.starts, groups.count, groups.largest,
         estimator=estimator, quantile=config.baseline == "quantile", quantile_k=config.quantile_k,
-        epsilon=config.epsilon, norm_by_std=config.norm_by_std, token_budget=config.token_budget,
+        epsilon=config.effective_epsilon, norm_by_std=config.norm_by_std, token_budget=config.token_budget,
         canon_alpha=config.canon_alpha, canon_beta=config.canon_beta,
         inter_weight=canon_inter_weight(rewards, config, step) if is_canon else 0.0,
         favor_high=config.favored_half == "high")

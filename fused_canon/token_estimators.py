@@ -66,13 +66,13 @@ def optimal_token_baseline(rewards, groups, config, *, mask, old_logprobs, sum_p
     with G the reward-to-go and W_t = cumsum of w = 1 - 2 pi_t + sum_v pi_v^2 (times the rollout IS
     weight squared when given) over the valid tokens; A = (G - B) m. A singleton has no baseline. With
     otb_handle_zero_tail, the strictly longest response of a group gets baseline 0 from the
-    second-longest length on. verl 0.9.1 uses eps = 1e-8 here: set ``epsilon`` to match it."""
+    second-longest length on. eps is ``epsilon``, by default 1e-8 here (verl 0.9.1's)."""
     returns = discounted_returns(rewards, mask, 1.0)
     path_variance = 1.0 - 2.0 * torch.exp(old_logprobs) + sum_pi_squared
     if rollout_is_weights is not None:
         path_variance = path_variance * rollout_is_weights.square()
     cumulative = (path_variance * mask).cumsum(-1)
-    baseline = (groups.sum(returns * cumulative * mask) / (groups.sum(cumulative * mask) + config.epsilon))
+    baseline = (groups.sum(returns * cumulative * mask) / (groups.sum(cumulative * mask) + config.effective_epsilon))
     baseline = torch.where(groups.size[:, None] > 1, baseline[groups.index], torch.zeros_like(baseline[groups.index]))
     if config.otb_handle_zero_tail:
         lengths = mask.sum(-1)

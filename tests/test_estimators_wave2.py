@@ -304,3 +304,16 @@ def test_float32_rewards_give_float32():
                                 fc.AdvantageConfig(estimator="gae"), mask=torch.ones(2, 2),
                                 values=torch.zeros(2, 2))
     assert adv.dtype == torch.float32
+
+
+def test_epsilon_default_is_the_estimators_own():
+    """Unset, epsilon is 1e-6, or 1e-8 for optimal_token_baseline (verl 0.9.1), resolved at use: a config
+    built with defaults and given that estimator later (the trainer's config layers) still gets 1e-8."""
+    from dataclasses import replace
+
+    assert fc.AdvantageConfig().effective_epsilon == 1e-6
+    assert fc.AdvantageConfig(estimator="optimal_token_baseline").effective_epsilon == 1e-8
+    assert replace(fc.AdvantageConfig(), estimator="optimal_token_baseline").effective_epsilon == 1e-8
+    assert fc.AdvantageConfig(estimator="optimal_token_baseline", epsilon=1e-6).effective_epsilon == 1e-6
+    with pytest.raises(ValueError, match="epsilon must be >= 0"):
+        fc.AdvantageConfig(epsilon=-1.0)
