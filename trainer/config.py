@@ -241,13 +241,29 @@ def _package(key: str, value, package: str, extra: str) -> None:
 
 def advantage_step_error(advantage: fc.AdvantageConfig) -> Optional[str]:
     """Why the trainer's advantage step cannot run this config, or None. The step gives the estimator
-    the rewards, the prompt groups, the response mask and the token entropy (Learner.compute_advantages);
-    a two-response dry run on those inputs lets fused_canon itself refuse what it lacks (a critic's
-    values, a custom CANON metric, a quantile baseline for an estimator with a baseline of its own)."""
+    the rewards, the prompt groups, the response mask, the token entropy and ids, the old log-probs and
+    the logits' other signals (Learner.compute_advantages, or the fused loss call); a two-response dry run
+    on those inputs lets fused_canon itself refuse what it lacks (a critic's values, a greedy rollout's
+    rewards, a custom CANON metric, a quantile baseline for an estimator with a baseline of its own)."""
+    per_token = torch.zeros(2, 1)
     try:
         fc.compute_advantages(torch.tensor([0.0, 1.0]), torch.tensor([0, 0]), config=advantage,
-                              mask=torch.ones(2, 1, dtype=torch.bool), token_entropy=torch.zeros(2, 1))
+                              mask=torch.ones(2, 1, dtype=torch.bool), token_entropy=per_token,
+                              token_ids=torch.zeros(2, 1, dtype=torch.long), old_logprobs=per_token,
+                              self_certainty=per_token, target_logits=per_token, sum_pi_squared=per_token)
     except (ValueError, TypeError) as error:
+        return str(error)
+    return None
+
+
+def loss_error(loss: fc.LossConfig) -> Optional[str]:
+    """Why the policy loss refuses this config (e.g. geo_mean with a token-level loss_agg_mode), or None:
+    a one-token dry run of the objective."""
+    try:
+        fc.policy_loss_from_logprobs(torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool), advantages=torch.zeros(1),
+                                     entropy=torch.zeros(1, 1), ref_logprobs=torch.zeros(1, 1), config=loss,
+                                     backend="torch")
+    except ValueError as error:
         return str(error)
     return None
 
@@ -322,6 +338,9 @@ def check_config(cfg: TrainConfig) -> None:
     if reason:
         _fail("algorithm.advantage.estimator", estimator, f"the trainer cannot run it: {reason}")
     _choice("algorithm.loss_mode", cfg.algorithm.loss_mode, sorted(fc.POLICY_LOSSES))
+    reason = loss_error(cfg.algorithm)
+    if reason:
+        _fail("algorithm.loss_mode", cfg.algorithm.loss_mode, reason)
     if rollout.n < 2 and estimator in GROUP_ESTIMATORS:
         _fail("rollout.n", rollout.n, f"estimator {estimator!r} compares the samples of one prompt: must be >= 2")
 

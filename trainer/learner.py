@@ -18,12 +18,13 @@ A step hands it the rollout batch twice:
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
 import fused_canon as fc
 from fused_canon.integrations.hf import last_hidden_states, lm_head_of
+from fused_canon.statistics import EXTRA_SIGNALS
 
 from . import checkpoint
 from .config import ConfigError, TrainConfig
@@ -98,15 +99,22 @@ class Learner:
         return last_hidden_states(self.model, **inputs)[:, -response_len - 1:-1]
 
     @torch.no_grad()
-    def token_stats(self, model, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Per-token log-prob and entropy [N, R] of the batch's responses under ``model``."""
-        logprobs, entropy = [], []
+    def token_signals(self, model, batch: Batch, names: Sequence[str]) -> Dict[str, torch.Tensor]:
+        """``fc.token_signals`` [N, R] of the batch's responses under ``model`` (log-prob, entropy and the
+        signals some estimators read), one statistics pass per micro-batch."""
+        parts: Dict[str, List[torch.Tensor]] = {name: [] for name in names}
         for rows in self._row_slices(0, self._num_rows(batch), self._micro_rows(batch)):
             logits = self._response_logits(model, batch, rows)
-            lp, ent = fc.token_stats(logits, batch["response_ids"][rows], temperature=self.loss_config.temperature)
-            logprobs.append(lp)
-            entropy.append(ent)
-        return torch.cat(logprobs), torch.cat(entropy)
+            signals = fc.token_signals(logits, batch["response_ids"][rows], names,
+                                       temperature=self.loss_config.temperature)
+            for name in names:
+                parts[name].append(signals[name])
+        return {name: torch.cat(values) for name, values in parts.items()}
+
+    def token_stats(self, model, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-prob and entropy [N, R] of the batch's responses under ``model``."""
+        signals = self.token_signals(model, batch, ("logprobs", "entropy"))
+        return signals["logprobs"], signals["entropy"]
 
     # ------------------------------------------------------------------ the advantage step
 
@@ -124,13 +132,18 @@ class Learner:
             return batch
         on_device = self._to_device(batch)
         self.model.eval()  # no dropout in the statistics pass
-        old_logprobs, entropy = self.token_stats(self.model, on_device)
+        # The logits' signals the estimator reads (UCAS, the optimal token baseline) come from the same pass.
+        declared = fc.ESTIMATOR_INPUTS.get(self.loss_config.advantage.estimator)
+        extra = [name for name in EXTRA_SIGNALS if declared and name in declared.required + declared.optional]
+        signals = self.token_signals(self.model, on_device, ("logprobs", "entropy", *extra))
+        old_logprobs = signals["logprobs"]
         added = {"old_logprobs": old_logprobs}
         if self.ref_model is not None:
             added["ref_logprobs"] = self.token_stats(self.ref_model, on_device)[0]
-        added["advantages"] = fc.compute_advantages(on_device["rewards"], on_device["group_ids"],
-                                                    config=self.loss_config.advantage, mask=on_device["response_mask"],
-                                                    token_entropy=entropy, step=step)
+        added["advantages"] = fc.compute_advantages(
+            on_device["rewards"], on_device["group_ids"], config=self.loss_config.advantage,
+            mask=on_device["response_mask"], token_entropy=signals["entropy"], step=step,
+            token_ids=on_device["response_ids"], old_logprobs=old_logprobs, **{name: signals[name] for name in extra})
         self.model.train()
         return {**batch, **{key: value.cpu() for key, value in added.items()}}  # the driver may be elsewhere
 
