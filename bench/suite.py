@@ -96,6 +96,15 @@ def _free_memory(device: torch.device) -> int:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         return torch.cuda.mem_get_info(device)[0]
+    # Linux's MemAvailable counts the page cache that the kernel gives back on demand; unused pages
+    # alone (SC_AVPHYS_PAGES, MemFree) fall below 1 GiB on a 24 GiB machine after a few pip installs.
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
