@@ -3,7 +3,7 @@
 A row's floor is ``max(bytes / bandwidth, flops / matmul rate)`` with both rates measured in the
 same run (a large device-to-device copy, a large matrix product), never datasheet figures. The
 work counted here is what the *task* needs, whoever does it: every candidate of a row (ours, the
-torch reference, a peer) is held to the same floor. PEERS.md §2 derives these counts.
+torch reference, a peer) is held to the same floor. docs/design.md §7.1 derives these counts.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def work_for(path: str, shape: Shape, elt: int) -> Work:
     if path == POLICY_LOSS_FWD:
         return Work(valid * v * elt + side, 0, "1 read of each valid logits row: N*V*elt (masked rows skipped)")
     if path == POLICY_LOSS_FWD_BWD:
-        # Streaming design (PEERS §2.1 (b')): a statistics read and a gradient read of each valid row,
+        # Streaming design (docs/design.md §7.1 (b')): a statistics read and a gradient read of each valid row,
         # and dlogits written for every row (padded rows get zeros). Keeping a 300 KB row on chip to
         # save the second read needs thread-block clusters, which Triton does not expose.
         return Work((2 * valid + rows) * v * elt + side, 0,
@@ -116,14 +116,14 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype, timer, copy_bytes
 
 @dataclass(frozen=True)
 class Target:
-    """A goal for one row (issue 5 / PEERS §8.1), defined on one device kind."""
+    """A goal for one row (issue 5 / docs/design.md §7.3), defined on one device kind."""
 
     path: str
     n_valid: int
     vocab: int
     hidden: Optional[int]
     time_ms: float
-    extra_gib: Optional[float]  # peak extra memory beyond the weight gradient (PEERS §8.1: "beyond dW")
+    extra_gib: Optional[float]  # peak extra memory beyond the weight gradient (docs/design.md §7.3: "beyond dW")
     device: str
     impl: str
     note: str

@@ -2,7 +2,7 @@
 
 A peer that is not importable is reported as "not installed" (or "import failed: <error>"); its
 rows are never approximated by something else. Versions the adapters were written against
-(PEERS.md §8.3): liger-kernel 0.8.5, verl 0.9.1, cut-cross-entropy 25.1.1.
+(docs/design.md §7.4): liger-kernel 0.8.5, verl 0.9.1, cut-cross-entropy 25.1.1.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def _load_liger() -> Dict[str, object]:
 def _load_verl() -> Dict[str, object]:
     """verl's fused linear log-prob/entropy kernel without running ``verl/__init__``.
 
-    ``import verl`` pulls ray, tensordict, transformers and more (PEERS §8.3); the kernel modules need
+    ``import verl`` pulls ray, tensordict, transformers and more (docs/design.md §7.4); the kernel modules need
     only torch, triton, ``verl.utils.device`` and ``verl.plugin.platform``. Empty package modules with
     the real ``__path__`` stand in for ``verl``, ``verl.utils`` and ``verl.utils.kernel`` so their
     ``__init__`` files are skipped while the submodules load from the installed files.

@@ -85,7 +85,7 @@ class Grid:
         return out
 
 
-# DESIGN §7 / issue 5: N in {4k, 16k, 64k} valid tokens, V in {32k, 128k, 151,936}, H in {2k, 4k}.
+# docs/design.md §7 / issue 5: N in {4k, 16k, 64k} valid tokens, V in {32k, 128k, 151,936}, H in {2k, 4k}.
 # Responses of 1,024 tokens; the padded batch has the footprint of N = 16,384 with the second half
 # of every response masked, so its time should be that of N = 8,192 when masked rows are skipped.
 FULL_GRID = Grid(token_counts=(4096, 16384, 65536), padded_rows=16384, vocabs=(32000, 128256, 151936),

@@ -1,4 +1,4 @@
-"""KTAE, key-token advantage estimation (ALGORITHMS.md §6): GRPO plus a per-token value from token-id
+"""KTAE, key-token advantage estimation (docs/algorithms.md §6): GRPO plus a per-token value from token-id
 statistics of each prompt group. No logits: it reads the sampled token ids and the rewards only.
 
 For each group with correct (r > 0) and wrong responses, and each token id v seen at a valid position:
@@ -9,7 +9,7 @@ For each group with correct (r > 0) and wrong responses, and each token id v see
   KT(v) = 2 top (sigmoid((alpha F + beta IG) x / (alpha + beta)) - 1/2),  0 for ktae_ignore_token_ids
 and the advantage of a valid token y is GRPO(r) + KT(y). A group with one side only gets KT = 0.
 
-Decisions where upstream (xiaolizh1/KTAE@ea9fb77) is inconsistent (ALGORITHMS.md §9.8):
+Decisions where upstream (xiaolizh1/KTAE@ea9fb77) is inconsistent (docs/algorithms.md §9.8):
   * The p-value is summed and compared with 1 in exact rational arithmetic: the hypergeometric
     probabilities of a 2x2 table are ratios of integers. Upstream sums floats and tests ``p != 1.0``,
     which misses most tables whose exact p is 1 (then F = e^-2 instead of 0). Its ``P(k) <= P(a)`` has

@@ -1,6 +1,6 @@
 """Per-token log-prob and entropy of softmax(logits / T): the torch reference of the statistics ops.
 
-Formulas: ALGORITHMS.md §8. For one row of tempered logits z = logits / T:
+Formulas: docs/algorithms.md §8. For one row of tempered logits z = logits / T:
     lse = logsumexp(z),  p = exp(z - lse),  zbar = sum p z,  H = lse - zbar,  logp_y = z_y - lse
 and for a loss L with c_logp = dL/dlogp_y, c_ent = dL/dH (§8.3):
     dL/dlogits_k = (1/T) (-p_k [c_logp + c_ent (z_k - zbar)] + c_logp [k == y])
@@ -13,7 +13,7 @@ of valid rows, both outputs differentiable:
     torch_linear_token_stats(hidden [R, H], weight [V, H], targets [R], row_index [N], bias, temperature)
 The objective (losses.py) only sees those two vectors, so autograd hands a backend exactly c_logp and c_ent.
 With ``extra_stats=True`` both also return, from the same rows, the detached signals some estimators read
-(``EXTRA_SIGNALS``, ALGORITHMS.md §5.1 and §1.3): the self-certainty lse(z) - mean_v(z), the raw
+(``EXTRA_SIGNALS``, docs/algorithms.md §5.1 and §1.3): the self-certainty lse(z) - mean_v(z), the raw
 (untempered) logit of the target, and sum_v p_v^2.
 """
 

@@ -1,6 +1,6 @@
 """Token-level advantage estimators: REINFORCE++, GAE, the optimal token baseline (verl 0.9.1) and UCAS.
 
-Formulas: ALGORITHMS.md §1.3-1.4 (verl 0.9.1), §5 (UCAS). Each returns advantages [B, T] that are 0 at
+Formulas: docs/algorithms.md §1.3-1.4 (verl 0.9.1), §5 (UCAS). Each returns advantages [B, T] that are 0 at
 padded positions, and, where they differ from the advantages, the returns [B, T]. The outcome reward
 of a response counts as received at its last valid token (as verl's reward manager writes it).
 Torch only: the work is O(B T) on [B, T] vectors. KTAE, also token-level, lives in ktae.py.

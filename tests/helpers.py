@@ -48,7 +48,7 @@ def peaked_row_reference(logits: torch.Tensor, targets: torch.Tensor, c_logp: to
     (already tempered), in float64, keeping full *relative* precision where p_max ~ 1 - 1e-20.
 
     log_softmax in float64 rounds log p_max ~ -1e-20 to 0 and 1 - p_max to 0, so it is written out
-    (ALGORITHMS.md §8) relative to the row maximum: with t = z - max z and r = the sum of exp(t) over all
+    (docs/algorithms.md §8) relative to the row maximum: with t = z - max z and r = the sum of exp(t) over all
     entries but one maximal one, lse = max + log1p(r), entropy = log1p(r) - sum(exp(t) t) / (1 + r); for
     the gradient, gap_k = z_y - z_k, q_k = exp(-gap_k) (q_y = 0), R = sum q:
     p_k = q_k / (1 + R), 1 - p_y = R / (1 + R), z_y - zbar = sum_k p_k gap_k."""

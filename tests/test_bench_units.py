@@ -86,7 +86,7 @@ def test_pg_surrogate_is_the_token_mean_clipped_objective():
 
 
 def test_floors_reproduce_the_h100_table_of_peers_md():
-    """At 3.0 TB/s and 800 TFLOP/s the floors are PEERS.md §0's: 1.66 ms, 4.98 ms, 102 ms at N = 16k."""
+    """At 3.0 TB/s and 800 TFLOP/s the floors are docs/design.md §7.1's: 1.66 ms, 4.98 ms, 102 ms at N = 16k."""
     n, v, h = 16384, 151936, 4096
     logits = Shape(16, 1024, n, v)
     assert H100.floor_ms(work_for(TOKEN_STATS_FWD, logits, 2))["floor_ms"] == pytest.approx(1.66, abs=0.01)

@@ -1,4 +1,4 @@
-"""The wave-2 estimators beyond their golden cases: the worked examples of ALGORITHMS.md (§1.4, §1.11,
+"""The wave-2 estimators beyond their golden cases: the worked examples of docs/algorithms.md (§1.4, §1.11,
 §5.3, §6.2), one error per missing input, invariants, and the inputs where upstream crashes.
 
 The spec prints six significant digits, so worked examples are compared at that precision.

@@ -205,7 +205,7 @@ def test_peaked_and_uniform_rows_keep_relative_precision():
 
 
 def test_spec_worked_example_through_identity_head():
-    """ALGORITHMS.md §8.3: z = [2, 1, 0.5, -1, 3], y = 1, c_logp = 0.7, c_ent = -0.3, as
+    """docs/algorithms.md §8.3: z = [2, 1, 0.5, -1, 3], y = 1, c_logp = 0.7, c_ent = -0.3, as
     hidden = z, W = I (so dL/dhidden = dL/dlogits), and §8.1's large-logit row."""
     weight = torch.eye(5)
     hidden = torch.tensor([[2.0, 1.0, 0.5, -1.0, 3.0], [1000.0, 999.0, 0.0, 0.0, 0.0]])

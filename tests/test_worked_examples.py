@@ -1,4 +1,4 @@
-"""The worked examples of ALGORITHMS.md (§1.8, §1.10, §1.11, §2.5, §2.7, §2.8, §3.2, §4.5, §8.1-8.3).
+"""The worked examples of docs/algorithms.md (§1.8, §1.10, §1.11, §2.5, §2.7, §2.8, §3.2, §4.5, §8.1-8.3).
 
 The spec prints six significant digits, so values are compared at the precision printed.
 """
