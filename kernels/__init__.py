@@ -6,6 +6,8 @@ take tensors and scalars. Reading a LossConfig / AdvantageConfig into a launch i
 fused_canon (next to the torch reference each kernel reproduces), and fused_canon/backends.py
 decides which implementation runs.
 
+  softmax.py             @triton.jit helpers both statistics paths share: a tile's softmax summary,
+                         merging summaries, a row's statistics, the gradient tile
   logits_token_stats.py  log-prob and entropy of the target from logits [B, T, V], and dlogits
   linear_token_stats.py  the same from hidden states and the LM head, never forming [N, V]
   advantages.py          the built-in outcome estimators, one program per prompt group

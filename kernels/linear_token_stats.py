@@ -24,7 +24,7 @@ Design
 Forward (``_linear_token_stats_fwd_kernel``), grid ``cdiv(N, BLOCK_N)``: a program gathers
 BLOCK_N valid rows through ``row_index`` and sweeps the vocabulary in BLOCK_V tiles. Each
 ``[BLOCK_N, BLOCK_V]`` logits tile is built on chip by ``tl.dot`` over H in BLOCK_H steps with an
-fp32 accumulator, and folded into per-row fp32 online statistics (see ``_merge_row_stats``):
+fp32 accumulator, and folded into per-row fp32 online statistics (softmax.py, shared with the logits path):
 the running max ``m``, ``rest = sum_k exp(z_k - m) - 1`` (the sum-exp without the max element,
 so that log-sum-exp and entropy of a very peaked row keep full relative precision via log1p),
 ``u = sum_k exp(z_k - m) (z_k - m)`` and the target logit. Per valid row it writes
@@ -102,6 +102,8 @@ import triton
 import triton.language as tl
 
 from . import triton_interpreter_enabled
+from .softmax import (merge_sums_of_squares, merge_summaries, row_statistics, softmax_grad, sum_of_squared_probs,
+                      target_grad, tile_summary)
 
 __all__ = [
     "AOT_NO_SPILL",
@@ -114,34 +116,6 @@ __all__ = [
 
 DEFAULT_WORKSPACE_BYTES = 512 * 1024 * 1024
 _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-# ----------------------------------------------------------------------------------------------
-# Small device helpers (no libdevice: it does not work in the interpreter)
-# ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _log1p(x):
-    """log(1 + x) to full relative precision for tiny x >= 0: the rounding error of 1 + x is
-    divided back out (Goldberg, "What every computer scientist...", Theorem 4)."""
-    one_plus_x = 1.0 + x
-    rounded_x = one_plus_x - 1.0
-    safe_rounded_x = tl.where(rounded_x == 0.0, 1.0, rounded_x)
-    return tl.where(rounded_x == 0.0, x, tl.log(one_plus_x) * (x / safe_rounded_x))
-
-
-@triton.jit
-def _one_minus_exp(x):
-    """1 - exp(x) = -expm1(x) for x <= 0, exact near 0 (Kahan's expm1 trick: (e - 1) x / log(e)
-    divides the rounding error of e = exp(x) back out)."""
-    e = tl.exp(x)
-    e_minus_one = e - 1.0
-    use_x = e == 1.0  # |x| below half an ulp of 1: expm1(x) = x
-    use_minus_one = e_minus_one == -1.0  # exp(x) negligible next to 1
-    safe_log_e = tl.log(tl.where(use_x | use_minus_one, 2.0, e))  # no log(0) or 0 / 0 on unused lanes
-    expm1 = tl.where(use_x, x, tl.where(use_minus_one, -1.0, e_minus_one * (x / safe_log_e)))
-    return -expm1
 
 
 @triton.jit
@@ -179,32 +153,6 @@ def _logits_tile(
         b = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         acc = acc + b[None, :]
     return acc * inv_temperature
-
-
-@triton.jit
-def _merge_row_stats(m_a, rest_a, u_a, m_b, rest_b, u_b):
-    """Merge two partial softmax summaries of the same rows.
-
-    A summary of a set of logits z_k is (m, rest, u) with m = max z_k,
-    rest = sum_k exp(z_k - m) - 1 (the max element contributes exactly the 1 that is left out) and
-    u = sum_k exp(z_k - m) (z_k - m). The empty summary is (-inf, 0, 0). The side with the smaller
-    max is rescaled by exp(-d), d = difference of the maxima: its whole sum-exp (1 + rest) moves
-    into the merged ``rest`` and its u shifts by -d (1 + rest).
-    """
-    a_is_larger = m_a > m_b
-    m = tl.maximum(m_a, m_b)
-    m_small = tl.where(a_is_larger, m_b, m_a)
-    rest_large = tl.where(a_is_larger, rest_a, rest_b)
-    u_large = tl.where(a_is_larger, u_a, u_b)
-    rest_small = tl.where(a_is_larger, rest_b, rest_a)
-    u_small = tl.where(a_is_larger, u_b, u_a)
-    small_is_empty = m_small == float("-inf")
-    shift = tl.where(small_is_empty, 0.0, m - m_small)  # d >= 0, and 0 instead of inf for an empty side
-    scale = tl.where(small_is_empty, 0.0, tl.exp(-shift))
-    sum_exp_small = 1.0 + rest_small
-    rest = rest_large + scale * sum_exp_small
-    u = u_large + scale * (u_small - shift * sum_exp_small)
-    return m, rest, u
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,7 +198,7 @@ def _linear_token_stats_fwd_kernel(
     u = tl.zeros([BLOCK_N], dtype=tl.float32)
     z_target = tl.zeros([BLOCK_N], dtype=tl.float32)
     z_sum = tl.zeros([BLOCK_N], dtype=tl.float32)  # sum_v z (self-certainty)
-    s2 = tl.zeros([BLOCK_N], dtype=tl.float32)  # sum_v exp(z - m)^2 (sum p^2 = s2 / s^2)
+    squares = tl.zeros([BLOCK_N], dtype=tl.float32)  # sum_v exp(2 (z - m)) (sum p^2 = squares / s^2)
     for v_start in range(0, vocab_size, BLOCK_V):
         cols = v_start + tl.arange(0, BLOCK_V)
         col_ok = cols < vocab_size
@@ -261,34 +209,23 @@ def _linear_token_stats_fwd_kernel(
         z = tl.where(col_ok[None, :], z, float("-inf"))
         z_target += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), axis=1)
 
-        # Summary of this tile. Its max is finite: every tile holds at least one real column.
-        tile_max = tl.max(z, axis=1)
-        shifted = z - tile_max[:, None]  # <= 0; -inf on padded columns
-        e = tl.exp(shifted)  # 0 on padded columns
-        is_max = shifted == 0.0
-        n_max = tl.sum(is_max.to(tl.float32), axis=1)
-        tile_rest = tl.sum(tl.where(is_max, 0.0, e), axis=1) + (n_max - 1.0)
-        tile_u = tl.sum(e * tl.where(col_ok[None, :], shifted, 0.0), axis=1)  # no 0 * -inf
+        tile_m, tile_rest, tile_u, tile_e = tile_summary(z, col_ok[None, :], 1, MAY_BE_EMPTY=False)
         m_before = m
-        m, rest, u = _merge_row_stats(m, rest, u, tile_max, tile_rest, tile_u)
+        m, rest, u = merge_summaries(m, rest, u, tile_m, tile_rest, tile_u)
         if EXTRA_STATS:
             z_sum += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
-            # exp(2 (m_before - m)) is 0 while m_before == -inf (s2 is 0 then too).
-            s2 = s2 * tl.exp(2.0 * (m_before - m)) + tl.sum(e * e, axis=1) * tl.exp(2.0 * (tile_max - m))
+            squares = merge_sums_of_squares(squares, m_before, tl.sum(tile_e * tile_e, axis=1), tile_m, m,
+                                            MAY_BE_EMPTY=False)
 
-    # With s = 1 + rest = sum_k exp(z_k - m):  lse = m + log s,  p_k = exp(z_k - m) / s,
-    # entropy = -sum p log p = log s - u / s  (two non-negative terms: no cancellation),
-    # zbar = sum p z = m + u / s,  logp = z_y - lse.
-    log_sum_exp_shifted = _log1p(rest)
-    u_over_s = u / (1.0 + rest)
-    tl.store(logp_ptr + slots, (z_target - m) - log_sum_exp_shifted, mask=slot_ok)
-    tl.store(entropy_ptr + slots, log_sum_exp_shifted - u_over_s, mask=slot_ok)
-    tl.store(lse_ptr + slots, m + log_sum_exp_shifted, mask=slot_ok)
-    tl.store(zbar_ptr + slots, m + u_over_s, mask=slot_ok)
+    logp, entropy, lse, zbar = row_statistics(m, rest, u, z_target)
+    tl.store(logp_ptr + slots, logp, mask=slot_ok)
+    tl.store(entropy_ptr + slots, entropy, mask=slot_ok)
+    tl.store(lse_ptr + slots, lse, mask=slot_ok)
+    tl.store(zbar_ptr + slots, zbar, mask=slot_ok)
     if EXTRA_STATS:
-        tl.store(certainty_ptr + slots, m + log_sum_exp_shifted - z_sum / vocab_size, mask=slot_ok)
+        tl.store(certainty_ptr + slots, lse - z_sum / vocab_size, mask=slot_ok)
         tl.store(target_logit_ptr + slots, z_target / inv_temperature, mask=slot_ok)
-        tl.store(sum_pi_squared_ptr + slots, s2 / ((1.0 + rest) * (1.0 + rest)), mask=slot_ok)
+        tl.store(sum_pi_squared_ptr + slots, sum_of_squared_probs(squares, rest), mask=slot_ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,18 +278,11 @@ def _linear_token_stats_dlogits_kernel(
                      hidden_size, stride_weight_row, inv_temperature, HAS_BIAS, UPCAST_DOT_INPUTS,
                      BLOCK_N, BLOCK_V, BLOCK_H)
 
-    # dL/dz_k = -p_k [c_logp + c_ent (z_k - zbar)] + c_logp [k == y]   (ALGORITHMS.md §8.3).
-    # p = exp(z - lse) underflows to exactly 0 and then contributes exactly 0 (z is finite here).
-    p = tl.exp(z - lse[:, None])
-    centred = z - zbar[:, None]
-    dz = -p * (c_logp[:, None] + c_ent[:, None] * centred)
-    # At the target the same value is c_logp (1 - p_y) - c_ent p_y (z_y - zbar), formed from the
-    # forward's per-row results so that a peaked row (p_y ~ 1) keeps its relative precision:
-    # 1 - p_y = -expm1(logp) (1 - exp() would cancel) and z_y - zbar = logp + entropy
-    # (z_y - zbar from the recomputed tile would cancel to ~ulp(z)).
-    p_target = tl.exp(logp)
-    dz_target = c_logp * _one_minus_exp(logp) - c_ent * p_target * (logp + entropy)
-    dz = tl.where(cols[None, :] == target[:, None], dz_target[:, None], dz)
+    # dL/dz (ALGORITHMS.md §8.3), the target column from the forward's logp and entropy (softmax.py).
+    # The tile is finite (padded rows and columns are computed from zero-filled operands).
+    grad_target = target_grad(logp, entropy, c_logp, c_ent, MAY_HOLD_NEG_INF=False)
+    dz = softmax_grad(z, cols[None, :] == target[:, None], lse[:, None], zbar[:, None], c_logp[:, None],
+                      c_ent[:, None], grad_target[:, None], MAY_HOLD_NEG_INF=False)
     dlogits = dz * inv_temperature  # chain rule through z = logits / T
 
     offsets = local_rows.to(tl.int64)[:, None] * vocab_size + cols[None, :]

@@ -1,26 +1,22 @@
 """Per-token log-prob and entropy of the target token, straight from the logits.
 
 Forward: one program per *valid* row (1-D grid, rows listed in ``row_index``), one
-streaming pass over the vocabulary in ``BLOCK_V`` tiles with an online max / sum-exp /
-sum p*z, all fp32, on the tempered logits ``z = logits / temperature``:
-
-    lse  = m + log s                 s = sum_k exp(z_k - m)
-    H    = log s - w / s             w = sum_k exp(z_k - m) * (z_k - m)   (<= 0)
-    zbar = m + w / s                 (= sum_k p_k z_k)
-    logp = z_y - lse
-
-``w`` is kept relative to the running max, so ``H`` is a sum of two non-negative terms
-(no cancellation of ``lse - zbar`` when the logits are large), and a row whose only finite
-entry is the target gives s = 1, w = 0: logp = 0 and H = 0 exactly.
+streaming pass over the vocabulary in ``BLOCK_V`` tiles, all fp32, on the tempered logits
+``z = logits / temperature``: each tile's softmax summary (max, sum-exp without the max
+element, sum p*(z - max)) is merged into the row's, and the row's logp, entropy, lse and zbar
+follow from it (softmax.py: the formulation both statistics paths share, with the log1p form
+that keeps a peaked row's relative precision). A row whose only finite entry is the target
+gives logp = 0 and H = 0 exactly.
 
 Backward (ALGORITHMS.md §8.3), one program per row of ``[B, T]``:
 
     dlogits_k = (1/T) * ( -p_k * [c_logp + c_ent * (z_k - zbar)] + c_logp * [k == y] )
 
-with ``p_k = exp(z_k - lse)`` recomputed from the logits and the two saved per-row scalars.
-Rows that are not in ``row_index`` are written with zeros and never read.
+with ``p_k = exp(z_k - lse)`` recomputed from the logits and the saved per-row scalars, and the
+target column from the row's logp and entropy (softmax.target_grad). Rows that are not in
+``row_index`` are written with zeros and never read.
 
-Memory: the forward saves 2 fp32 scalars per valid row; the only ``[B, T, V]`` tensor ever
+Memory: the forward saves 4 fp32 scalars per valid row; the only ``[B, T, V]`` tensor ever
 allocated is dlogits (none with ``inplace_backward=True``). Accesses are 16 bytes per thread when
 V and the row strides are multiples of 16 (as padded vocabularies such as 151,936 are); otherwise
 the JIT cannot prove alignment and falls back to narrower loads.
@@ -33,8 +29,8 @@ import triton
 import triton.language as tl
 
 from . import triton_interpreter_enabled
-
-_NEG_INF = float("-inf")
+from .softmax import (merge_sums_of_squares, merge_summaries, row_statistics, softmax_grad, sum_of_squared_probs,
+                      target_grad, tile_summary)
 
 
 @triton.jit
@@ -56,50 +52,39 @@ def _token_stats_fwd_kernel(
     x_row = logits_ptr + b * stride_lb + t * stride_lt
     y = tl.load(targets_ptr + b * stride_yb + t * stride_yt).to(tl.int64)
 
-    m = float("-inf")  # running max of z
-    s = 0.0  # sum exp(z - m)
-    w = 0.0  # sum exp(z - m) * (z - m)
+    m = float("-inf")  # the row's summary so far (softmax.py): the empty one
+    rest = 0.0
+    u = 0.0
     z_sum = tl.zeros([BLOCK_V], dtype=tl.float32)  # per-lane sum of z (self-certainty)
-    s2 = 0.0  # sum exp(z - m)^2 (sum of p^2 = s2 / s^2)
+    squares = 0.0  # sum exp(2 (z - m)) (sum of p^2 = squares / s^2)
     for v0 in range(0, V, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
         mask = offs < V
         # The masked tail reads as -inf: it contributes exactly like a -inf logit (nothing).
         z = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        # Reference point for the exponentials: m_new, or 0 while everything seen is -inf
-        # (so neither exp(-inf - -inf) nor 0 * -inf is ever formed).
-        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
-        live = z > float("-inf")
-        d = tl.where(live, z - m_ref, 0.0)
-        e = tl.where(live, tl.exp(d), 0.0)
-        alpha = tl.exp(m - m_ref)  # 0 while m == -inf
-        shift = tl.where(m > float("-inf"), m - m_ref, 0.0)
-        # Re-centre w on the new max: (z - m_old) = (z - m_new) + (m_old - m_new).
-        w = alpha * (w + s * shift) + tl.sum(e * d, axis=0)
-        s = alpha * s + tl.sum(e, axis=0)
-        m = m_new
+        tile_m, tile_rest, tile_u, tile_e = tile_summary(z, z > float("-inf"), 0, MAY_BE_EMPTY=True)
+        m_before = m
+        m, rest, u = merge_summaries(m, rest, u, tile_m, tile_rest, tile_u)
         if EXTRA_STATS:
             z_sum += tl.where(mask, z, 0.0)
-            s2 = alpha * alpha * s2 + tl.sum(e * e, axis=0)
+            squares = merge_sums_of_squares(squares, m_before, tl.sum(tile_e * tile_e, axis=0), tile_m, m,
+                                            MAY_BE_EMPTY=True)
 
-    log_s = tl.log(s)
-    w_over_s = w / s
-    lse = m + log_s
     # Out-of-range targets are not read: they give NaN log-probs instead of an OOB access.
     y_ok = (y >= 0) & (y < V)
     x_y = tl.load(x_row + y, mask=y_ok, other=float("nan")).to(tl.float32)
-    tl.store(logp_ptr + pid, x_y * inv_temp - lse)
-    tl.store(entropy_ptr + pid, log_s - w_over_s)
+    logp, entropy, lse, zbar = row_statistics(m, rest, u, x_y * inv_temp)
+    tl.store(logp_ptr + pid, logp)
+    tl.store(entropy_ptr + pid, entropy)
     tl.store(lse_ptr + pid, lse)
-    tl.store(zbar_ptr + pid, m + w_over_s)
+    tl.store(zbar_ptr + pid, zbar)
     if EXTRA_STATS:
         # UCAS self-certainty lse - mean_v(z) (+inf if the row has -inf entries, like torch),
         # the raw target logit, read before the temperature division, and sum_v p_v^2 (the
         # optimal token baseline's path variance), all from this one read of the row.
         tl.store(certainty_ptr + pid, lse - tl.sum(z_sum, axis=0) / V)
         tl.store(target_logit_ptr + pid, x_y)
-        tl.store(sum_pi_squared_ptr + pid, s2 / (s * s))
+        tl.store(sum_pi_squared_ptr + pid, sum_of_squared_probs(squares, rest))
 
 
 @triton.jit
@@ -108,7 +93,7 @@ def _token_stats_bwd_kernel(
     dlogits_ptr, stride_db, stride_dt,  # [B, T, V], may alias logits (inplace_backward)
     targets_ptr, stride_yb, stride_yt,
     slot_ptr,  # [B * T] int64: position of the row in row_index, -1 for masked rows
-    lse_ptr, zbar_ptr, c_logp_ptr, c_ent_ptr,  # [N] fp32
+    lse_ptr, zbar_ptr, logp_ptr, entropy_ptr, c_logp_ptr, c_ent_ptr,  # [N] fp32
     T, V, inv_temp,
     BLOCK_V: tl.constexpr,
     HAS_C_LOGP: tl.constexpr,
@@ -129,6 +114,8 @@ def _token_stats_bwd_kernel(
         y = tl.load(targets_ptr + b * stride_yb + t * stride_yt).to(tl.int64)
         lse = tl.load(lse_ptr + slot)
         zbar = tl.load(zbar_ptr + slot)
+        logp = tl.load(logp_ptr + slot)
+        entropy = tl.load(entropy_ptr + slot)
         if HAS_C_LOGP:
             c_logp = tl.load(c_logp_ptr + slot)
         else:
@@ -137,15 +124,12 @@ def _token_stats_bwd_kernel(
             c_ent = tl.load(c_ent_ptr + slot)
         else:
             c_ent = 0.0
+        grad_target = target_grad(logp, entropy, c_logp, c_ent, MAY_HOLD_NEG_INF=True)  # once per row
         for v0 in range(0, V, BLOCK_V):
             offs = v0 + tl.arange(0, BLOCK_V)
             mask = offs < V
             z = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-            p = tl.exp(z - lse)  # exactly 0 for z = -inf
-            # Guard z - zbar = -inf where p = 0: never form 0 * inf.
-            zc = tl.where(z > float("-inf"), z - zbar, 0.0)
-            g = -p * (c_logp + c_ent * zc)
-            g = tl.where(offs == y, g + c_logp, g) * inv_temp
+            g = softmax_grad(z, offs == y, lse, zbar, c_logp, c_ent, grad_target, MAY_HOLD_NEG_INF=True) * inv_temp
             # Each tile is read before it is written, by this program only: safe in place.
             tl.store(d_row + offs, g.to(dlogits_ptr.dtype.element_ty), mask=mask)
 
@@ -208,7 +192,7 @@ def _check_inputs(logits, targets, row_index, temperature, block_v):
 def token_stats_forward(logits, targets, row_index, temperature=1.0, *, block_v=None, extra_stats=False):
     """Launch the forward kernel (no autograd). Returns fp32 ``[N]`` tensors
     ``(logp, entropy, lse, zbar, certainty, target_logit, sum_pi_squared)``; the last three are empty
-    unless ``extra_stats``. ``lse`` and ``zbar`` are what :func:`token_stats_backward` needs."""
+    unless ``extra_stats``. The first four are what :func:`token_stats_backward` needs."""
     _check_inputs(logits, targets, row_index, temperature, block_v)
     B, T, V = logits.shape
     row_index = row_index.contiguous()
@@ -231,7 +215,7 @@ def token_stats_forward(logits, targets, row_index, temperature=1.0, *, block_v=
     return logp, entropy, lse, zbar, certainty, target_logit, sum_pi_squared
 
 
-def token_stats_backward(logits, targets, row_index, lse, zbar, c_logp, c_ent, temperature=1.0, *,
+def token_stats_backward(logits, targets, row_index, logp, entropy, lse, zbar, c_logp, c_ent, temperature=1.0, *,
                          inplace=False, block_v=None):
     """Launch the backward kernel (no autograd): dlogits ``[B, T, V]`` in the logits dtype for
     ``L = sum_i c_logp[i] * logp[i] + c_ent[i] * entropy[i]`` (ALGORITHMS.md §8.3).
@@ -254,7 +238,7 @@ def token_stats_backward(logits, targets, row_index, lse, zbar, c_logp, c_ent, t
             logits, logits.stride(0), logits.stride(1),
             dlogits, dlogits.stride(0), dlogits.stride(1),
             targets, targets.stride(0), targets.stride(1),
-            slot, lse, zbar, c_logp, c_ent,
+            slot, lse, zbar, logp, entropy, c_logp, c_ent,
             T, V, 1.0 / temperature,
             BLOCK_V=block_v, HAS_C_LOGP=has_logp, HAS_C_ENT=has_ent,
             num_warps=_num_warps(block_v),
@@ -271,7 +255,7 @@ class TritonTokenStats(torch.autograd.Function):
         logp, entropy, lse, zbar, certainty, target_logit, sum_pi_squared = token_stats_forward(
             logits, targets, row_index, temperature, block_v=block_v, extra_stats=extra_stats)
         # Only per-row scalars are saved, plus references to the inputs (no copies).
-        ctx.save_for_backward(logits, targets, row_index, lse, zbar)
+        ctx.save_for_backward(logits, targets, row_index, logp, entropy, lse, zbar)
         ctx.temperature = temperature
         ctx.inplace_backward = inplace_backward
         ctx.block_v = block_v or default_block_v(logits.shape[-1])
@@ -282,12 +266,12 @@ class TritonTokenStats(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, grad_entropy, *_grad_extra_stats):
-        logits, targets, row_index, lse, zbar = ctx.saved_tensors
+        logits, targets, row_index, logp, entropy, lse, zbar = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None:
             return (None,) * 7
         # inplace_backward overwrites the caller's logits with the gradient (unsloth#5002):
         # only valid when these logits feed no other loss/op that still needs them.
-        dlogits = token_stats_backward(logits, targets, row_index, lse, zbar, grad_logp, grad_entropy,
+        dlogits = token_stats_backward(logits, targets, row_index, logp, entropy, lse, zbar, grad_logp, grad_entropy,
                                        ctx.temperature, inplace=ctx.inplace_backward, block_v=ctx.block_v)
         if ctx.inplace_backward:
             # Later autograd use of the overwritten logits then fails loudly ("modified by an
@@ -340,7 +324,8 @@ def _bwd_sig(dtype, stride_ty="i32"):
     return {"logits_ptr": f"*{dtype}", "stride_lb": stride_ty, "stride_lt": "i32",
             "dlogits_ptr": f"*{dtype}", "stride_db": stride_ty, "stride_dt": "i32",
             "targets_ptr": "*i64", "stride_yb": "i32", "stride_yt": "i32", "slot_ptr": "*i64",
-            "lse_ptr": "*fp32", "zbar_ptr": "*fp32", "c_logp_ptr": "*fp32", "c_ent_ptr": "*fp32",
+            "lse_ptr": "*fp32", "zbar_ptr": "*fp32", "logp_ptr": "*fp32", "entropy_ptr": "*fp32",
+            "c_logp_ptr": "*fp32", "c_ent_ptr": "*fp32",
             "T": "i32", "V": "i32", "inv_temp": "fp32",
             "BLOCK_V": "constexpr", "HAS_C_LOGP": "constexpr", "HAS_C_ENT": "constexpr"}
 

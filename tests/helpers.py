@@ -45,7 +45,8 @@ def assert_elementwise_close(actual, expected, tol: float, name: str = "") -> No
 
 def peaked_row_reference(logits: torch.Tensor, targets: torch.Tensor, c_logp: torch.Tensor, c_ent: torch.Tensor):
     """logp, entropy and dL/dlogits of L = sum c_logp logp + c_ent entropy for rows of ``logits [N, V]``
-    (already tempered), in float64, keeping full *relative* precision where p_max ~ 1 - 1e-20.
+    (already tempered), in float64, keeping full *relative* precision where p_max ~ 1 - 1e-20. Entries
+    equal to -inf contribute exactly nothing.
 
     log_softmax in float64 rounds log p_max ~ -1e-20 to 0 and 1 - p_max to 0, so it is written out
     (docs/algorithms.md §8) relative to the row maximum: with t = z - max z and r = the sum of exp(t) over all
@@ -58,16 +59,16 @@ def peaked_row_reference(logits: torch.Tensor, targets: torch.Tensor, c_logp: to
     first_max = torch.zeros_like(t, dtype=torch.bool).scatter_(-1, t.argmax(-1, keepdim=True), True)
     r = torch.where(first_max, 0.0, e).sum(-1)  # the exact 1 of one maximal entry left out
     log_s = torch.log1p(r)
-    entropy = log_s - (e * t).sum(-1) / (1.0 + r)
+    entropy = log_s - torch.where(e > 0, e * t, 0.0).sum(-1) / (1.0 + r)
     logp = t.gather(-1, targets[:, None])[:, 0] - log_s
 
     gap = z.gather(-1, targets[:, None]) - z
     q = torch.exp(-gap).scatter(-1, targets[:, None], 0.0)
     big_r = q.sum(-1, keepdim=True)
     p = q / (1.0 + big_r)
-    target_minus_zbar = (p * gap).sum(-1, keepdim=True)
+    target_minus_zbar = torch.where(p > 0, p * gap, 0.0).sum(-1, keepdim=True)
     c_l, c_e = c_logp.double()[:, None], c_ent.double()[:, None]
-    grad = -p * (c_l + c_e * (target_minus_zbar - gap))
+    grad = torch.where(p > 0, -p * (c_l + c_e * (target_minus_zbar - gap)), 0.0)
     grad_target = c_l * big_r / (1.0 + big_r) - c_e * target_minus_zbar / (1.0 + big_r)
     grad = grad.scatter(-1, targets[:, None], grad_target)
     return logp, entropy, grad

@@ -348,7 +348,8 @@ def _int64_offsets_case():
     logp, ent, lse, zbar, *_ = token_stats_forward(logits, targets, row_index, block_v=256)
     assert_elementwise_close(logp, ref["logp"], 1e-4, "logp")
     assert_elementwise_close(ent, ref["entropy"], 1e-4, "entropy")
-    grad = token_stats_backward(logits, targets, row_index, lse, zbar, c_logp, c_ent, block_v=256, inplace=True)
+    grad = token_stats_backward(logits, targets, row_index, logp, ent, lse, zbar, c_logp, c_ent, block_v=256,
+                                inplace=True)
     assert grad.data_ptr() == logits.data_ptr()
     assert_elementwise_close(logits, ref["grad"], 2.0**-10, "dlogits written at offsets > 2**31")
     print("INT64_OK")
