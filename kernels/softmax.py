@@ -9,7 +9,7 @@ A *summary* of a set of tempered logits z_k is (m, rest, u):
 
 Summaries of tiles merge (``merge_summaries``), so a row is read once, tile by tile (the same for
 sum_k exp(2 (z_k - m)), whence sum_k p_k^2: ``merge_sums_of_squares``). From a row's
-summary and its target logit z_y, with s = 1 + rest (ALGORITHMS.md §8.1):
+summary and its target logit z_y, with s = 1 + rest (docs/algorithms.md §8.1):
 
     lse  = m + log1p(rest)          logp = (z_y - m) - log1p(rest)
     H    = log1p(rest) - u / s      (two non-negative terms: no cancellation of lse - zbar)
