@@ -5,7 +5,7 @@
                          config=fc.LossConfig(advantage=fc.AdvantageConfig(estimator="canon")))
     out.loss.backward()
 
-See DESIGN.md §2 for the contract; ``backend="torch"`` is the reference that defines the semantics.
+See docs/design.md §2 for the contract; ``backend="torch"`` is the reference that defines the semantics.
 """
 
 from .config import AdvantageConfig, CosineRestartSchedule, LossConfig

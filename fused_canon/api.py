@@ -2,7 +2,7 @@
 ``linear_policy_loss`` (from hidden states), ``policy_loss_from_logprobs`` (from the caller's log-probs) and
 ``FusedPolicyLoss``.
 
-One loss call runs the stages of DESIGN.md §4, each an op of the dispatch table (backends.py):
+One loss call runs the stages of docs/design.md §4, each an op of the dispatch table (backends.py):
   1. per-token statistics of the valid rows only (log-prob of the target, entropy): ``token_stats``
      from logits, ``linear_token_stats`` from hidden states and the LM head. ``policy_loss_from_logprobs``
      starts after this stage, with the caller's own log-probs. When the estimator reads a signal of the

@@ -1,6 +1,6 @@
 """Configuration of the advantage estimators and the policy loss.
 
-Field names follow DESIGN.md §2 (a public contract). Values are checked when a config is built,
+Field names follow docs/design.md §2 (a public contract). Values are checked when a config is built,
 so a typo or an out-of-range value fails at construction, never as silent wrong numbers later.
 Registry names (estimator, loss_mode, ...) are checked against the registries at the point of
 use, so a user-registered name is accepted.
@@ -33,7 +33,7 @@ def _check_finite(name: str, value: float) -> None:
 
 @dataclass
 class CosineRestartSchedule:
-    """CANON's cosine-with-restarts curve c(step) (ALGORITHMS.md §2.4); upstream hard-codes these."""
+    """CANON's cosine-with-restarts curve c(step) (docs/algorithms.md §2.4); upstream hard-codes these."""
 
     max_value: float
     min_value: float
@@ -72,18 +72,18 @@ class AdvantageConfig:
     )
     token_budget: float = 1.0  # CANON / Dr.GRPO divisor L of the advantage
     seed: int = 0  # canon_metric="random"
-    # Discounted returns (reinforce_plus_plus, gae) and GAE's lambda (ALGORITHMS.md §1.3-1.4).
+    # Discounted returns (reinforce_plus_plus, gae) and GAE's lambda (docs/algorithms.md §1.3-1.4).
     gamma: float = 1.0  # in [0, 1]
     lam: float = 1.0  # in [0, 1]
     # optimal_token_baseline: give the strictly longest response of a group baseline 0 past the
     # second-longest length (verl 0.9.1's default).
     otb_handle_zero_tail: bool = True
-    # UCAS (ALGORITHMS.md §5): modifier exp(-beta_pos Cz) for A > 0, exp(beta_neg Cz) otherwise, and the
+    # UCAS (docs/algorithms.md §5): modifier exp(-beta_pos Cz) for A > 0, exp(beta_neg Cz) otherwise, and the
     # token penalty coefficient of the min-max normalised raw logit (upstream hard-codes these values).
     ucas_beta_pos: float = 0.25
     ucas_beta_neg: float = 0.35
     ucas_token_coef: float = 0.05
-    # KTAE (ALGORITHMS.md §6): Fisher weight, information-gain weight, output scale, BM25 k1 and b, and
+    # KTAE (docs/algorithms.md §6): Fisher weight, information-gain weight, output scale, BM25 k1 and b, and
     # token ids whose key-token value is forced to 0 (upstream hard-codes Qwen's <|endoftext|>, 151643).
     ktae_alpha: float = 1.0
     ktae_beta: float = 1.0
@@ -91,7 +91,7 @@ class AdvantageConfig:
     ktae_k1: float = 2.0
     ktae_b: float = 0.5
     ktae_ignore_token_ids: List[int] = field(default_factory=list)
-    # ADORA (ALGORITHMS.md §7): a group without a length advantage is scaled by adora_lambda; a reward
+    # ADORA (docs/algorithms.md §7): a group without a length advantage is scaled by adora_lambda; a reward
     # above adora_correct_score counts as correct; wrong responses at least adora_max_length long are ignored.
     adora_lambda: float = 0.1
     adora_correct_score: float = 1.01
@@ -168,7 +168,7 @@ class LossConfig:
     kl_type: str = "k3"
     temperature: float = 1.0
     seed: int = 0  # clip_cov's random token choice
-    # sapo's soft gate temperatures: tau_pos where A > 0, tau_neg elsewhere (ALGORITHMS.md §1.7).
+    # sapo's soft gate temperatures: tau_pos where A > 0, tau_neg elsewhere (docs/algorithms.md §1.7).
     sapo_tau_pos: float = 1.0
     sapo_tau_neg: float = 1.05
 

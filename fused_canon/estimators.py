@@ -1,6 +1,6 @@
 """Outcome advantage estimators: GRPO, Dr.GRPO, RLOO, CANON, each with a mean or quantile (QAE) baseline.
 
-Formulas: ALGORITHMS.md §1.1-1.3 (verl 0.9.1), §2 (CANON), §3 (QAE); decisions: DESIGN.md §3.
+Formulas: docs/algorithms.md §1.1-1.3 (verl 0.9.1), §2 (CANON), §3 (QAE); decisions: docs/design.md §3.
 Every estimator is one small function registered by name; ``register_estimator`` adds your own.
 All work is O(B) and vectorised over groups (no Python loop over groups), so the same code is the
 torch reference and the GPU path. Statistics run in float64 for float64 rewards, else float32.
@@ -283,7 +283,7 @@ def canon(rewards, groups, config, *, metric, step=0):
 
 
 # ---------------------------------------------------------------------------------------------
-# More outcome estimators: verl 0.9.1's (ALGORITHMS.md §1.3), QAE by name (§3), ADORA (§7).
+# More outcome estimators: verl 0.9.1's (docs/algorithms.md §1.3), QAE by name (§3), ADORA (§7).
 # Torch only; each returns one advantage per response, [B].
 # ---------------------------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """The per-token policy objective on [B, T] vectors: policy losses, KL terms and aggregation.
 
-Formulas: ALGORITHMS.md §1.5-1.10 and §4, following verl 0.9.1 (the source of the golden cases).
+Formulas: docs/algorithms.md §1.5-1.10 and §4, following verl 0.9.1 (the source of the golden cases).
 This module never sees logits: it maps per-token log-probs and entropies to a scalar loss, so it
 is shared unchanged by every statistics backend (torch reference, Triton logits path, Triton
 LM-head path). Autograd through it yields exactly the per-token coefficients of §8.3.

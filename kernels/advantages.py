@@ -1,7 +1,7 @@
 """Outcome advantages of the built-in estimators (grpo, dr_grpo, rloo, canon) in one Triton kernel.
 
 ``triton_group_advantages`` computes what ``fused_canon.estimators.ESTIMATORS[name]`` computes
-(ALGORITHMS.md §1.1-1.3, §2.3-2.4, §3; the torch reference defines the semantics) from tensors and
+(docs/algorithms.md §1.1-1.3, §2.3-2.4, §3; the torch reference defines the semantics) from tensors and
 scalars; ``fused_canon.estimators.triton_advantages`` reads an AdvantageConfig into this launch.
 
 Inputs: the rewards, CANON's per-response sort key, the rows grouped in batch order (``order``: the
@@ -195,7 +195,7 @@ def triton_group_advantages(rewards: torch.Tensor, key: torch.Tensor, order: tor
     rewards [B] float; key [B] float: CANON's per-response sort key (read only for CANON); order [B]
     int64: the row ids grouped by group, batch order inside a group; group_start / group_size [G]
     int64: each group's first position in ``order`` and its size; largest_group = max(group_size)
-    (sizes the block; at most MAX_GROUP_SIZE). The scalars are the estimators' (ALGORITHMS.md §1-3):
+    (sizes the block; at most MAX_GROUP_SIZE). The scalars are the estimators' (docs/algorithms.md §1-3):
     ``quantile`` the QAE baseline at ``quantile_k``; ``inter_weight`` CANON's inter-group weight at
     this step; ``favor_high`` whether alpha multiplies the high half's own reward.
     """

@@ -17,7 +17,7 @@ Public entry point::
 
 Returns ``(logp, entropy)``, both fp32 ``[N]`` in ``row_index`` order and both differentiable
 w.r.t. ``hidden``, ``weight`` and ``bias``. The tempered logits are
-``z = (hidden @ weight.T + bias) / temperature`` (ALGORITHMS.md §8.1).
+``z = (hidden @ weight.T + bias) / temperature`` (docs/algorithms.md §8.1).
 
 Design
 ------
@@ -35,7 +35,7 @@ gradient counts as 0), processes the valid rows in chunks of ``CHUNK_N`` rows
 (``LinearTokenStatsBlocks.backward_chunk_rows``):
 
 1. ``_linear_token_stats_dlogits_kernel``, grid ``(cdiv(CHUNK_N, BLOCK_N), cdiv(V, BLOCK_V))``:
-   recomputes each logits tile and writes ``dlogits = dL/d(hidden @ W.T + b)`` (ALGORITHMS.md §8.3)
+   recomputes each logits tile and writes ``dlogits = dL/d(hidden @ W.T + b)`` (docs/algorithms.md §8.3)
    ``= (1/T) (-p_k [c_logp + c_ent (z_k - zbar)] + c_logp delta_{k,y})`` with ``p = exp(z - lse)``
    into a ``[CHUNK_N, V]`` workspace. The target column is formed from the saved per-row
    ``logp`` and ``entropy`` (``1 - p_y = -expm1(logp)``, ``z_y - zbar = logp + entropy``), so
@@ -83,7 +83,7 @@ Numerics: all statistics and GEMM accumulators are fp32. ``tl.dot`` takes bf16 /
 directly on a GPU and fp32 operands with ``input_precision="ieee"`` (full fp32, no TF32:
 fp32 inputs ask for fp32 accuracy, at CUDA-core speed). Under the Triton CPU interpreter
 (CPU tensors, ``TRITON_INTERPRET=1``) bf16 tiles are cast to fp32 before ``tl.dot`` because the
-interpreter's bf16 arithmetic is wrong (ENVIRONMENT.md §1). Padded vocabulary columns are
+interpreter's bf16 arithmetic is wrong (docs/design.md §5.1). Padded vocabulary columns are
 ``-inf`` before any max or exp; all loads and stores are masked; row, vocabulary and workspace
 offsets are int64.
 
@@ -278,7 +278,7 @@ def _linear_token_stats_dlogits_kernel(
                      hidden_size, stride_weight_row, inv_temperature, HAS_BIAS, UPCAST_DOT_INPUTS,
                      BLOCK_N, BLOCK_V, BLOCK_H)
 
-    # dL/dz (ALGORITHMS.md §8.3), the target column from the forward's logp and entropy (softmax.py).
+    # dL/dz (docs/algorithms.md §8.3), the target column from the forward's logp and entropy (softmax.py).
     # The tile is finite (padded rows and columns are computed from zero-filled operands).
     grad_target = target_grad(logp, entropy, c_logp, c_ent, MAY_HOLD_NEG_INF=False)
     dz = softmax_grad(z, cols[None, :] == target[:, None], lse[:, None], zbar[:, None], c_logp[:, None],

@@ -8,7 +8,7 @@ follow from it (softmax.py: the formulation both statistics paths share, with th
 that keeps a peaked row's relative precision). A row whose only finite entry is the target
 gives logp = 0 and H = 0 exactly.
 
-Backward (ALGORITHMS.md §8.3), one program per row of ``[B, T]``:
+Backward (docs/algorithms.md §8.3), one program per row of ``[B, T]``:
 
     dlogits_k = (1/T) * ( -p_k * [c_logp + c_ent * (z_k - zbar)] + c_logp * [k == y] )
 
@@ -218,7 +218,7 @@ def token_stats_forward(logits, targets, row_index, temperature=1.0, *, block_v=
 def token_stats_backward(logits, targets, row_index, logp, entropy, lse, zbar, c_logp, c_ent, temperature=1.0, *,
                          inplace=False, block_v=None):
     """Launch the backward kernel (no autograd): dlogits ``[B, T, V]`` in the logits dtype for
-    ``L = sum_i c_logp[i] * logp[i] + c_ent[i] * entropy[i]`` (ALGORITHMS.md §8.3).
+    ``L = sum_i c_logp[i] * logp[i] + c_ent[i] * entropy[i]`` (docs/algorithms.md §8.3).
 
     ``c_logp`` / ``c_ent`` are ``[N]`` (any float dtype) or None for 0. Rows not in
     ``row_index`` get exact zeros. ``inplace=True`` writes over ``logits`` and returns it.

@@ -5,7 +5,7 @@
 modes vanilla, clip_cov, kl_cov, gspo, cispo; ``fused_canon.losses.triton_policy_objective`` reads a
 LossConfig into this launch and turns the sums into verl's metrics.
 
-Every aggregation mode of ALGORITHMS.md §1.8 is a weighted sum over the valid tokens with a weight
+Every aggregation mode of docs/algorithms.md §1.8 is a weighted sum over the valid tokens with a weight
 that depends only on the row: ``agg(v) = sum_{b,t} w_b v_bt`` with ``w_b`` = 1/N_tok (token-mean),
 1/N_seq (seq-mean-token-sum), 1/(N_seq (len_b + 1e-8)) (seq-mean-token-mean) or 1/(N_seq L)
 (seq-mean-token-sum-norm). So the loss is linear in per-token terms and the kernel can emit, per token,
@@ -14,7 +14,7 @@ that depends only on the row: ``agg(v) = sum_{b,t} w_b v_bt`` with ``w_b`` = 1/N
     c_logp = dL/dlogp                     w_pg l'(logp) + kl_coef w KL'(logp)
     c_ent  = dL/dH                        -entropy_coeff w
 
-(ALGORITHMS.md §8.3) plus the counts of the verl metrics. The forward of ``PolicyObjectiveFunction``
+(docs/algorithms.md §8.3) plus the counts of the verl metrics. The forward of ``PolicyObjectiveFunction``
 runs the kernel once over [B, T] (one program per (row, BLOCK_T tile)); each program writes its
 partial sums to its own slot of a small buffer that ``torch.sum`` reduces (deterministic, no
 atomics); the backward only scales the saved ``c_logp`` / ``c_ent`` by ``grad_output``.

@@ -65,7 +65,7 @@ def test_ci_tests_the_lower_bound_of_the_triton_range():
 
 @pytest.mark.slow
 def test_a_clone_without_shared_collects_the_readme_test_command(tmp_path):
-    """The repository stands alone: a clone of the committed tree, with no ../shared beside it,
+    """The repository stands alone: a clone of the committed tree, with no shared folder beside it,
     collects every test of the README's test command (a data file that the tests read at import
     time but that is not committed, or that lives outside the repository, fails here)."""
     if not (ROOT / ".git").exists():
@@ -95,3 +95,72 @@ def test_cli_usage_and_unknown_subcommand():
 def test_subpackages_install_inside_the_namespace(package):
     module = __import__(package, fromlist=["_"])
     assert Path(module.__file__).parent.name in {"kernels", "trainer", "bench"}
+
+
+# Every "§" a file cites must be a heading of a document in the repository ---------------------
+
+DOCS = {"algorithms": ROOT / "docs" / "algorithms.md", "design": ROOT / "docs" / "design.md"}
+SECTION_HEADING = re.compile(r"^#{2,4} (\d+(?:\.\d+)*)[. ]", flags=re.M)
+# A document's name and the run of sections after it: "docs/algorithms.md §1.1-1.3, §2.3 and §3".
+DOC_REFERENCE = re.compile(
+    r"\b(algorithms|design)\.md[\s(]*(§\s*\d[\d.]*(?:(?:\s*[-–,/]\s*|\s+and\s+)§?\s*\d[\d.]*)*)")
+SECTION_NUMBER = re.compile(r"\d+(?:\.\d+)*")
+BARE_SECTION = re.compile(r"(?<![\w.])§\s*(\d+(?:\.\d+)*)")
+# The specs the project was started from live outside the repository: no file may send a reader there.
+OUTSIDE = re.compile(
+    r"\b(?:ALGORITHMS|DESIGN|PEERS|ENVIRONMENT|TRAINERS)(?:\.md\b| §)|\.\./shared|\bshared/(?:golden|spec)\b")
+
+
+def _tracked(*patterns):
+    listed = subprocess.run(["git", "ls-files", *patterns], cwd=ROOT, capture_output=True, text=True, check=True)
+    return [ROOT / name for name in listed.stdout.split()]
+
+
+def _sections(doc):
+    return set(SECTION_HEADING.findall(doc.read_text()))
+
+
+def _cited(text, doc_names):
+    """(doc, section) pairs: each "<doc>.md §n" run, and each other "§n" with the docs the text names."""
+    explicit = [(m.group(1), n) for m in DOC_REFERENCE.finditer(text) for n in SECTION_NUMBER.findall(m.group(2))]
+    bare = [(tuple(doc_names), n) for n in BARE_SECTION.findall(DOC_REFERENCE.sub(" ", text))]
+    return explicit, bare
+
+
+@pytest.mark.parametrize("path", _tracked("*.py", "*.md"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_section_references_exist(path):
+    sections = {name: _sections(doc) for name, doc in DOCS.items()}
+    text = path.read_text()
+    if path.parent == ROOT / "docs" and path.stem in DOCS:
+        named = [path.stem]  # a document's bare "§n" is its own section
+    else:
+        named = [name for name in DOCS if re.search(rf"\b{name}\.md\b", text)]
+    explicit, bare = _cited(text, named)
+    missing = [f"{doc}.md §{n}" for doc, n in explicit if n.rstrip(".") not in sections[doc]]
+    missing += [f"§{n} (this file names: {', '.join(docs) or 'no document'})"
+                for docs, n in bare if not any(n.rstrip(".") in sections[doc] for doc in docs)]
+    assert not missing, f"{path.relative_to(ROOT)} cites sections that no heading of docs/ has: {missing}"
+
+
+def test_no_file_points_outside_the_repository():
+    offenders = []
+    for path in _tracked():
+        data = path.read_bytes() if path.is_file() else b"\0"
+        if b"\0" in data:
+            continue  # binary (the README's plot)
+        offenders += [f"{path.relative_to(ROOT)}:{i}: {line.strip()[:100]}"
+                      for i, line in enumerate(data.decode(errors="replace").splitlines(), 1) if OUTSIDE.search(line)]
+    assert not offenders, "the repository must stand on its own; these lines cite files outside it:\n" + \
+        "\n".join(offenders)
+
+
+def test_reference_checks_catch_what_they_should():
+    sign = "\u00a7"  # spelled out, so that this file's own scan does not see these examples
+    text = f"see docs/algorithms.md {sign}8.3, {sign}99 and {sign}1.1-1.3; also {sign}42"
+    explicit, bare = _cited(text, ["algorithms"])
+    assert explicit == [("algorithms", "8.3"), ("algorithms", "99"), ("algorithms", "1.1"), ("algorithms", "1.3")]
+    assert bare == [(("algorithms",), "42")]
+    assert "8.3" in _sections(DOCS["algorithms"]) and "99" not in _sections(DOCS["algorithms"])
+    spec, shared = "ALGORITHMS" + ".md", ".." + "/shared"
+    assert OUTSIDE.search(f"{spec} {sign}8.3") and OUTSIDE.search(f"{shared}/golden/x.json")
+    assert not OUTSIDE.search("PEERS = probe_peers()") and not OUTSIDE.search(f"docs/design.md {sign}4")
