@@ -17,6 +17,7 @@ CANON_SCHEDULES = ("constant", "anneal", "cosine_restart", "cosine_restart_r")
 BASELINES = ("mean", "quantile")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_TYPES = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
+CISPO_BOUNDS = ("relative", "absolute")
 # AdvantageConfig.epsilon when left unset: 1e-6 (verl's std guard), except where verl's estimator has its own.
 DEFAULT_EPSILON = {"optimal_token_baseline": 1e-8}
 
@@ -171,6 +172,12 @@ class LossConfig:
     # sapo's soft gate temperatures: tau_pos where A > 0, tau_neg elsewhere (docs/algorithms.md §1.7).
     sapo_tau_pos: float = 1.0
     sapo_tau_neg: float = 1.05
+    # k3's clamps (ALGORITHMS.md §1.10): verl clamps ref - logp to +-20 and the value to +-10; TRL and
+    # Liger do not (False).
+    kl_k3_clamp: bool = True
+    # cispo's bound (ALGORITHMS.md §1.7): "relative" clips rho to [1 - clip_ratio_low, 1 + clip_ratio_high]
+    # (verl); "absolute" caps it at clip_ratio_high itself, no lower bound (TRL's and Liger's epsilon_high).
+    cispo_bound: str = "relative"
 
     def __post_init__(self):
         if isinstance(self.advantage, dict):
@@ -179,6 +186,9 @@ class LossConfig:
             raise TypeError(f"advantage must be an AdvantageConfig, got {type(self.advantage).__name__}")
         _check_choice("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
         _check_choice("kl_type", self.kl_type, KL_TYPES)
+        _check_choice("cispo_bound", self.cispo_bound, CISPO_BOUNDS)
+        if not isinstance(self.kl_k3_clamp, bool):
+            raise ValueError(f"kl_k3_clamp must be True or False, got {self.kl_k3_clamp!r}")
         for name in ("clip_ratio_low", "clip_ratio_high", "clip_cov_ratio", "clip_cov_lb", "clip_cov_ub",
                      "kl_cov_ratio", "ppo_kl_coef", "entropy_coeff", "kl_coef", "temperature", "sapo_tau_pos",
                      "sapo_tau_neg"):
@@ -187,6 +197,9 @@ class LossConfig:
             raise ValueError(f"sapo_tau_pos and sapo_tau_neg must be > 0, got {self.sapo_tau_pos}, {self.sapo_tau_neg}")
         if self.clip_ratio_low < 0 or self.clip_ratio_high < 0:
             raise ValueError("clip_ratio_low and clip_ratio_high must be >= 0")
+        if self.loss_mode == "cispo" and self.cispo_bound == "absolute" and self.clip_ratio_high <= 0:
+            raise ValueError(f"cispo_bound='absolute' caps the ratio at clip_ratio_high: it must be > 0, "
+                             f"got {self.clip_ratio_high}")
         if self.clip_ratio_c is not None:
             _check_finite("clip_ratio_c", self.clip_ratio_c)
             if self.clip_ratio_c <= 1.0:

@@ -11,6 +11,7 @@ Each policy loss is one small function registered by name (``register_policy_los
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from math import inf
 from typing import Callable, Dict, Optional
 
 import torch
@@ -19,12 +20,11 @@ from .config import LossConfig
 
 __all__ = ["kl_penalty", "agg_loss", "masked_mean", "register_policy_loss", "POLICY_LOSSES", "TokenLoss",
            "policy_objective", "clip_cov_selection", "kl_cov_selection", "aggregation_weights", "zero_padded",
-           "gspo_sequence_log_ratio", "check_ref_for_kl", "GSPO_AGG_MODE", "triton_policy_objective"]
+           "gspo_sequence_log_ratio", "check_ref_for_kl", "triton_policy_objective"]
 
 LOG_RATIO_CLAMP = 20.0  # verl clamps log(pi/pi_old) to ±20 in vanilla, cispo (and k3's d)
 GSPO_LOG_RATIO_MAX = 10.0
 K3_VALUE_CLAMP = 10.0  # verl clamps the k3 value to ±10
-GSPO_AGG_MODE = "seq-mean-token-mean"  # GSPO aggregates this way whatever loss_agg_mode says
 
 
 def zero_padded(x: torch.Tensor, mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -46,8 +46,8 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # KL penalty (§1.10)
 # ---------------------------------------------------------------------------------------------
 
-def _kl_value(d: torch.Tensor, kind: str) -> torch.Tensor:
-    """The KL estimator of d = logp - ref."""
+def _kl_value(d: torch.Tensor, kind: str, k3_clamp: bool = True) -> torch.Tensor:
+    """The KL estimator of d = logp - ref; ``k3_clamp``: verl's clamps of k3 (ref - logp to +-20, value to +-10)."""
     if kind in ("k1", "kl"):
         return d
     if kind == "abs":
@@ -55,24 +55,28 @@ def _kl_value(d: torch.Tensor, kind: str) -> torch.Tensor:
     if kind in ("k2", "mse"):
         return 0.5 * d.square()
     if kind in ("k3", "low_var_kl"):
+        if not k3_clamp:
+            return torch.exp(-d) + d - 1.0
         neg = torch.clamp(-d, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # ref - logp
         return torch.clamp(torch.exp(neg) - neg - 1.0, -K3_VALUE_CLAMP, K3_VALUE_CLAMP)
     raise ValueError(f"unknown kl_type {kind!r}; choose one of k1|kl, abs, k2|mse, k3|low_var_kl (optionally with '+')")
 
 
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_type: str = "k3") -> torch.Tensor:
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_type: str = "k3", *,
+               k3_clamp: bool = True) -> torch.Tensor:
     """Per-token KL estimate between the policy and the reference, differentiable w.r.t. ``logprobs``.
 
     A ``+`` suffix (e.g. "k3+") keeps the base estimator's value with the k2 gradient (straight-through).
+    ``k3_clamp=False`` drops verl's clamps of k3 (TRL and Liger compute it unclamped).
     """
     if logprobs.shape != ref_logprobs.shape:
         raise ValueError(f"logprobs shape {tuple(logprobs.shape)} != ref_logprobs shape {tuple(ref_logprobs.shape)}")
     d = logprobs - ref_logprobs.detach()
     if kl_type.endswith("+"):
-        base = _kl_value(d, kl_type[:-1])
+        base = _kl_value(d, kl_type[:-1], k3_clamp)
         k2 = _kl_value(d, "k2")
         return k2 - k2.detach() + base.detach()
-    return _kl_value(d, kl_type)
+    return _kl_value(d, kl_type, k3_clamp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +127,6 @@ def agg_loss(values: torch.Tensor, mask: torch.Tensor, mode: str, norm: Normaliz
 class TokenLoss:
     values: torch.Tensor  # [B, T] per-token loss, differentiable w.r.t. logp
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)  # scalar tensors, verl names
-    agg_mode: Optional[str] = None  # set when the loss forces its own aggregation (GSPO)
 
 
 PolicyLossFn = Callable[..., TokenLoss]
@@ -174,8 +177,8 @@ def vanilla(logp, old_logp, advantages, mask, config, *, step=0):
 
 @register_policy_loss("gspo")
 def gspo(logp, old_logp, advantages, mask, config, *, step=0):
-    """Sequence-level ratio exp(mean_t log rho), per-token gradient path; aggregation forced to
-    seq-mean-token-mean; no dual clip."""
+    """Sequence-level ratio exp(mean_t log rho), per-token gradient path, aggregated with loss_agg_mode
+    (verl 0.9.1); no dual clip."""
     log_ratio = logp - old_logp
     seq_log_ratio = gspo_sequence_log_ratio(log_ratio, mask)
     token_log_ratio = logp - logp.detach() + seq_log_ratio.detach()[:, None]
@@ -184,7 +187,7 @@ def gspo(logp, old_logp, advantages, mask, config, *, step=0):
     metrics = {"actor/pg_clipfrac": masked_mean((clipped > unclipped).float(), mask),
                "actor/ppo_kl": masked_mean(-log_ratio, mask),
                "actor/pg_clipfrac_lower": torch.zeros((), device=logp.device)}
-    return TokenLoss(torch.maximum(unclipped, clipped), metrics, agg_mode=GSPO_AGG_MODE)
+    return TokenLoss(torch.maximum(unclipped, clipped), metrics)
 
 
 def gspo_sequence_log_ratio(log_ratio: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -192,13 +195,25 @@ def gspo_sequence_log_ratio(log_ratio: torch.Tensor, valid: torch.Tensor) -> tor
     return (log_ratio * valid).sum(-1) / valid.sum(-1).clamp(min=1)
 
 
+def cispo_bounds(config: LossConfig):
+    """(lower, upper) of cispo's clipped ratio: verl's relative [1 - low, 1 + high], or TRL's absolute
+    (None, clip_ratio_high)."""
+    if config.cispo_bound == "absolute":
+        return None, config.clip_ratio_high
+    return 1.0 - config.clip_ratio_low, 1.0 + config.clip_ratio_high
+
+
 @register_policy_loss("cispo")
 def cispo(logp, old_logp, advantages, mask, config, *, step=0):
-    """-sg(clip(rho)) A logp: the clipped ratio weights a REINFORCE gradient, never zeroing it."""
+    """-sg(clip(rho)) A logp: the clipped ratio weights a REINFORCE gradient, never zeroing it.
+    pg_clipfrac counts as the bound's peer does: verl (relative) every token with rho != clip(rho),
+    TRL and Liger (absolute) the tokens with rho > cap and A > 0."""
     log_ratio = torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio).detach()
-    clipped_ratio = torch.clamp(ratio, 1.0 - config.clip_ratio_low, 1.0 + config.clip_ratio_high)
-    metrics = {"actor/pg_clipfrac": masked_mean((ratio != clipped_ratio).float(), mask),
+    lower, upper = cispo_bounds(config)
+    clipped_ratio = torch.clamp(ratio, lower, upper)
+    clipped = (ratio > upper) & (advantages > 0) if lower is None else ratio != clipped_ratio
+    metrics = {"actor/pg_clipfrac": masked_mean(clipped.float(), mask),
                "actor/ppo_kl": masked_mean(-log_ratio, mask),
                "actor/pg_clipfrac_lower": torch.zeros((), device=logp.device)}
     return TokenLoss(-advantages * clipped_ratio * logp, metrics)
@@ -210,7 +225,10 @@ def clip_cov_selection(logp, old, advantages, valid, config: LossConfig, step: i
     logp = logp.detach()
     unclipped, clipped = _clipped_pair(advantages, torch.exp(logp - old), config)
     is_valid = valid > 0
-    cov = (advantages - masked_mean(advantages, valid)) * (logp - masked_mean(logp, valid))
+    # The batch means as verl computes them with its integer mask: its count + 1e-8 is a float32 number,
+    # the count itself, so N equal advantages centre to exactly 0 (in float64 too; §4.1).
+    count = valid.sum().clamp(min=1)
+    cov = (advantages - (advantages * valid).sum() / count) * (logp - (logp * valid).sum() / count)
     eligible = is_valid & ~(clipped > unclipped) & (cov > config.clip_cov_lb) & (cov < config.clip_cov_ub)
     candidates = eligible.reshape(-1).nonzero().squeeze(-1)
     num_clip = max(int(config.clip_cov_ratio * int(is_valid.sum())), 1)
@@ -328,7 +346,7 @@ def policy_objective(logp: torch.Tensor, entropy: Optional[torch.Tensor], mask: 
     old = logp.detach() if old_logp is None else zero_padded(old_logp, mask, logp)
     token_loss = POLICY_LOSSES[config.loss_mode](logp, old, zero_padded(advantages, mask, logp), valid, config,
                                                  step=step)
-    pg_loss = agg_loss(token_loss.values, valid, token_loss.agg_mode or config.loss_agg_mode, norm)
+    pg_loss = agg_loss(token_loss.values, valid, config.loss_agg_mode, norm)
 
     metrics = dict(token_loss.metrics)
     metrics["actor/pg_loss"] = pg_loss.detach()
@@ -342,8 +360,8 @@ def policy_objective(logp: torch.Tensor, entropy: Optional[torch.Tensor], mask: 
     elif config.entropy_coeff != 0:
         raise ValueError(f"entropy_coeff={config.entropy_coeff} needs the per-token entropy")
     if ref_logp is not None:
-        kl_loss = agg_loss(kl_penalty(logp, zero_padded(ref_logp, mask, logp), config.kl_type), valid,
-                           config.loss_agg_mode, norm)
+        kl_loss = agg_loss(kl_penalty(logp, zero_padded(ref_logp, mask, logp), config.kl_type,
+                                      k3_clamp=config.kl_k3_clamp), valid, config.loss_agg_mode, norm)
         metrics["actor/kl_loss"] = kl_loss.detach()
         metrics["actor/kl_coef"] = torch.tensor(config.kl_coef)
         if config.kl_coef != 0:
@@ -382,10 +400,11 @@ def triton_policy_objective(logp: torch.Tensor, entropy: Optional[torch.Tensor],
     valid = mask.to(logp.dtype)
     tokens_per_seq = valid.sum(-1)
     weight = aggregation_weights(tokens_per_seq, config.loss_agg_mode, norm, T).float()
-    pg_weight = weight
-    if loss_mode == kernel.GSPO and GSPO_AGG_MODE != config.loss_agg_mode:
-        pg_weight = aggregation_weights(tokens_per_seq, GSPO_AGG_MODE, norm, T).float()
 
+    ratio_low, ratio_high = 1.0 - config.clip_ratio_low, 1.0 + config.clip_ratio_high
+    if loss_mode == kernel.CISPO:
+        lower, ratio_high = cispo_bounds(config)
+        ratio_low = -inf if lower is None else lower
     seq_log_ratio = selected = None
     if loss_mode in (kernel.GSPO, kernel.CLIP_COV, kernel.KL_COV):
         # logp too is zero-padded: the reference receives zeros there, the kernel tolerates anything.
@@ -403,12 +422,14 @@ def triton_policy_objective(logp: torch.Tensor, entropy: Optional[torch.Tensor],
         mask=mask, advantages=advantages.detach(),
         old=logp.detach() if old_logp is None else old_logp.detach(),  # on-policy: ratio 1, gradient still flows
         ref=None if ref_logp is None else ref_logp.detach(), selected=selected, seq_log_ratio=seq_log_ratio,
-        pg_weight=pg_weight, weight=weight, loss_mode=loss_mode, kl_type=kl_types[base_kl_type],
-        kl_straight_through=config.kl_type.endswith("+"), clip_low=config.clip_ratio_low,
-        clip_high=config.clip_ratio_high, clip_c=config.clip_ratio_c if loss_mode == kernel.VANILLA else None,
+        pg_weight=weight, weight=weight, loss_mode=loss_mode, kl_type=kl_types[base_kl_type],
+        kl_straight_through=config.kl_type.endswith("+"), ratio_low=ratio_low, ratio_high=ratio_high,
+        cispo_absolute=loss_mode == kernel.CISPO and config.cispo_bound == "absolute",
+        clip_c=config.clip_ratio_c if loss_mode == kernel.VANILLA else None,
         ppo_kl_coef=config.ppo_kl_coef, entropy_coeff=config.entropy_coeff,
         kl_coef=config.kl_coef if ref_logp is not None else 0.0, log_ratio_clamp=LOG_RATIO_CLAMP,
-        gspo_log_ratio_max=GSPO_LOG_RATIO_MAX, k3_value_clamp=K3_VALUE_CLAMP)
+        gspo_log_ratio_max=GSPO_LOG_RATIO_MAX, k3_log_ratio_clamp=LOG_RATIO_CLAMP if config.kl_k3_clamp else inf,
+        k3_value_clamp=K3_VALUE_CLAMP if config.kl_k3_clamp else inf)
     if entropy is None:
         entropy_in = torch.zeros_like(logp.detach())  # no entropy term, no entropy metric
     else:

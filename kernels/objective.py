@@ -101,9 +101,11 @@ def _policy_objective_fwd_kernel(
     pg_weight_ptr, weight_ptr,  # [B] fp32 aggregation weight of a token of row b: policy term, entropy/KL terms
     c_logp_ptr, c_ent_ptr,  # [B, T] fp32 outputs: dL/dlogp, dL/dH (c_ent only if ENTROPY_GRAD)
     partial_ptr,  # [programs, NUM_SUMS] fp32 output: this program's partial sums
-    T, clip_low, clip_high, clip_c, ppo_kl_coef, entropy_coeff, kl_coef,
-    log_ratio_clamp, gspo_log_ratio_max, k3_value_clamp,  # the reference's clamps (fused_canon/losses.py)
+    T, ratio_low, ratio_high, clip_c, ppo_kl_coef, entropy_coeff, kl_coef,  # ratio_low/high: the clip bounds
+    log_ratio_clamp, gspo_log_ratio_max,  # the reference's clamps (fused_canon/losses.py)
+    k3_log_ratio_clamp, k3_value_clamp,  # k3's clamps (inf: off)
     LOSS_MODE: tl.constexpr,
+    CISPO_ABSOLUTE: tl.constexpr,  # cispo's absolute cap (TRL): count clipped tokens only where A > 0
     DUAL_CLIP: tl.constexpr,
     HAS_REF: tl.constexpr,
     KL_TYPE: tl.constexpr,
@@ -140,14 +142,17 @@ def _policy_objective_fwd_kernel(
     else:
         ratio = tl.exp(log_ratio)
         d_ratio = ratio * d_log_ratio
-    clipped_ratio = tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
-    ratio_in_range = (ratio >= 1.0 - clip_low) & (ratio <= 1.0 + clip_high)
+    clipped_ratio = tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
+    ratio_in_range = (ratio >= ratio_low) & (ratio <= ratio_high)
     clipped_lower = tl.zeros([BLOCK_T], tl.int1)
 
     if LOSS_MODE == CISPO:  # -sg(clip(rho)) A logp
         value = -adv * clipped_ratio * logp
         d_value = -adv * clipped_ratio
-        clipped = ratio != clipped_ratio
+        if CISPO_ABSOLUTE:
+            clipped = (ratio > ratio_high) & (adv > 0)
+        else:
+            clipped = ratio != clipped_ratio
         ppo_kl = -log_ratio
     elif LOSS_MODE == KL_COV:  # -A rho + ppo_kl_coef |log rho| on the selected tokens
         penalized = tl.load(selected_ptr + offs, mask=valid, other=0) != 0
@@ -202,11 +207,11 @@ def _policy_objective_fwd_kernel(
             kl = 0.5 * d * d
             d_kl = d
         else:  # k3 = exp(-d) + d - 1 with -d clamped to +-20 and the value to +-10; no gradient where clamped
-            neg = tl.minimum(tl.maximum(-d, -log_ratio_clamp), log_ratio_clamp)
+            neg = tl.minimum(tl.maximum(-d, -k3_log_ratio_clamp), k3_log_ratio_clamp)
             exp_neg = tl.exp(neg)
             k3 = exp_neg - neg - 1.0
             kl = tl.minimum(tl.maximum(k3, -k3_value_clamp), k3_value_clamp)
-            live = ((-d >= -log_ratio_clamp) & (-d <= log_ratio_clamp)
+            live = ((-d >= -k3_log_ratio_clamp) & (-d <= k3_log_ratio_clamp)
                     & (k3 >= -k3_value_clamp) & (k3 <= k3_value_clamp))
             d_kl = tl.where(live, 1.0 - exp_neg, 0.0)
         if KL_STRAIGHT_THROUGH:
@@ -241,15 +246,17 @@ class ObjectiveInputs:
     loss_mode: int  # VANILLA | CLIP_COV | KL_COV | GSPO | CISPO
     kl_type: int  # KL_K1 | KL_ABS | KL_K2 | KL_K3 (read only with ref)
     kl_straight_through: bool  # the value of kl_type with the k2 gradient
-    clip_low: float
-    clip_high: float
+    ratio_low: float  # the clip bounds of the ratio: 1 - clip_ratio_low, 1 + clip_ratio_high (cispo: its own)
+    ratio_high: float
+    cispo_absolute: bool  # cispo's absolute cap: clipped tokens counted where A > 0 only (TRL)
     clip_c: Optional[float]  # dual clip of vanilla for A < 0; None: off
     ppo_kl_coef: float
     entropy_coeff: float
     kl_coef: float
-    log_ratio_clamp: float  # |log rho| bound of vanilla and cispo (and of k3's -d)
+    log_ratio_clamp: float  # |log rho| bound of vanilla and cispo
     gspo_log_ratio_max: float  # upper bound of GSPO's sequence log-ratio
-    k3_value_clamp: float  # |k3| bound
+    k3_log_ratio_clamp: float  # |ref - logp| bound of k3 (inf: none)
+    k3_value_clamp: float  # |k3| bound (inf: none)
 
 
 class PolicyObjectiveFunction(torch.autograd.Function):
@@ -281,10 +288,10 @@ class PolicyObjectiveFunction(torch.autograd.Function):
                 logp, entropy, mask, inputs.old.contiguous(), ref, selected,
                 adv, adv.stride(0), adv.stride(1), seq_log_ratio, inputs.pg_weight.contiguous(),
                 inputs.weight.contiguous(), c_logp, c_ent, partial, T,
-                inputs.clip_low, inputs.clip_high, inputs.clip_c if inputs.clip_c is not None else 0.0,
+                inputs.ratio_low, inputs.ratio_high, inputs.clip_c if inputs.clip_c is not None else 0.0,
                 inputs.ppo_kl_coef, inputs.entropy_coeff, inputs.kl_coef,
-                inputs.log_ratio_clamp, inputs.gspo_log_ratio_max, inputs.k3_value_clamp,
-                LOSS_MODE=int(inputs.loss_mode), DUAL_CLIP=inputs.clip_c is not None, HAS_REF=has_ref,
+                inputs.log_ratio_clamp, inputs.gspo_log_ratio_max, inputs.k3_log_ratio_clamp, inputs.k3_value_clamp,
+                LOSS_MODE=int(inputs.loss_mode), CISPO_ABSOLUTE=inputs.cispo_absolute, DUAL_CLIP=inputs.clip_c is not None, HAS_REF=has_ref,
                 KL_TYPE=int(inputs.kl_type), KL_STRAIGHT_THROUGH=inputs.kl_straight_through,
                 ENTROPY_GRAD=entropy_grad, BLOCK_T=block_t, NUM_SUMS=NUM_SUMS, num_warps=NUM_WARPS)
         sums = partial.sum(0)
@@ -322,16 +329,16 @@ _FWD_SIGNATURE = {
     "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "mask_ptr": "*u8", "old_ptr": "*fp32", "ref_ptr": "*fp32",
     "selected_ptr": "*u8", "adv_ptr": "*fp32", "stride_ab": "i32", "stride_at": "i32", "seq_log_ratio_ptr": "*fp32",
     "pg_weight_ptr": "*fp32", "weight_ptr": "*fp32", "c_logp_ptr": "*fp32", "c_ent_ptr": "*fp32",
-    "partial_ptr": "*fp32", "T": "i32", "clip_low": "fp32", "clip_high": "fp32", "clip_c": "fp32",
+    "partial_ptr": "*fp32", "T": "i32", "ratio_low": "fp32", "ratio_high": "fp32", "clip_c": "fp32",
     "ppo_kl_coef": "fp32", "entropy_coeff": "fp32", "kl_coef": "fp32",
-    "log_ratio_clamp": "fp32", "gspo_log_ratio_max": "fp32", "k3_value_clamp": "fp32",
-    "LOSS_MODE": "constexpr", "DUAL_CLIP": "constexpr", "HAS_REF": "constexpr", "KL_TYPE": "constexpr",
+    "log_ratio_clamp": "fp32", "gspo_log_ratio_max": "fp32", "k3_log_ratio_clamp": "fp32", "k3_value_clamp": "fp32",
+    "LOSS_MODE": "constexpr", "CISPO_ABSOLUTE": "constexpr", "DUAL_CLIP": "constexpr", "HAS_REF": "constexpr", "KL_TYPE": "constexpr",
     "KL_STRAIGHT_THROUGH": "constexpr", "ENTROPY_GRAD": "constexpr", "BLOCK_T": "constexpr", "NUM_SUMS": "constexpr",
 }
 
 
 def _fwd_constexprs(mode, dual_clip=False, has_ref=True, kl_type=KL_K3, entropy_grad=True, block_t=MAX_BLOCK_T):
-    return {"LOSS_MODE": int(mode), "DUAL_CLIP": dual_clip, "HAS_REF": has_ref, "KL_TYPE": int(kl_type),
+    return {"LOSS_MODE": int(mode), "CISPO_ABSOLUTE": False, "DUAL_CLIP": dual_clip, "HAS_REF": has_ref, "KL_TYPE": int(kl_type),
             "KL_STRAIGHT_THROUGH": False, "ENTROPY_GRAD": entropy_grad, "BLOCK_T": block_t, "NUM_SUMS": NUM_SUMS}
 
 

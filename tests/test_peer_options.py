@@ -1,0 +1,121 @@
+"""The options that make fused-canon compute what verl 0.9.1, TRL 1.16 and Liger-Kernel 0.8.5 compute
+(docs/algorithms.md, each test names its section), on the worked examples of the docs and on both
+backends. The differential tests against the installed peers themselves are in tests/peers/."""
+
+import math
+
+import pytest
+import torch
+
+import fused_canon as fc
+from fused_canon.losses import Normalizers, clip_cov_selection, policy_objective
+
+F64 = torch.float64
+BACKENDS = ["torch", "triton"]
+
+
+def t(values, dtype=F64):
+    return torch.tensor(values, dtype=dtype)
+
+
+def loss_and_grad(logp, mask, backend="torch", **kwargs):
+    """fc.policy_loss_from_logprobs and dL/dlogp."""
+    logp = logp.clone().requires_grad_(True)
+    out = fc.policy_loss_from_logprobs(logp, mask, backend=backend, **kwargs)
+    out.loss.backward()
+    return out, logp.grad
+
+
+# §1.6: GSPO aggregates with loss_agg_mode (verl 0.9.1) ----------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"])
+def test_gspo_aggregates_with_loss_agg_mode(mode, backend):
+    """On ragged rows the modes differ; GSPO's loss is its token loss aggregated with the configured mode."""
+    g = torch.Generator().manual_seed(3)
+    logp = -torch.rand(3, 5, generator=g) - 0.2
+    old = logp + 0.1 * torch.randn(3, 5, generator=g)
+    mask = torch.arange(5)[None, :] < torch.tensor([[5], [2], [4]])
+    adv = torch.tensor([1.0, -0.5, 0.3])
+    config = fc.LossConfig(loss_mode="gspo", loss_agg_mode=mode, clip_ratio_low=0.05, clip_ratio_high=0.05)
+    out, _ = loss_and_grad(logp, mask, backend, advantages=adv, old_logprobs=old, config=config)
+    valid = mask.float()
+    seq_log_ratio = ((logp - old) * valid).sum(-1) / valid.sum(-1)
+    ratio = torch.exp(seq_log_ratio)[:, None].expand(3, 5)
+    token_loss = torch.maximum(-adv[:, None] * ratio, -adv[:, None] * ratio.clamp(0.95, 1.05))
+    assert math.isclose(out.loss.item(), fc.agg_loss(token_loss, valid, mode).item(), rel_tol=1e-6)
+
+
+# §1.10: k3 with and without verl's clamps ------------------------------------------------------
+
+def test_k3_clamp_table():
+    logp, ref = t([-8.0, -3.0, -1.0]), torch.zeros(3, dtype=F64)
+    for clamp, values, grads in [(False, [2971.957987, 16.085537, 0.718282], [-2979.957987, -19.085537, -1.718282]),
+                                 (True, [10.0, 10.0, 0.718282], [0.0, 0.0, -1.718282])]:
+        x = logp.clone().requires_grad_(True)
+        kl = fc.kl_penalty(x, ref, "k3", k3_clamp=clamp)
+        kl.sum().backward()
+        torch.testing.assert_close(kl.detach(), t(values), rtol=0, atol=1e-6)
+        torch.testing.assert_close(x.grad, t(grads), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("clamp", [True, False])
+def test_k3_clamp_option_in_the_loss(clamp, backend):
+    logp = torch.tensor([[-8.0, -3.0, -1.0]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    config = fc.LossConfig(kl_coef=1.0, kl_k3_clamp=clamp)
+    out, grad = loss_and_grad(logp, mask, backend, advantages=torch.zeros(1), ref_logprobs=torch.zeros(1, 3),
+                              config=config)
+    expected = fc.kl_penalty(logp.double(), torch.zeros(1, 3, dtype=F64), "k3", k3_clamp=clamp).mean()
+    assert math.isclose(out.metrics["actor/kl_loss"], expected.item(), rel_tol=1e-6)
+    assert (grad[0, :2] == 0).all() == clamp
+
+
+# §1.7: CISPO's two bounds ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cispo_absolute_bound_example(backend):
+    """old = -1, cap 0.5: rho 1.648721 (A = +1, counted; A = -1, not counted) and 0.606531 (A = +1, counted)."""
+    logp = torch.tensor([[-0.5], [-0.5], [-1.5]])
+    mask = torch.ones(3, 1, dtype=torch.bool)
+    config = fc.LossConfig(loss_mode="cispo", cispo_bound="absolute", clip_ratio_high=0.5,
+                           loss_agg_mode="seq-mean-token-sum")
+    out, grad = loss_and_grad(logp, mask, backend, advantages=torch.tensor([1.0, -1.0, 1.0]),
+                              old_logprobs=torch.full((3, 1), -1.0), config=config)
+    torch.testing.assert_close(grad * 3, torch.tensor([[-0.5], [0.5], [-0.5]]))
+    assert math.isclose(out.loss.item(), (0.25 - 0.25 + 0.75) / 3, rel_tol=1e-6)
+    assert math.isclose(out.metrics["actor/pg_clipfrac"], 2 / 3, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cispo_relative_bound_counts_every_clipped_token(backend):
+    logp = torch.tensor([[-0.5], [-0.5], [-1.5]])
+    mask = torch.ones(3, 1, dtype=torch.bool)
+    out, _ = loss_and_grad(logp, mask, backend, advantages=torch.tensor([1.0, -1.0, 1.0]),
+                           old_logprobs=torch.full((3, 1), -1.0), config=fc.LossConfig(loss_mode="cispo"))
+    assert math.isclose(out.metrics["actor/pg_clipfrac"], 1.0, rel_tol=1e-6)
+
+
+def test_cispo_absolute_bound_must_be_positive():
+    with pytest.raises(ValueError, match="clip_ratio_high"):
+        fc.LossConfig(loss_mode="cispo", cispo_bound="absolute", clip_ratio_high=0.0)
+    with pytest.raises(ValueError, match="cispo_bound"):
+        fc.LossConfig(cispo_bound="upper")
+
+
+# §4.1: clip_cov's exact means --------------------------------------------------------------------
+
+def test_clip_cov_shared_advantage_selects_nothing_in_fp64():
+    """With the count N (not N + 1e-8, verl's integer mask) equal advantages centre to 0, so cov = 0 and
+    lb = 0 selects no token. (0.75 sums exactly: the test is about the count, not the summation's rounding,
+    which verl's arithmetic shares and tests/peers/ compares.)"""
+    g = torch.Generator().manual_seed(0)
+    logp = -torch.rand(4, 6, generator=g, dtype=F64) - 0.1
+    valid = torch.ones(4, 6, dtype=F64)
+    adv = torch.full((4, 6), 0.75, dtype=F64)
+    config = fc.LossConfig(loss_mode="clip_cov", clip_cov_lb=0.0, clip_cov_ub=5.0, clip_cov_ratio=0.5)
+    assert not clip_cov_selection(logp, logp, adv, valid, config, step=0).any()
+    loss, metrics = policy_objective(logp, None, valid.bool(), adv, logp, None, config, Normalizers())
+    assert metrics["actor/pg_clipfrac"] == 0
+    assert math.isclose(loss.item(), -0.75, rel_tol=1e-12)
