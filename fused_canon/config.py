@@ -172,10 +172,10 @@ class LossConfig:
     # sapo's soft gate temperatures: tau_pos where A > 0, tau_neg elsewhere (docs/algorithms.md §1.7).
     sapo_tau_pos: float = 1.0
     sapo_tau_neg: float = 1.05
-    # k3's clamps (ALGORITHMS.md §1.10): verl clamps ref - logp to +-20 and the value to +-10; TRL and
+    # k3's clamps (docs/algorithms.md §1.10): verl clamps ref - logp to +-20 and the value to +-10; TRL and
     # Liger do not (False).
     kl_k3_clamp: bool = True
-    # cispo's bound (ALGORITHMS.md §1.7): "relative" clips rho to [1 - clip_ratio_low, 1 + clip_ratio_high]
+    # cispo's bound (docs/algorithms.md §1.7): "relative" clips rho to [1 - clip_ratio_low, 1 + clip_ratio_high]
     # (verl); "absolute" caps it at clip_ratio_high itself, no lower bound (TRL's and Liger's epsilon_high).
     cispo_bound: str = "relative"
 
