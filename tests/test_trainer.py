@@ -68,8 +68,10 @@ BAD_VALUES = [  # (override, what the message must name)
     ("trainer.seed=1.5", "trainer.seed"), ("trainer.seed=4611686018427387904", "trainer.seed"),
     ("rollout.top_p=0", "rollout.top_p"), ("rollout.top_k=0", "rollout.top_k"),
     ("algorithm.advantage.estimator=ppo", "'qae'"), ("algorithm.loss_mode=ppo2", "algorithm.loss_mode"),
-    ("algorithm.advantage.estimator=gae", "needs values"), ("algorithm.advantage.canon_metric=custom", "metric"),
-    ("algorithm.advantage.estimator=remax", "needs baseline_rewards"),
+    ("algorithm.advantage.canon_metric=custom", "metric"),
+    ("critic.lr=0", "critic.lr=0.0"), ("critic.cliprange_value=0", "critic.cliprange_value=0.0"),
+    ("critic.betas=[0.9]", "critic.betas=[0.9]"), ("critic.grad_clip=-1", "critic.grad_clip=-1.0"),
+    ("critic.weight_decay=-0.1", "critic.weight_decay=-0.1"), ("critic.learning_rate=1", "'critic.learning_rate'"),
     ("algorithm.loss_mode=geo_mean", "sequence-level"),
     ("algorithm.advantage.estimator=opo algorithm.advantage.baseline=quantile", "baseline of its own"),
     ("data.task=chess", "data.task"), ("data.task_options.max_operand=3 data.task=sort", "max_operand"),
@@ -128,7 +130,7 @@ def test_wave2_estimators_and_losses_train(tmp_path, overrides):
     """Two steps with each wave-2 estimator the trainer can feed (the logits' signals and token ids come
     from its statistics pass or the fused loss call) and each wave-2 loss: the run completes with finite
     metrics (the tiny untrained policy mostly scores 0 in two steps, so the gradient may be 0)."""
-    assert all(name in runnable_estimators() for name in ("ucas", "ktae", "optimal_token_baseline"))
+    assert all(name in runnable_estimators() for name in ("ucas", "ktae", "optimal_token_baseline", "remax", "gae"))
     metrics = train(tiny_trainer_config(tmp_path, "trainer.total_steps=2", *overrides,
                                         "data.reward_fn=fused_canon.trainer.tasks:positional_reward"))
     for key in ("actor/pg_loss", "actor/grad_norm", "critic/advantages/mean", "actor/ppo_kl"):

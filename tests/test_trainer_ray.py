@@ -15,6 +15,7 @@ from fused_canon.trainer.config import ConfigError, load_config  # noqa: E402
 from fused_canon.trainer.trainer import train  # noqa: E402
 from fused_canon.trainer.tracking import read_metrics  # noqa: E402
 from fused_canon.trainer.workers import init_ray  # noqa: E402
+from helpers import logged_steps  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -130,3 +131,20 @@ def test_ray_run_with_plugins(ray_env):
                                               f"trainer.out_dir={ray_env / 'too_big'}"])
     with pytest.raises(ConfigError, match="exceeds the cluster"):
         train(too_big)
+
+
+def test_gae_with_its_critic_runs_in_actors_as_in_process(ray_env):
+    """The critic lives in the learner, so the Ray layout needs nothing more: a gae run (values, returns,
+    the critic's update and checkpoint inside the learner actor) logs what the same run logs in process."""
+    tiny = ["trainer.total_steps=2", "trainer.test_freq=0", "trainer.save_freq=2", "data.train_batch_size=4",
+            "rollout.n=4", "model.hidden_size=32", "model.num_layers=1", "model.intermediate_size=64",
+            "trainer.num_threads=1", "algorithm.advantage.estimator=gae", "actor.micro_batch_size=8",
+            "data.reward_fn=fused_canon.trainer.tasks:positional_reward"]
+    runs = {}
+    for layout, enabled in (("actors", "true"), ("process", "false")):
+        out = ray_env / f"gae_{layout}"
+        train(load_config(overrides=COMMON + tiny + [f"ray.enabled={enabled}", f"trainer.out_dir={out}"]))
+        runs[layout] = logged_steps(out)
+        assert (out / "checkpoints" / "global_step_2" / "critic_model.pt").is_file()
+    assert sorted(runs["actors"]) == [1, 2] and "critic/vf_loss" in runs["actors"][2][0]
+    assert runs["actors"] == runs["process"]

@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from fused_canon.trainer import tasks  # noqa: E402
 from fused_canon.trainer.config import load_config  # noqa: E402
 from fused_canon.trainer.learner import Learner  # noqa: E402
-from fused_canon.trainer.model import CharTokenizer  # noqa: E402
+from fused_canon.trainer.model import CharTokenizer, model_inputs  # noqa: E402
 from fused_canon.trainer.rollout import Sampling, VLLMEngine  # noqa: E402
 from fused_canon.trainer.tracking import read_metrics  # noqa: E402
 from fused_canon.trainer.trainer import make_batch, train  # noqa: E402
@@ -71,10 +71,29 @@ def test_vllm_engine_generates_and_syncs_weights(setup, tmp_path):
         ends_with_eos = after.response_ids[row][mask[row]][-1].item() == tokenizer.eos_id
         assert ends_with_eos == (reason == "stop")
 
+    # Greedy decoding (validation; remax's baseline rollout): every token is one the synced policy
+    # ranks first (up to float ties), one response per prompt.
+    greedy = engine.generate(prompts, 1, Sampling(max_new_tokens=6, greedy=True))
+    assert greedy.response_ids.shape[0] == 2
+    batch = make_batch(prompts, greedy, [0.0] * 2, 1, tokenizer.pad_id)
+    inputs, width = model_inputs(batch, slice(None))
+    with torch.no_grad():
+        logprobs = learner.model(**inputs).logits[:, -width - 1:-1].float().log_softmax(-1)
+    chosen = logprobs.gather(-1, greedy.response_ids[..., None])[..., 0]
+    gap = logprobs.max(-1).values - chosen
+    assert (gap[greedy.response_mask] < 1e-4).all(), gap
+
 
 def test_training_run_with_vllm_rollouts(tmp_path):
+    """remax: every step the engine also decodes each prompt greedily (timing_s/gen_max), and the
+    advantages are the rewards minus those greedy responses' rewards."""
     train(load_config(overrides=OVERRIDES + [f"trainer.out_dir={tmp_path}", "trainer.total_steps=2",
+                                             "algorithm.advantage.estimator=remax", "actor.micro_batch_size=8",
                                              "data.reward_fn=fused_canon.trainer.tasks:positional_reward"]))
     rows = read_metrics(str(tmp_path / "metrics.jsonl"))
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["data"]["rollout/logprob_abs_diff_mean"] < 1e-4 for r in rows)
+    for row in (r["data"] for r in rows):
+        assert row["timing_s/gen_max"] > 0
+        assert row["critic/advantages/mean"] == pytest.approx(
+            row["critic/score/mean"] - row["critic/greedy_score/mean"], abs=1e-6)

@@ -6,6 +6,7 @@
     fused-canon compare --estimators grpo,qae,canon trainer.total_steps=100
 
 Modules, in the order a step uses them: config (schema and defaults + YAML + overrides), tasks (prompts and
-rewards), model (tokenizer and policy), rollout (HF / vLLM engines), learner (fused-loss update),
-workers (in-process or Ray actors), tracking (metrics, plots), checkpoint, trainer (the loop), cli.
+rewards), model (tokenizer, policy and value models), rollout (HF / vLLM engines), learner (fused-loss
+update), critic (gae's value model and loss, owned by the learner), workers (in-process or Ray actors),
+tracking (metrics, plots), checkpoint, trainer (the loop), cli.
 """

@@ -10,8 +10,9 @@ Reading: a checkpoint is *intact* when its manifest matches its files. Resuming 
 intact checkpoint, says so when that is not the one the pointer names (a missing pointer, a torn
 or corrupted newer checkpoint), and removes the later ones, which the resumed run will rewrite.
 
-Contents: the learner's ``model.pt`` and ``optimizer.pt`` (tensors, loaded with
-``torch.load(weights_only=True)``: a file carrying pickled code is refused, never run) and
+Contents: the learner's ``model.pt`` and ``optimizer.pt``, and with a critic its ``critic_model.pt``
+and ``critic_optimizer.pt`` (tensors, loaded with ``torch.load(weights_only=True)``: a file carrying
+pickled code is refused, never run) and
 ``trainer_state.json`` (step, data position, the driver's random generators, the step's metrics).
 """
 
@@ -55,6 +56,8 @@ def save_tensors(obj, directory: str, name: str) -> None:
 
 def load_tensors(directory: str, name: str, device) -> dict:
     path = os.path.join(directory, name)
+    if not os.path.isfile(path):  # e.g. the critic's files in a checkpoint of a run without a critic
+        raise CheckpointError(f"{path} is missing: the checkpoint was not written by a run of this configuration")
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # torch raises UnpicklingError for a pickled object, RuntimeError for a torn zip

@@ -9,6 +9,8 @@ first step. ``fused-canon train --print-config`` prints them as YAML.
 Loading order: the defaults, then an optional user YAML (``--config``), then ``key=value`` overrides
 from the command line, e.g. ``actor.lr=3e-3 algorithm.advantage.estimator=grpo``.
 
+The ``critic`` section configures the value model that an estimator reading values (gae) gets.
+
 The ``algorithm`` section *is* ``fused_canon.LossConfig`` (with ``algorithm.advantage`` being
 ``fused_canon.AdvantageConfig``), so every field of the loss API is configurable under the same
 name and is validated by the loss API itself.
@@ -86,6 +88,21 @@ class ActorConfig:
 
 
 @dataclass
+class CriticConfig:
+    """The value model, built and trained when the estimator reads values (gae: Open-Reasoner-Zero's PPO).
+
+    It is the policy's network (model.*: the tiny-char model, or the same HF model path) with a scalar
+    head in place of the LM head, updated in the actor's epochs, mini-batches and micro-batches with
+    verl's clipped value loss, aggregated with algorithm.loss_agg_mode, by an optimizer of its own."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
+    grad_clip: float = 1.0  # max global gradient norm
+    cliprange_value: float = 0.5  # a value moves at most this far from the rollout's value (verl's default)
+
+
+@dataclass
 class RolloutConfig:
     engine: str = "hf"  # "hf" (transformers generate) | "vllm"
     n: int = 8  # samples per prompt (the group size)
@@ -138,6 +155,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: fc.LossConfig = field(default_factory=_demo_loss_config)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -239,18 +257,28 @@ def _package(key: str, value, package: str, extra: str) -> None:
         _fail(key, value, f"needs the {package} package (pip install -e \".[{extra}]\")")
 
 
+def estimator_reads(advantage: fc.AdvantageConfig, name: str) -> bool:
+    """Whether the configured estimator takes the input ``name`` (its declaration in fc.ESTIMATOR_INPUTS):
+    the trainer builds the critic for ``values`` and generates the greedy rollout for ``baseline_rewards``
+    only where one is read."""
+    declared = fc.ESTIMATOR_INPUTS.get(advantage.estimator)
+    return declared is not None and name in declared.required + declared.optional
+
+
 def advantage_step_error(advantage: fc.AdvantageConfig) -> Optional[str]:
     """Why the trainer's advantage step cannot run this config, or None. The step gives the estimator
     the rewards, the prompt groups, the response mask, the token entropy and ids, the old log-probs and
-    the logits' other signals (Learner.compute_advantages, or the fused loss call); a two-response dry run
-    on those inputs lets fused_canon itself refuse what it lacks (a critic's values, a greedy rollout's
-    rewards, a custom CANON metric, a quantile baseline for an estimator with a baseline of its own)."""
+    the logits' other signals (Learner.compute_advantages, or the fused loss call), the critic's values
+    and the greedy rollout's rewards (where the estimator reads them); a two-response dry run on those
+    inputs lets fused_canon itself refuse what it lacks (a custom CANON metric, a quantile baseline for
+    an estimator with a baseline of its own)."""
     per_token = torch.zeros(2, 1)
     try:
         fc.compute_advantages(torch.tensor([0.0, 1.0]), torch.tensor([0, 0]), config=advantage,
                               mask=torch.ones(2, 1, dtype=torch.bool), token_entropy=per_token,
                               token_ids=torch.zeros(2, 1, dtype=torch.long), old_logprobs=per_token,
-                              self_certainty=per_token, target_logits=per_token, sum_pi_squared=per_token)
+                              self_certainty=per_token, target_logits=per_token, sum_pi_squared=per_token,
+                              values=per_token, baseline_rewards=torch.zeros(2))
     except (ValueError, TypeError) as error:
         return str(error)
     return None
@@ -280,6 +308,17 @@ def _import_plugins(plugins: List[str]) -> None:
         _fail("trainer.plugins", list(plugins), f"cannot import {error.name!r} ({error})")
 
 
+def _optimizer_fields(section: str, optim) -> None:
+    """lr, weight_decay, betas and grad_clip of the actor's or the critic's AdamW."""
+    _number(f"{section}.lr", optim.lr, 0, low_open=True)
+    _number(f"{section}.weight_decay", optim.weight_decay, 0)
+    if not isinstance(optim.betas, (list, tuple)) or len(optim.betas) != 2:
+        _fail(f"{section}.betas", optim.betas, "must be two numbers [beta1, beta2], each in [0, 1)")
+    for index, beta in enumerate(optim.betas):
+        _number(f"{section}.betas[{index}]", beta, 0, 1, high_open=True)
+    _number(f"{section}.grad_clip", optim.grad_clip, 0, low_open=True)
+
+
 def check_config(cfg: TrainConfig) -> None:
     """Every check that no single field type can make; raises ConfigError at the first bad value.
 
@@ -302,13 +341,7 @@ def check_config(cfg: TrainConfig) -> None:
     except ValueError as error:
         raise ConfigError(str(error)) from None
 
-    _number("actor.lr", actor.lr, 0, low_open=True)
-    _number("actor.weight_decay", actor.weight_decay, 0)
-    if not isinstance(actor.betas, (list, tuple)) or len(actor.betas) != 2:
-        _fail("actor.betas", actor.betas, "must be two numbers [beta1, beta2], each in [0, 1)")
-    for index, beta in enumerate(actor.betas):
-        _number(f"actor.betas[{index}]", beta, 0, 1, high_open=True)
-    _number("actor.grad_clip", actor.grad_clip, 0, low_open=True)
+    _optimizer_fields("actor", actor)
     _integer("actor.ppo_epochs", actor.ppo_epochs, 1)
     _integer("actor.ppo_mini_batch_size", actor.ppo_mini_batch_size, 0)
     if actor.ppo_mini_batch_size and data.train_batch_size % actor.ppo_mini_batch_size:
@@ -319,6 +352,9 @@ def check_config(cfg: TrainConfig) -> None:
     _choice("actor.loss_backend", actor.loss_backend, ("auto", "triton", "torch"))
     if actor.loss_backend == "triton":
         _package("actor.loss_backend", actor.loss_backend, "triton", "triton")
+
+    _optimizer_fields("critic", cfg.critic)
+    _number("critic.cliprange_value", cfg.critic.cliprange_value, 0, low_open=True)
 
     _choice("rollout.engine", rollout.engine, ("hf", "vllm"))
     if rollout.engine == "vllm":

@@ -1,8 +1,9 @@
-"""Tokenizers and policy models: a char-level tokenizer and tiny Qwen2 built in code, or a HF model."""
+"""Tokenizers and models: a char-level tokenizer and tiny Qwen2 built in code, or a HF model; the
+policy, the value model built from it, their inputs for a rollout batch, and their optimizer step."""
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Dict, Iterable, List, Sequence, Tuple
 
 import torch
 
@@ -91,3 +92,57 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+class ValueModel(torch.nn.Module):
+    """The policy's backbone (decoder) with a scalar head in place of the LM head: one value per position.
+
+    The head starts as Open-Reasoner-Zero's (OpenRLHF's) does: no bias, weights ~ N(0, 1/(H+1)), so the
+    first values are small, whatever the backbone; drawn from ``seed``, so every process builds the same."""
+
+    def __init__(self, backbone: torch.nn.Module, hidden_size: int, seed: int):
+        super().__init__()
+        self.backbone = backbone
+        self.value_head = torch.nn.Linear(hidden_size, 1, bias=False, dtype=next(backbone.parameters()).dtype)
+        with torch.no_grad():
+            self.value_head.weight.normal_(0.0, 1.0 / (hidden_size + 1), generator=torch.Generator().manual_seed(seed))
+
+    def forward(self, **inputs) -> torch.Tensor:
+        """Values [N, L] in fp32 for the model inputs (``model_inputs``)."""
+        hidden = self.backbone(**inputs).last_hidden_state
+        return self.value_head(hidden).squeeze(-1).float()
+
+
+def build_value_model(model_cfg: ModelConfig, tokenizer, seed: int) -> ValueModel:
+    """The critic's network: ``build_model``'s (so the same tiny-char model, or the same HF weights)
+    without its LM head, plus a freshly initialised scalar head."""
+    policy = build_model(model_cfg, tokenizer, seed)
+    return ValueModel(policy.get_decoder(), policy.config.get_text_config().hidden_size, seed)
+
+
+def model_inputs(batch: Dict[str, torch.Tensor], rows: slice) -> Tuple[Dict[str, torch.Tensor], int]:
+    """The model's keyword inputs for the prompt + response rows of a rollout batch, and the response
+    width R: position L - R - 1 + t predicts (the policy) or values (the critic) response token t."""
+    response_ids = batch["response_ids"][rows]
+    attention_mask = torch.cat([batch["prompt_mask"][rows], batch["response_mask"][rows]], dim=1).long()
+    # Prompts are left-padded: count positions from each row's first real token, as generate() does.
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    inputs = dict(input_ids=torch.cat([batch["prompt_ids"][rows], response_ids], dim=1),
+                  attention_mask=attention_mask, position_ids=position_ids)
+    return inputs, response_ids.shape[1]
+
+
+def build_optimizer(parameters: Iterable[torch.nn.Parameter], optim) -> torch.optim.Optimizer:
+    """AdamW from an actor or critic config section (lr, betas, weight_decay)."""
+    return torch.optim.AdamW(parameters, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+
+
+def clipped_optimizer_step(module: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> float:
+    """Clip the accumulated gradient to ``grad_clip`` and step; a non-finite gradient would poison Adam's
+    moments, so that step is skipped. Returns the gradient norm before clipping."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+    if torch.isfinite(grad_norm):
+        optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm)

@@ -3,6 +3,7 @@
     for step in 1..total_steps:
         prompts  = the next data.train_batch_size prompts
         rollout  = engine.generate(prompts, n=rollout.n)       # n samples per prompt
+                   (+ one greedy response per prompt when the estimator reads its reward: remax)
         rewards  = reward(decoded response, answer)            # plain Python callables
         batch    = learner.compute_advantages(batch, step)     # (or left to the update's fused loss call)
         metrics  = learner.update(batch, step)                 # clipped PG loss + optimizer steps
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .config import ConfigError, TrainConfig, TrainerConfig, check_config, to_yaml
+from .config import ConfigError, TrainConfig, TrainerConfig, check_config, estimator_reads, to_yaml
 from .model import build_tokenizer
 from .rollout import Rollout, Sampling, left_pad
 from .tasks import Example, build_prompts, build_reward
@@ -29,9 +30,10 @@ from .tracking import Tracker, plot_runs, timer
 from .workers import EngineProxy, LearnerProxy, setup_process, start_workers
 
 
-def make_batch(prompt_ids: List[List[int]], rollout: Rollout, rewards: List[float], n: int, pad_id: int
-               ) -> Dict[str, torch.Tensor]:
-    """The learner's input: left-padded prompts (repeated n times) beside the responses."""
+def make_batch(prompt_ids: List[List[int]], rollout: Rollout, rewards: List[float], n: int, pad_id: int,
+               baseline_rewards: Optional[List[float]] = None) -> Dict[str, torch.Tensor]:
+    """The learner's input: left-padded prompts (repeated n times) beside the responses; with
+    ``baseline_rewards`` (one per prompt: its greedy response's reward) the remax baseline of every row."""
     prompts, prompt_mask = left_pad(prompt_ids, pad_id)
     batch = {
         "prompt_ids": prompts.repeat_interleave(n, dim=0),
@@ -43,6 +45,8 @@ def make_batch(prompt_ids: List[List[int]], rollout: Rollout, rewards: List[floa
     }
     if rollout.logprobs is not None:
         batch["rollout_logprobs"] = rollout.logprobs
+    if baseline_rewards is not None:
+        batch["baseline_rewards"] = torch.tensor(baseline_rewards, dtype=torch.float32).repeat_interleave(n)
     return batch
 
 
@@ -61,12 +65,16 @@ def compute_rewards(tokenizer, rollout: Rollout, examples: List[Example], n: int
     return [float(reward_fn(r, a)) for r, a in zip(responses, answers)]
 
 
+def score_metrics(prefix: str, rewards: List[float]) -> Dict[str, float]:
+    scores = torch.tensor(rewards)
+    return {f"{prefix}/mean": float(scores.mean()), f"{prefix}/max": float(scores.max()),
+            f"{prefix}/min": float(scores.min())}
+
+
 def rollout_metrics(rollout: Rollout, rewards: List[float]) -> Dict[str, float]:
     lengths = rollout.response_mask.sum(dim=1).float()
-    scores = torch.tensor(rewards)
     return {
-        "critic/score/mean": float(scores.mean()), "critic/score/max": float(scores.max()),
-        "critic/score/min": float(scores.min()),
+        **score_metrics("critic/score", rewards),
         "response_length/mean": float(lengths.mean()), "response_length/max": float(lengths.max()),
         "response_length/min": float(lengths.min()),
         "response_length/clip_ratio": sum(r == "length" for r in rollout.finish_reasons) / len(rollout.finish_reasons),
@@ -96,6 +104,7 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
     with start_workers(cfg, tokenizer, out_dir) as workers:
         learner, engine = workers.learner, workers.engine
         start_step, resumed_row = _resume(cfg, ckpt_root, learner, prompts)
+        greedy_baseline = estimator_reads(cfg.algorithm.advantage, "baseline_rewards")  # remax
         engine.load_weights_from(learner)  # the engine starts from the learner's (initial or restored) weights
         with Tracker(out_dir, cfg.trainer.logger, cfg.trainer.total_steps, start_step, cfg.trainer.progress_bar,
                      resumed_row) as tracker:
@@ -108,7 +117,12 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
                         rollout = engine.generate(prompt_ids, cfg.rollout.n, _sampling(cfg, step))
                     with timer("reward", metrics):
                         rewards = compute_rewards(tokenizer, rollout, examples, cfg.rollout.n, reward_fn)
-                    batch = make_batch(prompt_ids, rollout, rewards, cfg.rollout.n, tokenizer.pad_id)
+                    baseline_rewards = None
+                    if greedy_baseline:  # ReMax's baseline: the reward of each prompt's greedy response
+                        with timer("gen_max", metrics):
+                            greedy = engine.generate(prompt_ids, 1, _greedy(cfg))
+                            baseline_rewards = compute_rewards(tokenizer, greedy, examples, 1, reward_fn)
+                    batch = make_batch(prompt_ids, rollout, rewards, cfg.rollout.n, tokenizer.pad_id, baseline_rewards)
                     engine.sleep()  # frees inference memory while the learner trains (GPU vLLM only)
                     with timer("adv", metrics):
                         batch = learner.compute_advantages(batch, step)
@@ -119,6 +133,8 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
                         engine.load_weights_from(learner)
                         engine.reset_cache()
                     metrics.update(rollout_metrics(rollout, rewards))
+                    if baseline_rewards is not None:
+                        metrics.update(score_metrics("critic/greedy_score", baseline_rewards))
                     if cfg.trainer.test_freq and step % cfg.trainer.test_freq == 0:
                         with timer("testing", metrics):
                             metrics.update(validate(engine, tokenizer, val_prompts, reward_fn, cfg))
@@ -140,6 +156,11 @@ def _sampling(cfg: TrainConfig, step: int) -> Sampling:
     """Each step's generate call is seeded, so a resumed run samples what the original did."""
     return Sampling(max_new_tokens=cfg.data.max_response_length, temperature=cfg.rollout.temperature,
                     top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, seed=cfg.trainer.seed * 1_000_003 + step)
+
+
+def _greedy(cfg: TrainConfig) -> Sampling:
+    """Greedy decoding (ReMax's baseline rollout, validation): the policy's most likely response."""
+    return Sampling(max_new_tokens=cfg.data.max_response_length, greedy=True)
 
 
 # What a run writes into trainer.out_dir; an earlier run's are refused (or removed with --overwrite).
@@ -204,9 +225,8 @@ def validate(engine: EngineProxy, tokenizer, val_prompts, reward_fn, cfg: TrainC
     """Greedy decoding on the same held-out prompts every time: val/score/mean."""
     val_prompts.position = 0
     examples: List[Example] = val_prompts.next_batch(cfg.data.val_batch_size)
-    sampling = Sampling(max_new_tokens=cfg.data.max_response_length, greedy=True)
     prompt_ids = [encode_prompt(tokenizer, e.prompt, cfg.data.max_prompt_length) for e in examples]
-    rewards = compute_rewards(tokenizer, engine.generate(prompt_ids, 1, sampling), examples, 1, reward_fn)
+    rewards = compute_rewards(tokenizer, engine.generate(prompt_ids, 1, _greedy(cfg)), examples, 1, reward_fn)
     return {"val/score/mean": sum(rewards) / len(rewards)}
 
 
