@@ -74,10 +74,16 @@ SUM_CLIPPED_LOWER = tl.constexpr(ObjectiveSums._fields.index("clipped_lower"))
 NUM_SUMS = len(ObjectiveSums._fields)
 
 # Largest token tile of one program (a row longer than this is split over several programs), and the
-# warps of every launch: 4 tokens per thread at 4 warps compiles without spills on sm_80 / sm_90 for
-# every mode (8 and 16 warps make ptxas aim for occupancy and spill a few bytes in some modes).
+# tokens per thread that set a launch's warps: 4 tokens per thread compiles without spills on sm_80 /
+# sm_90 for every mode (at 512 tokens, 8 and 16 warps make ptxas aim for occupancy and spill a few bytes
+# in some modes; a 128-token tile at 4 warps, 1 token per thread, spills 8 B on Triton 3.6).
 MAX_BLOCK_T = 512
-NUM_WARPS = 4
+TOKENS_PER_THREAD = 4
+
+
+def _num_warps(block_t: int) -> int:
+    """Warps for a tile of block_t tokens: TOKENS_PER_THREAD tokens per thread, 1 to 4 warps."""
+    return max(1, min(4, block_t // (32 * TOKENS_PER_THREAD)))
 
 
 @triton.jit
@@ -293,7 +299,7 @@ class PolicyObjectiveFunction(torch.autograd.Function):
                 inputs.log_ratio_clamp, inputs.gspo_log_ratio_max, inputs.k3_log_ratio_clamp, inputs.k3_value_clamp,
                 LOSS_MODE=int(inputs.loss_mode), CISPO_ABSOLUTE=inputs.cispo_absolute, DUAL_CLIP=inputs.clip_c is not None, HAS_REF=has_ref,
                 KL_TYPE=int(inputs.kl_type), KL_STRAIGHT_THROUGH=inputs.kl_straight_through,
-                ENTROPY_GRAD=entropy_grad, BLOCK_T=block_t, NUM_SUMS=NUM_SUMS, num_warps=NUM_WARPS)
+                ENTROPY_GRAD=entropy_grad, BLOCK_T=block_t, NUM_SUMS=NUM_SUMS, num_warps=_num_warps(block_t))
         sums = partial.sum(0)
         named = ObjectiveSums(*sums.unbind())
         loss = named.pg.clone()
@@ -343,15 +349,15 @@ def _fwd_constexprs(mode, dual_clip=False, has_ref=True, kl_type=KL_K3, entropy_
 
 
 AOT_SIGNATURES = [
-    (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(VANILLA, dual_clip=True), {"num_warps": NUM_WARPS}),
+    (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(VANILLA, dual_clip=True), {"num_warps": _num_warps(MAX_BLOCK_T)}),
     (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(VANILLA, has_ref=False, entropy_grad=False),
-     {"num_warps": NUM_WARPS}),
-    (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(GSPO, kl_type=KL_ABS), {"num_warps": NUM_WARPS}),
-    (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(CISPO, kl_type=KL_K2), {"num_warps": NUM_WARPS}),
-    (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(CLIP_COV), {"num_warps": NUM_WARPS}),
-    (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(KL_COV, kl_type=KL_K1), {"num_warps": NUM_WARPS}),
+     {"num_warps": _num_warps(MAX_BLOCK_T)}),
+    (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(GSPO, kl_type=KL_ABS), {"num_warps": _num_warps(MAX_BLOCK_T)}),
+    (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(CISPO, kl_type=KL_K2), {"num_warps": _num_warps(MAX_BLOCK_T)}),
+    (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(CLIP_COV), {"num_warps": _num_warps(MAX_BLOCK_T)}),
+    (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(KL_COV, kl_type=KL_K1), {"num_warps": _num_warps(MAX_BLOCK_T)}),
     (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(VANILLA, dual_clip=True, block_t=128),
-     {"num_warps": NUM_WARPS}),
+     {"num_warps": _num_warps(128)}),
 ]
 # Kernels whose AOT build must not spill registers (the test fails if ptxas reports spills).
 AOT_NO_SPILL = {"_policy_objective_fwd_kernel"}
