@@ -24,7 +24,7 @@ from verl.utils.dataset.dataset_utils import DatasetPadMode
 from verl.workers.engine.base import EngineRegistry
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
-from ..token_stats import token_stats
+from ..api import token_stats
 
 __all__ = ["FusedTokenStatsFSDPEngine", "SWITCH", "register_engine"]
 
