@@ -18,7 +18,7 @@ import torch
 from .config import AdvantageConfig, CosineRestartSchedule
 
 __all__ = ["compute_advantages", "advantages_and_choice", "register_estimator", "ESTIMATORS", "ESTIMATOR_INPUTS",
-           "ADVANTAGE_INPUTS", "Groups", "cosine_restart_value", "triton_advantages"]
+           "ADVANTAGE_INPUTS", "Groups", "cosine_restart_value", "triton_advantages", "canon_split"]
 
 
 @dataclass
@@ -255,6 +255,11 @@ def canon_inter_weight(rewards: torch.Tensor, config: AdvantageConfig, step: int
     return cosine_restart_value(step, config.cosine_restart_r)
 
 
+def _high_half(groups: Groups, metric: torch.Tensor) -> torch.Tensor:
+    """CANON's split (§2.3): True for the ranks >= floor(n/2) by ascending metric (stable), [B] bool."""
+    return groups.rank(metric) >= groups.size // 2
+
+
 @register_estimator("canon")
 def canon(rewards, groups, config, *, metric, step=0):
     """CANON (§2.3-2.4): split each group at floor(n/2) by ascending metric, compare across halves.
@@ -264,7 +269,7 @@ def canon(rewards, groups, config, *, metric, step=0):
         a     = [w inter + (1 - w)(r - b_h)] / L
     b is each half's mean (or K-quantile under baseline="quantile"); singletons have b_low = b_high = 0.
     """
-    high = groups.rank(metric) >= groups.size // 2
+    high = _high_half(groups, metric)
     baseline_own, baseline_other = half_baselines(rewards, groups, high, config)
     singleton = groups.size == 1
     baseline_own = torch.where(singleton, torch.zeros_like(rewards), baseline_own)
@@ -409,6 +414,18 @@ def _canon_metric(config, rewards, metric, mask, token_entropy, step):
     if token_entropy.shape != mask.shape:
         raise ValueError(f"token_entropy shape {tuple(token_entropy.shape)} != mask shape {tuple(mask.shape)}")
     return (token_entropy.detach().to(dtype) * valid).sum(-1) / (valid.sum(-1) + 1e-8)
+
+
+@torch.no_grad()
+def canon_split(rewards: torch.Tensor, group_ids: torch.Tensor, config: AdvantageConfig, *,
+                metric: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+                token_entropy: Optional[torch.Tensor] = None, step: int = 0) -> torch.Tensor:
+    """The halves CANON compares, as its estimator splits them (``config.canon_metric``, §2.2-2.3):
+    True for the high-metric half of each group, [B] bool. Works for any ``config.estimator``, so
+    that a trainer can report which half did better under another estimator too."""
+    dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    key = _canon_metric(config, rewards.to(dtype), metric, mask, token_entropy, step)
+    return _high_half(Groups.from_ids(group_ids), key)
 
 
 def _checked_vector(name: str, x: torch.Tensor, length: int, device) -> torch.Tensor:

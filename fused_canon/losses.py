@@ -12,14 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from math import inf
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 from .config import LossConfig
 
 __all__ = ["kl_penalty", "agg_loss", "masked_mean", "register_policy_loss", "POLICY_LOSSES", "TokenLoss",
-           "policy_objective", "clip_cov_selection", "kl_cov_selection", "aggregation_weights", "zero_padded",
+           "policy_objective", "clip_cov_selection", "kl_cov_selection", "token_covariance", "aggregation_weights",
+           "zero_padded",
            "gspo_sequence_log_ratio", "check_ref_for_kl", "triton_policy_objective"]
 
 LOG_RATIO_CLAMP = 20.0  # verl clamps log(pi/pi_old) to ±20 in vanilla, cispo (and k3's d)
@@ -238,13 +239,21 @@ def clip_cov_selection(logp, old, advantages, valid, config: LossConfig, step: i
         .reshape(valid.shape)
 
 
+def token_covariance(logp, advantages, valid) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The Entropy Mechanism's per-token covariance terms (§4.1): ``(flat indices of the valid tokens [N],
+    (A - mean A)(logp - mean logp) [N])``, the means plain over the valid tokens, logp detached. Their
+    mean is Cov(logp, A), the quantity the paper finds driving the entropy down. KL-Cov selects by it;
+    Clip-Cov keeps verl's form, whose means divide by the count + 1e-8 (as upstream)."""
+    valid_index = (valid > 0).reshape(-1).nonzero().squeeze(-1)
+    valid_adv, valid_logp = advantages.reshape(-1)[valid_index], logp.detach().reshape(-1)[valid_index]
+    return valid_index, (valid_adv - valid_adv.mean()) * (valid_logp - valid_logp.mean())
+
+
 def kl_cov_selection(logp, advantages, valid, config: LossConfig) -> torch.Tensor:
     """Tokens KL-Cov penalises, [B, T] bool: shared by ``kl_cov`` and the Triton objective."""
-    valid_index = (valid > 0).reshape(-1).nonzero().squeeze(-1)
     penalized = torch.zeros(valid.numel(), dtype=torch.bool, device=valid.device)
+    valid_index, cov = token_covariance(logp, advantages, valid)
     if len(valid_index) > 0:
-        valid_adv, valid_logp = advantages.reshape(-1)[valid_index], logp.detach().reshape(-1)[valid_index]
-        cov = (valid_adv - valid_adv.mean()) * (valid_logp - valid_logp.mean())
         k = max(1, int(len(cov) * config.kl_cov_ratio))
         penalized.index_fill_(0, valid_index[torch.topk(cov, k, largest=True).indices], True)
     return penalized.reshape(valid.shape)

@@ -56,12 +56,18 @@ class ModelConfig:
     num_heads: int = 2  # head_dim = hidden_size / num_heads; vLLM's CPU attention needs >= 32
     intermediate_size: int = 256
     dtype: str = "float32"  # "float32" | "bfloat16" | "float16"
+    # The base model RL starts from: sft_steps supervised steps on a synthetic task's reference
+    # answers (prompt -> answer <eos>, with an optimizer of their own) before the first RL step, so
+    # that some prompts are solved at step 1 and others are not. 0: RL starts from the initial weights.
+    sft_steps: int = 0
+    sft_lr: float = 1e-3
+    sft_batch_size: int = 64  # examples per supervised step
 
 
 @dataclass
 class DataConfig:
-    # A synthetic task ("arithmetic", "digit_sequence", "reverse", "sort") or "gsm8k", which reads
-    # a JSONL/parquet file from data.path and scores GSM8K-style "#### answer" responses.
+    # A synthetic task ("arithmetic", "digit_sequence", "reverse", "sort", "sort_exact") or "gsm8k",
+    # which reads a JSONL/parquet file from data.path and scores GSM8K-style "#### answer" responses.
     task: str = "arithmetic"
     task_options: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of the task generator
     path: str = ""
@@ -130,6 +136,9 @@ class TrainerConfig:
     resume_from: str = ""  # or from this global_step_N directory
     overwrite: bool = False  # replace the outputs of an earlier run in out_dir (without it: refused)
     plugins: List[str] = field(default_factory=list)  # modules imported in every process (registrations)
+    # A directory for base models (model.sft_steps), each under a key of everything it depends on:
+    # runs that share one (compare's methods of a seed) train it once. "": train it in every run.
+    base_model_cache: str = ""
 
 
 @dataclass
@@ -333,6 +342,12 @@ def check_config(cfg: TrainConfig) -> None:
     if model.hidden_size % model.num_heads:
         _fail("model.num_heads", model.num_heads, f"must divide model.hidden_size={model.hidden_size}")
     _choice("model.dtype", model.dtype, DTYPES)
+    _integer("model.sft_steps", model.sft_steps, 0)
+    _number("model.sft_lr", model.sft_lr, 0, low_open=True)
+    _integer("model.sft_batch_size", model.sft_batch_size, 1)
+    if model.sft_steps and data.task == "gsm8k":
+        _fail("model.sft_steps", model.sft_steps, "needs a synthetic task (its answers are the demonstrations); "
+              "data.task=gsm8k has final answers only")
 
     for name in ("train_batch_size", "max_prompt_length", "max_response_length", "val_batch_size"):
         _integer(f"data.{name}", getattr(data, name), 1)

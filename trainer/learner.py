@@ -28,9 +28,10 @@ import fused_canon as fc
 from fused_canon.integrations.hf import last_hidden_states, lm_head_of
 from fused_canon.statistics import EXTRA_SIGNALS
 
-from . import checkpoint
+from . import checkpoint, warmup
 from .config import ConfigError, TrainConfig, estimator_reads
 from .critic import Critic
+from .diagnostics import batch_diagnostics
 from .model import build_model, build_optimizer, clipped_optimizer_step, model_inputs, resolve_device
 
 Batch = Dict[str, torch.Tensor]
@@ -62,6 +63,7 @@ class Learner:
         self.cfg = cfg
         self.loss_config: fc.LossConfig = cfg.algorithm
         self.device = resolve_device(cfg.trainer.device)
+        self.tokenizer = tokenizer
         self.model = build_model(cfg.model, tokenizer, cfg.trainer.seed).to(self.device).train()
         self.optimizer = build_optimizer(self.model.parameters(), cfg.actor)
         # (weight, bias) of the output layer. lm_head_of refuses a model whose logits are more than
@@ -81,6 +83,15 @@ class Learner:
         self.critic: Optional[Critic] = None
         if estimator_reads(self.loss_config.advantage, "values"):
             self.critic = Critic(cfg, tokenizer, self.device)
+
+    def warm_start(self) -> Dict[str, float]:
+        """Make the model the base model RL starts from (model.sft_steps; warmup.py). The driver calls
+        it before the first step of a new run, before the KL reference is taken; a resumed run loads
+        its checkpoint instead."""
+        result = warmup.warm_start(self.model, self.tokenizer, self.cfg, self.device)
+        if self.ref_model is not None:
+            self.ref_model.load_state_dict(self.model.state_dict())
+        return result
 
     # ------------------------------------------------------------------ forward passes
 
@@ -134,7 +145,7 @@ class Learner:
         extra = [name for name in EXTRA_SIGNALS if estimator_reads(self.loss_config.advantage, name)]
         signals = self.token_signals(self.model, on_device, ("logprobs", "entropy", *extra))
         old_logprobs = signals["logprobs"]
-        added = {"old_logprobs": old_logprobs}
+        added = {"old_logprobs": old_logprobs, "token_entropy": signals["entropy"]}
         if self.ref_model is not None:
             added["ref_logprobs"] = self.token_stats(self.ref_model, on_device)[0]
         if self.critic is not None:
@@ -172,6 +183,7 @@ class Learner:
         if self.critic is not None:
             metrics.update(self.critic.batch_metrics(batch))
             metrics["critic/lr"] = self.critic.optimizer.param_groups[0]["lr"]
+        metrics.update(batch_diagnostics(batch, self.loss_config.advantage, step))
         metrics["actor/grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["actor/lr"] = self.optimizer.param_groups[0]["lr"]
         if "rollout_logprobs" in batch:
@@ -194,6 +206,8 @@ class Learner:
             out.loss.backward()
             if fused:  # what the call computed, reported as the advantage step's outputs
                 batch["advantages"], batch["old_logprobs"] = out.advantages, out.logprobs
+                if out.entropy is not None:
+                    batch["token_entropy"] = out.entropy
             # fc's critic/* metrics (the advantages) are reported once, from the whole batch.
             metrics = {key: value for key, value in out.metrics.items() if not key.startswith("critic/")}
             if self.critic is not None:

@@ -29,17 +29,24 @@ class CharTokenizer:
         return len(self.tokens)
 
     def encode(self, text: str) -> List[int]:
+        return [self.bos_id] + self._ids(text)
+
+    def encode_response(self, text: str) -> List[int]:
+        """A response as the policy generates it: the text's tokens, then <eos>."""
+        return self._ids(text) + [self.eos_id]
+
+    def _ids(self, text: str) -> List[int]:
         unknown = sorted(set(text) - set(self.alphabet))
         if unknown:
             raise ValueError(f"characters {unknown} are not in the tokenizer's alphabet {self.alphabet!r}")
-        return [self.bos_id] + [self.ids[ch] for ch in text]
+        return [self.ids[ch] for ch in text]
 
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(self.tokens[i] for i in ids if i >= len(self.specials) and i < len(self.tokens))
 
 
 class HFTokenizer:
-    """The same four members (encode, decode, pad_id, eos_id) over a transformers tokenizer."""
+    """The same members (encode, encode_response, decode, pad_id, eos_id) over a transformers tokenizer."""
 
     def __init__(self, path: str):
         from transformers import AutoTokenizer
@@ -51,6 +58,9 @@ class HFTokenizer:
 
     def encode(self, text: str) -> List[int]:
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def encode_response(self, text: str) -> List[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eos_id]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from . import checkpoint
+from . import checkpoint, warmup
 from .config import ConfigError, TrainConfig, TrainerConfig, check_config, estimator_reads, to_yaml
 from .model import build_tokenizer
 from .rollout import Rollout, Sampling, left_pad
@@ -104,6 +104,8 @@ def train(cfg: TrainConfig) -> Dict[str, float]:
     with start_workers(cfg, tokenizer, out_dir) as workers:
         learner, engine = workers.learner, workers.engine
         start_step, resumed_row = _resume(cfg, ckpt_root, learner, prompts)
+        if start_step == 0 and cfg.model.sft_steps:
+            print(warmup.describe(learner.warm_start(), cfg), flush=True)
         greedy_baseline = estimator_reads(cfg.algorithm.advantage, "baseline_rewards")  # remax
         engine.load_weights_from(learner)  # the engine starts from the learner's (initial or restored) weights
         with Tracker(out_dir, cfg.trainer.logger, cfg.trainer.total_steps, start_step, cfg.trainer.progress_bar,

@@ -86,6 +86,9 @@ class _Proxy:
 class LearnerProxy(_Proxy):
     """The driver's handle on the ``Learner``."""
 
+    def warm_start(self) -> Dict[str, float]:
+        return self._call(Learner.warm_start)
+
     def compute_advantages(self, batch: Dict[str, torch.Tensor], step: int) -> Dict[str, torch.Tensor]:
         return self._call(Learner.compute_advantages, batch, step)
 
