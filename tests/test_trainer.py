@@ -347,9 +347,10 @@ def test_compare_runs_each_estimator_and_plots(tmp_path, capsys):
     code = compare_main(["--estimators", "grpo,qae", "--out-dir", str(tmp_path)]
                         + TINY_TRAINER + ["trainer.total_steps=2"])
     assert code == 0
-    assert (tmp_path / "compare.png").stat().st_size > 10_000
-    grpo = (tmp_path / "grpo" / "config.yaml").read_text()
-    qae = (tmp_path / "qae" / "config.yaml").read_text()
+    for figure in ("curves.png", "gate.png", "halves.png"):
+        assert (tmp_path / figure).stat().st_size > 10_000
+    grpo = (tmp_path / "grpo" / "seed0" / "config.yaml").read_text()
+    qae = (tmp_path / "qae" / "seed0" / "config.yaml").read_text()
     assert "estimator: grpo" in grpo and "baseline: mean" in grpo
     assert "estimator: qae" in qae
     assert compare_main(["--estimators", "ppo"]) == 2

@@ -155,7 +155,7 @@ def test_remax_baseline_is_the_greedy_response_reward(tmp_path, micro):
 def test_compare_runs_remax_and_gae(tmp_path):
     assert compare_main(["--estimators", "remax,gae", "--out-dir", str(tmp_path)] + TINY_TRAINER
                         + ["trainer.total_steps=1"]) == 0
-    (remax,) = read_metrics(str(tmp_path / "remax" / "metrics.jsonl"))
-    (gae,) = read_metrics(str(tmp_path / "gae" / "metrics.jsonl"))
+    (remax,) = read_metrics(str(tmp_path / "remax" / "seed0" / "metrics.jsonl"))
+    (gae,) = read_metrics(str(tmp_path / "gae" / "seed0" / "metrics.jsonl"))
     assert "critic/greedy_score/mean" in remax["data"] and "critic/vf_loss" not in remax["data"]
     assert "critic/vf_loss" in gae["data"] and "timing_s/gen_max" not in gae["data"]

@@ -13,6 +13,8 @@ import os
 import sys
 from typing import List, Optional
 
+import fused_canon as fc
+
 from .checkpoint import CheckpointError
 from .config import ConfigError, load_config, runnable_estimators, to_yaml
 
@@ -75,45 +77,44 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-def compare_main(argv: Optional[List[str]] = None) -> int:
-    parser = _parser("fused-canon compare", "Train the same config and seed with several advantage estimators "
-                     "and plot their curves on one figure.")
-    parser.add_argument("--estimators", default="grpo,qae,canon",
-                        help=f"comma-separated, from {runnable_estimators()} (qae = grpo with a quantile baseline)")
-    parser.add_argument("--out-dir", default="runs/compare", help="one sub-directory per estimator + compare.png")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    from .tracking import learning_summary, plot_runs
-    from .trainer import check_out_dir, train
-
-    names = [name.strip() for name in args.estimators.split(",") if name.strip()]
+def _integers(text: str, flag: str) -> List[int]:
     try:
-        if not names:
-            raise ConfigError(f"--estimators names none; choose from {runnable_estimators()}")
-        # Each name is checked by load_config, like algorithm.advantage.estimator on the train command.
-        configs = {name: load_config(args.config, args.overrides + _flags(args) + [
-            f"algorithm.advantage.estimator={name}", f"trainer.out_dir={os.path.join(args.out_dir, name)}"])
-            for name in names}
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag}={text!r} is not valid: comma-separated integers, e.g. 0,1,2") from None
+    if not values:
+        raise ConfigError(f"{flag}={text!r} names none")
+    return values
+
+
+def compare_main(argv: Optional[List[str]] = None) -> int:
+    parser = _parser("fused-canon compare", "Train several methods with the same config, seeds and budget; write "
+                     "a table (summary.md, summary.json) and figures of their effects (curves, gate, halves).")
+    parser.add_argument("--methods", "--estimators", dest="methods", default="grpo,qae,canon",
+                        help=f"comma-separated ESTIMATOR or ESTIMATOR+LOSS (e.g. grpo+clip_cov); estimators: "
+                             f"{runnable_estimators()}; losses: {sorted(fc.POLICY_LOSSES)}")
+    parser.add_argument("--seeds", default="0", help="comma-separated trainer seeds; every method runs each")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process (1: in this one)")
+    parser.add_argument("--out-dir", default="runs/compare", help="<method>/seed<s>/ per run, the table and figures")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    from .compare import compare, parse_methods, table
+
+    try:
+        if args.jobs < 1:
+            raise ConfigError(f"--jobs={args.jobs} is not valid: must be >= 1")
+        methods, seeds = parse_methods(args.methods), _integers(args.seeds, "--seeds")
         if args.print_config:
-            for name, cfg in configs.items():
-                print(f"# {name}\n{to_yaml(cfg)}")
+            from .compare import run_configs
+
+            for (name, seed), cfg in run_configs(methods, seeds, args.out_dir, args.config, args.overrides).items():
+                print(f"# {name} seed {seed}\n{to_yaml(cfg)}")
             return 0
-        for cfg in configs.values():  # refuse a used directory before the first run, not after it
-            check_out_dir(cfg.trainer)
-        runs = {}
-        for name, cfg in configs.items():
-            print(f"=== {name} ===", flush=True)
-            cfg.trainer.logger = sorted(set(cfg.trainer.logger) | {"jsonl"})  # the comparison reads the JSONL
-            train(cfg)
-            runs[name] = os.path.join(cfg.trainer.out_dir, "metrics.jsonl")
+        summary = compare(methods, seeds, args.out_dir, args.config, args.overrides + _flags(args), args.jobs)
     except (ConfigError, CheckpointError, OSError) as error:
         code = _report("fused-canon compare", error)
         if code is None:
             raise
         return code
-    png = os.path.join(args.out_dir, "compare.png")
-    plot_runs(runs, png, title="estimators compared (same seed)")
-    for name, jsonl_path in runs.items():
-        s = learning_summary(jsonl_path)
-        print(f"{name}: mean reward first tenth {s['first_tenth']:.3f} -> last tenth {s['last_tenth']:.3f}")
-    print(f"figure: {png}")
+    print(table(summary))
+    print(f"table, summary.json and figures (curves.png, gate.png, halves.png) in {args.out_dir}")
     return 0
