@@ -1,6 +1,7 @@
 """The verl plugin against the real verl 0.9.1: its own compute_advantage on a DataProto for every
-registered estimator, CANON's golden cases under CANON's script names, agreement with verl's grpo/rloo,
-the V1 trainer's _compute_advantage with the rollout entropy, and the fused token-statistics engine."""
+registered estimator (with the inputs it declares handed over as the fused_canon_<mode> trainers do),
+CANON's golden cases under CANON's script names, agreement with verl's grpo/rloo. The V1 trainers'
+TransferQueue read is not exercised here (it needs a running verl trainer)."""
 
 import numpy as np
 import pytest
@@ -41,10 +42,20 @@ def random_batch(seed=0, sizes=(4, 3, 1, 4), length=6):
     return rewards, group_ids, mask, entropy
 
 
-def run_verl(name, data, options=None, step=3, token_entropy=None):
+def run_verl(name, data, options=None, step=3, token_entropy=None, inputs=None):
     config = OmegaConf.create({"adv_estimator": name, "fused_canon": options or {}})
-    with fc_verl.rollout_context(step=step, token_entropy=token_entropy):
-        return compute_advantage(data, adv_estimator=name, config=config).batch["advantages"]
+    with fc_verl.rollout_context(step=step, token_entropy=token_entropy, inputs=inputs):
+        return compute_advantage(data, adv_estimator=name, config=config).batch
+
+
+def estimator_inputs(mask, seed=1):
+    """A random value for every compute_advantages input an estimator may declare, shaped like the batch."""
+    g = torch.Generator().manual_seed(seed)
+    B, T = mask.shape
+    return {"values": torch.randn(B, T, generator=g), "token_ids": torch.randint(0, 50, (B, T), generator=g),
+            "baseline_rewards": torch.rand(B, generator=g), "old_logprobs": -torch.rand(B, T, generator=g) * 3,
+            "sum_pi_squared": torch.rand(B, T, generator=g), "rollout_is_weights": torch.rand(B, T, generator=g) + 0.5,
+            "self_certainty": torch.rand(B, T, generator=g) * 4, "target_logits": torch.randn(B, T, generator=g)}
 
 
 def test_entry_point_registers_every_estimator_and_canon_name():
@@ -58,19 +69,45 @@ def test_entry_point_registers_every_estimator_and_canon_name():
     # verl keeps its own estimators; fused-canon's twins are reachable with the prefix
     assert core_algos.get_adv_estimator_fn("grpo") is core_algos.compute_grpo_outcome_advantage
     for name in fc.ESTIMATORS:
-        if name not in ("grpo", "rloo"):
+        assert core_algos.get_adv_estimator_fn(fc_verl.PREFIX + name).__name__ == f"fused_canon_{fc_verl.PREFIX + name}"
+        if name in fc_verl.registered_names():  # verl had no estimator of that name
             assert core_algos.get_adv_estimator_fn(name).__name__ == f"fused_canon_{name}"
+    assert core_algos.get_adv_estimator_fn("reinforce_plus_plus_baseline").__module__ == core_algos.__name__
 
 
 @pytest.mark.parametrize("name", sorted(fc_verl.registered_names()))
 def test_verl_compute_advantage_runs_each_registered_estimator(name):
-    rewards, group_ids, mask, entropy = random_batch()
+    """verl's compute_advantage with the estimator's declared inputs handed over in rollout_context (as the
+    fused_canon_<mode> trainers do) equals fc.compute_advantages: advantages and returns."""
+    rewards, group_ids, mask, entropy = random_batch(sizes=(4, 3, 2, 4))
     options = {"quantile_k": 0.6} if name.endswith("qae") else {}
-    actual = run_verl(name, verl_batch(rewards, group_ids, mask), options, step=5, token_entropy=entropy)
     config = fc_verl.advantage_config(name, OmegaConf.create({"fused_canon": options}))
-    expected = fc.compute_advantages(rewards, group_ids, config, mask=mask.bool(), token_entropy=entropy, step=5)
-    expected = (expected[:, None] if expected.dim() == 1 else expected) * mask
-    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    declared = fc.ESTIMATOR_INPUTS.get(config.estimator)
+    wanted = set(declared.required + declared.optional) - {"mask"} if declared else set()
+    inputs = {k: v for k, v in estimator_inputs(mask).items() if k in wanted}
+    batch = run_verl(name, verl_batch(rewards, group_ids, mask), options, step=5, token_entropy=entropy, inputs=inputs)
+    expected = fc.compute_advantages(rewards, group_ids, config, mask=mask.bool(), token_entropy=entropy, step=5,
+                                     with_returns=True, **inputs)
+    for key, value in zip(("advantages", "returns"), expected):
+        value = (value[:, None] if value.dim() == 1 else value) * mask
+        torch.testing.assert_close(batch[key], value, rtol=0, atol=0)
+
+
+def test_verl_batch_fields_reach_the_estimators_and_missing_ones_are_named():
+    """reward_baselines in verl's batch reaches fc_remax through compute_advantage itself; an input neither
+    verl nor the context provides is an error naming it and where it comes from."""
+    rewards, group_ids, mask, _ = random_batch(sizes=(4, 3, 2, 4))
+    baselines = estimator_inputs(mask)["baseline_rewards"]
+    data = verl_batch(rewards, group_ids, mask)
+    data.batch["reward_baselines"] = baselines
+    actual = run_verl("fc_remax", data)["advantages"]
+    expected = fc.compute_advantages(rewards, group_ids, fc.AdvantageConfig(estimator="remax"), mask=mask.bool(),
+                                     baseline_rewards=baselines)
+    torch.testing.assert_close(actual, expected[:, None] * mask, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="fc_gae needs values .verl's batch field 'values'"):
+        run_verl("fc_gae", verl_batch(rewards, group_ids, mask))
+    with pytest.raises(ValueError, match="ucas needs self_certainty .verl's actor does not compute it"):
+        run_verl("ucas", verl_batch(rewards, group_ids, mask))
 
 
 CANON_SCRIPT_NAME = {("entropy", "constant"): "dr_entropy_token_budget", ("length", "constant"): "dr_length_on_mean",
@@ -90,7 +127,7 @@ def test_canon_script_names_reproduce_canon_upstream(case):
     inputs = case["inputs"]
     entropy = torch.tensor(inputs["token_entropy"], dtype=torch.float32) if "token_entropy" in inputs else None
     data = verl_batch(inputs["rewards"], inputs["group_ids"], inputs["mask"])
-    actual = run_verl(name, data, config, step=case.get("step", 0), token_entropy=entropy)
+    actual = run_verl(name, data, config, step=case.get("step", 0), token_entropy=entropy)["advantages"]
     assert relative_error(actual, torch.tensor(case["expected_token"])) < 1e-6
 
 
@@ -101,7 +138,7 @@ def test_agrees_with_verls_own_estimators(ours, theirs, norm_by_std):
     expected = compute_advantage(verl_batch(rewards, group_ids, mask), adv_estimator=theirs,
                                  norm_adv_by_std_in_grpo=norm_by_std,
                                  config=OmegaConf.create({"adv_estimator": theirs})).batch["advantages"]
-    actual = run_verl(ours, verl_batch(rewards, group_ids, mask))
+    actual = run_verl(ours, verl_batch(rewards, group_ids, mask))["advantages"]
     assert (actual - expected).abs().max() < 1e-6
 
 

@@ -40,7 +40,7 @@ import torch
 from verl.trainer.ppo import core_algos
 
 from ..config import AdvantageConfig, CosineRestartSchedule
-from ..estimators import ESTIMATORS, compute_advantages
+from ..estimators import ESTIMATOR_INPUTS, ESTIMATORS, EstimatorInputs, compute_advantages
 
 __all__ = ["PREFIX", "CANON_SCRIPT_PRESETS", "OPTIONS_KEY", "advantage_config",
            "registered_names", "rollout_context", "register_estimators", "RolloutContextForAdvantages"]
@@ -98,9 +98,10 @@ def advantage_config(name: str, algorithm_config=None) -> AdvantageConfig:
 class _Rollout:
     """What the trainer knows at advantage time and verl does not pass to estimators."""
 
-    def __init__(self, token_entropy: Optional[torch.Tensor], step: int):
+    def __init__(self, token_entropy: Optional[torch.Tensor], step: int, inputs: dict):
         self.token_entropy = token_entropy
         self.step = step
+        self.inputs = inputs
 
 
 _ROLLOUT: contextvars.ContextVar[Optional[_Rollout]] = contextvars.ContextVar("fused_canon_verl_rollout",
@@ -108,14 +109,36 @@ _ROLLOUT: contextvars.ContextVar[Optional[_Rollout]] = contextvars.ContextVar("f
 
 
 @contextlib.contextmanager
-def rollout_context(*, step: int, token_entropy: Optional[torch.Tensor] = None):
-    """Hand the global ``step`` and the old policy's ``token_entropy [B, T]`` (in the batch's row order)
-    to the fused-canon estimators that verl's ``compute_advantage`` calls inside this block."""
-    token = _ROLLOUT.set(_Rollout(token_entropy, int(step)))
+def rollout_context(*, step: int, token_entropy: Optional[torch.Tensor] = None, inputs: Optional[dict] = None):
+    """Hand the global ``step``, the old policy's ``token_entropy [B, T]`` and other estimator ``inputs``
+    (keywords of ``fc.compute_advantages``: values, token_ids, ...; in the batch's row order) to the
+    fused-canon estimators that verl's ``compute_advantage`` calls inside this block."""
+    token = _ROLLOUT.set(_Rollout(token_entropy, int(step), dict(inputs or {})))
     try:
         yield
     finally:
         _ROLLOUT.reset(token)
+
+
+# The estimator inputs that verl's batch holds: fused-canon keyword -> verl's batch field. verl's
+# compute_advantage passes reward_baselines to every registered estimator, and sum_pi_squared,
+# old_log_probs, rollout_is_weights only to its own optimal-token-baseline names; the fused_canon_<mode>
+# trainers read every field an estimator declares from the batch and hand it over in rollout_context.
+VERL_BATCH_FIELDS = {"values": "values", "token_ids": "responses", "baseline_rewards": "reward_baselines",
+                     "old_logprobs": "old_log_probs", "sum_pi_squared": "sum_pi_squared",
+                     "rollout_is_weights": "rollout_is_weights"}
+
+
+def _declared_inputs(config: AdvantageConfig) -> tuple:
+    declared = ESTIMATOR_INPUTS.get(config.estimator, EstimatorInputs())
+    return tuple(n for n in declared.required + declared.optional if n != "mask")
+
+
+def _missing_input_error(name: str, missing: list) -> ValueError:
+    where = [f"{n} (verl's batch field {VERL_BATCH_FIELDS[n]!r}: run a fused_canon_<mode> V1 trainer, which hands "
+             "it over)" if n in VERL_BATCH_FIELDS else f"{n} (verl's actor does not compute it)" for n in missing]
+    return ValueError(f"{name} needs {', '.join(where)}; or call compute_advantage inside "
+                      "fused_canon.integrations.verl.rollout_context(inputs={...})")
 
 
 _NO_CONTEXT = ("verl passes neither the rollout entropy nor the global step to estimators: run verl's V1 trainer "
@@ -143,7 +166,8 @@ def _verl_estimator(name: str):
     """verl's estimator contract around ``fc.compute_advantages`` for registered name ``name``."""
 
     def estimator(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index=None, config=None,
-                  reward_baselines: Optional[torch.Tensor] = None):
+                  reward_baselines: Optional[torch.Tensor] = None, sum_pi_squared: Optional[torch.Tensor] = None,
+                  old_log_probs: Optional[torch.Tensor] = None, rollout_is_weights: Optional[torch.Tensor] = None):
         adv_config = advantage_config(name, config)
         if index is None:
             raise ValueError(f"{name} groups responses by prompt: the batch needs verl's 'uid' column")
@@ -157,15 +181,20 @@ def _verl_estimator(name: str):
                 raise ValueError(f"{name} needs the old policy's token entropy, but none was computed for this "
                                  "batch (rollout_correction.bypass_mode skips the old-log-prob pass)")
             token_entropy = token_entropy.to(response_mask.device)
-        mask = response_mask.bool()
-        kwargs = {} if reward_baselines is None else {"baseline_rewards": reward_baselines}
-        advantages = compute_advantages(token_level_rewards.sum(-1), _group_ids(index, token_level_rewards.device),
-                                        adv_config, mask=mask, token_entropy=token_entropy,
-                                        step=rollout.step if rollout is not None else 0, **kwargs)
-        if advantages.dim() == 1:
-            advantages = advantages[:, None]
-        advantages = (advantages * response_mask).to(token_level_rewards.dtype)
-        return advantages, advantages
+        passed = {"baseline_rewards": reward_baselines, "sum_pi_squared": sum_pi_squared,
+                  "old_logprobs": old_log_probs, "rollout_is_weights": rollout_is_weights}
+        given = {**{k: v for k, v in passed.items() if v is not None}, **(rollout.inputs if rollout else {})}
+        inputs = {n: given[n].to(response_mask.device) for n in _declared_inputs(adv_config) if n in given}
+        missing = [n for n in ESTIMATOR_INPUTS.get(adv_config.estimator, EstimatorInputs()).required
+                   if n != "mask" and n not in inputs]
+        if missing:
+            raise _missing_input_error(name, missing)
+        advantages, returns = compute_advantages(
+            token_level_rewards.sum(-1), _group_ids(index, token_level_rewards.device), adv_config,
+            mask=response_mask.bool(), token_entropy=token_entropy, step=rollout.step if rollout is not None else 0,
+            with_returns=True, **inputs)
+        return tuple(((x[:, None] if x.dim() == 1 else x) * response_mask).to(token_level_rewards.dtype)
+                     for x in (advantages, returns))
 
     estimator.__name__ = estimator.__qualname__ = f"fused_canon_{name}"
     return estimator
@@ -208,15 +237,21 @@ class RolloutContextForAdvantages:
     with the trainer's ``global_steps`` and the token entropy its old-log-prob pass stored."""
 
     def _compute_advantage(self, batch, metrics):
-        token_entropy = None
+        token_entropy, inputs = None, {}
         algorithm = self.config.algorithm
         name = algorithm.adv_estimator
-        if name in _REGISTERED and _needs_entropy(advantage_config(name, algorithm)):
-            import transfer_queue as tq
+        if name in _REGISTERED:
+            config = advantage_config(name, algorithm)
+            wanted = {n: VERL_BATCH_FIELDS[n] for n in _declared_inputs(config) if n in VERL_BATCH_FIELDS}
+            select = (["entropy"] if _needs_entropy(config) else []) + list(wanted.values())
+            if select:
+                import transfer_queue as tq
 
-            fields = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["entropy"])
-            token_entropy = fields.to_padded_tensor()["entropy"]
-        with rollout_context(step=self.global_steps, token_entropy=token_entropy):
+                fields = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=select)
+                padded = fields.to_padded_tensor()
+                token_entropy = padded["entropy"] if _needs_entropy(config) else None
+                inputs = {n: padded[field] for n, field in wanted.items() if field in padded.keys()}
+        with rollout_context(step=self.global_steps, token_entropy=token_entropy, inputs=inputs):
             return super()._compute_advantage(batch, metrics)
 
 
