@@ -21,12 +21,13 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .backends import LINEAR_TOKEN_STATS, OBJECTIVE, TOKEN_STATS, select
+from .backends import LINEAR_TOKEN_STATS, OBJECTIVE, TOKEN_STATS, check_backend, select
 from .config import LossConfig
 from .estimators import ADVANTAGE_INPUTS, ESTIMATOR_INPUTS, EstimatorInputs, advantages_and_choice
 from .losses import Normalizers
 from .statistics import EXTRA_SIGNALS
-from .validation import (check_advantages, check_logits_and_targets, check_mask, check_per_token, check_tensor,
+from .validation import (PendingChecks, check_advantages, check_bool, check_logits_and_targets, check_mask,
+                         check_nonfinite_logits, check_number, check_per_token, check_step, check_tensor,
                          check_targets_in_range, FLOAT_DTYPES)
 
 __all__ = ["LossOutput", "token_stats", "token_signals", "SIGNALS", "policy_loss", "linear_policy_loss",
@@ -41,7 +42,7 @@ class LossOutput:
     loss: torch.Tensor  # scalar, differentiable w.r.t. the inputs
     logprobs: torch.Tensor  # [B, T], detached, 0 at padded positions (fp32; the caller's dtype from logprobs)
     entropy: Optional[torch.Tensor]  # [B, T] like logprobs; None when policy_loss_from_logprobs got no entropy
-    advantages: torch.Tensor  # [B] (or [B, T] for token-level advantages), detached
+    advantages: torch.Tensor  # [B] (or [B, T] for token-level ones), detached; from rewards: fp32 (fp64 rewards: fp64)
     metrics: Dict[str, float] = field(default_factory=dict)  # verl metric names
     # What ran for each stage and why, e.g. {"token_stats": "triton (auto: cuda tensors)",
     # "advantages": "torch (auto: estimator 'mine' has no Triton kernel ...)", "objective": "triton (requested)"}.
@@ -65,17 +66,21 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float 
     """Log-prob of ``targets`` and entropy of each position: ``logits [..., V]``, ``targets [...]``.
 
     Returns ``(logprobs, entropy)`` in fp32 (fp64 for fp64 logits), shaped like ``targets``, both
-    differentiable w.r.t. ``logits``. ``temperature`` divides the logits first.
+    differentiable w.r.t. ``logits``. ``temperature`` divides the logits first. Every position counts
+    as valid: a NaN or +inf logit, or a -inf logit at the target, is an error naming the position.
     """
     check_logits_and_targets(logits, targets)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    temperature = check_number("temperature", temperature, low=0.0, low_open=True)
     stats = select(TOKEN_STATS, backend, logits)
     shape = targets.shape
-    logits3d = logits.reshape(1, -1, logits.shape[-1]) if logits.dim() != 3 else logits
+    vocab = logits.shape[-1]
+    logits3d = logits.reshape(1, targets.numel(), vocab) if logits.dim() != 3 else logits
     targets2d = targets.reshape(logits3d.shape[:2])
     row_index = torch.arange(targets2d.numel(), device=logits.device)
     logp, entropy = stats.fn(logits3d, targets2d, row_index, temperature)
+    checks = PendingChecks()
+    check_nonfinite_logits(checks, logp.detach(), row_index, shape)
+    checks.flush()
     return logp.reshape(shape), entropy.reshape(shape)
 
 
@@ -98,15 +103,17 @@ def token_signals(logits: torch.Tensor, targets: torch.Tensor, names, temperatur
         check_tensor("mask", mask, device=logits.device)
         mask = check_mask(mask, tuple(targets.shape), logits.device)
     check_logits_and_targets(logits, targets, mask)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    temperature = check_number("temperature", temperature, low=0.0, low_open=True)
     stats = select(TOKEN_STATS, backend, logits)
-    logits3d = logits.reshape(1, -1, logits.shape[-1]) if logits.dim() != 3 else logits
+    logits3d = logits.reshape(1, targets.numel(), logits.shape[-1]) if logits.dim() != 3 else logits
     targets2d = targets.reshape(logits3d.shape[:2])
     row_index = (torch.arange(targets2d.numel(), device=logits.device) if mask is None
                  else valid_row_index(mask.reshape(targets2d.shape)))
     outputs = stats.fn(logits3d, targets2d, row_index, temperature,
                        extra_stats=any(name in EXTRA_SIGNALS for name in names))
+    checks = PendingChecks()
+    check_nonfinite_logits(checks, outputs[0], row_index, targets.shape)
+    checks.flush()
     by_name = dict(zip(SIGNALS, outputs))
     return {name: scatter_rows(by_name[name].detach(), row_index, targets2d.shape).reshape(targets.shape)
             for name in names}
@@ -131,34 +138,63 @@ def _pass_signals(outputs, row_index, shape) -> Dict[str, torch.Tensor]:
     return {name: scatter_rows(x, row_index, shape) for name, x in zip(EXTRA_SIGNALS, outputs[2:])}
 
 
-def _check_normalizer(name: str, value) -> None:
-    if value is not None and not value > 0:
-        raise ValueError(f"{name} must be > 0 (the global count over all micro-batches and ranks), got {value}")
+def _check_normalizer(name: str, value, unit: str) -> Optional[float]:
+    """A global normalizer: None (this micro-batch's own count), or a Python number > 0."""
+    if value is None:
+        return None
+    return check_number(name, value, low=0.0, low_open=True,
+                        why=f" (a Python number: the {unit} of all micro-batches on all ranks)")
 
 
-def _check_common(mask, shape, device, config, global_num_tokens, global_num_seqs):
+def _check_common(mask, shape, device, config, step, global_num_tokens, global_num_seqs):
     if not isinstance(config, LossConfig):
         raise TypeError(f"config must be a fused_canon.LossConfig, got {type(config).__name__}")
-    _check_normalizer("global_num_tokens", global_num_tokens)
-    _check_normalizer("global_num_seqs", global_num_seqs)
+    check_step(step)
+    _check_normalizer("global_num_tokens", global_num_tokens, "valid tokens")
+    _check_normalizer("global_num_seqs", global_num_seqs, "sequences with a valid token")
     return check_mask(mask, shape, device)
+
+
+def _data_parallel_ranks() -> int:
+    """The world size of torch.distributed (1 without it): a global count may be shared out over the ranks."""
+    distributed = torch.distributed
+    return distributed.get_world_size() if distributed.is_available() and distributed.is_initialized() else 1
+
+
+def _check_normalizers_cover(checks: PendingChecks, mask: torch.Tensor, global_num_tokens, global_num_seqs) -> None:
+    """A global count covers this micro-batch's own count (with data parallelism, its 1/world_size share may be
+    passed instead: docs/integrations.md), read with the metrics."""
+    ranks = _data_parallel_ranks()
+    for name, given, local, unit in (("global_num_tokens", global_num_tokens, mask.sum(), "valid tokens"),
+                                     ("global_num_seqs", global_num_seqs, mask.any(-1).sum(), "sequences with a "
+                                                                                             "valid token")):
+        if given is None:
+            continue
+        checks.add(torch.where(local > given * ranks, local, -1),
+                   lambda count, name=name, given=given, unit=unit: (
+                       f"{name}={given!r} is below this micro-batch's own {count} {unit}"
+                       + (f" (over the {ranks} data-parallel ranks)" if ranks > 1 else "")
+                       + f": it must count the {unit} of all micro-batches on all ranks"
+                       + (" (or that count divided by the world size)" if ranks > 1 else "")))
 
 
 def _loss_from_logprobs(logp, entropy, mask, row_index, *, backend, rewards, group_ids, advantages, old_logprobs,
                         ref_logprobs, metric, config, step, global_num_tokens, global_num_seqs,
-                        backends, advantage_inputs=None, pass_inputs=None) -> LossOutput:
+                        backends, checks, advantage_inputs=None, pass_inputs=None) -> LossOutput:
     """Stage 2, shared by every entry point: ``logp`` / ``entropy`` [B, T] with zeros at padded positions
     (``entropy`` may be None), ``row_index`` the valid rows of ``mask``; ``backends`` what ran so far;
-    ``pass_inputs`` the estimator inputs the entry point provides (token ids, the pass's signals), which
-    the caller's ``advantage_inputs`` override."""
+    ``checks`` the value checks so far, read with the metrics (docs/design.md §4.1); ``pass_inputs`` the
+    estimator inputs the entry point provides (token ids, the pass's signals), which the caller's
+    ``advantage_inputs`` override."""
     shape = mask.shape
     device = mask.device
     if advantage_inputs is not None and rewards is None:
         raise ValueError("advantage_inputs are inputs of the estimator: pass them with `rewards` and `group_ids`")
+    _check_normalizers_cover(checks, mask, global_num_tokens, global_num_seqs)
     if advantages is not None:
         if rewards is not None:
             raise ValueError("pass either `advantages` or `rewards` + `group_ids`, not both")
-        token_advantages = check_advantages(advantages, shape, device, mask)
+        token_advantages = check_advantages(advantages, shape, device, mask, checks)
         reported_advantages = advantages.detach()
     else:
         if rewards is None or group_ids is None:
@@ -178,16 +214,17 @@ def _loss_from_logprobs(logp, entropy, mask, row_index, *, backend, rewards, gro
         # On-policy, the rollout policy's log-probs are this pass's own.
         inputs = {"old_logprobs": logp.detach() if old_logprobs is None else old_logprobs,
                   **(pass_inputs or {}), **(advantage_inputs or {})}
+        # The caller's rewards as given (never downcast): the estimators compute in float64.
         reported_advantages, choice = advantages_and_choice(
-            rewards.to(logp.dtype) if rewards.is_floating_point() else rewards, group_ids, config.advantage,
-            metric=metric, mask=mask, token_entropy=entropy.detach() if needs_entropy and entropy is not None else None,
-            step=step, backend=backend, **inputs)
+            rewards, group_ids, config.advantage, metric=metric, mask=mask,
+            token_entropy=entropy.detach() if needs_entropy and entropy is not None else None,
+            step=step, backend=backend, checks=checks, **inputs)
         backends["advantages"] = choice.describe()
         token_advantages = (reported_advantages if reported_advantages.dim() == 2
                             else reported_advantages[:, None].expand(shape))
 
-    old = check_per_token("old_logprobs", old_logprobs, shape, device, mask)
-    ref = check_per_token("ref_logprobs", ref_logprobs, shape, device, mask)
+    old = check_per_token("old_logprobs", old_logprobs, shape, device, mask, checks)
+    ref = check_per_token("ref_logprobs", ref_logprobs, shape, device, mask, checks)
     norm = Normalizers(global_num_tokens, global_num_seqs, config.loss_scale_factor)
     objective = select(OBJECTIVE, backend, logp, name=config.loss_mode)
     backends[OBJECTIVE] = objective.describe()
@@ -199,11 +236,15 @@ def _loss_from_logprobs(logp, entropy, mask, row_index, *, backend, rewards, gro
         metrics["critic/advantages/max"] = valid_advantages.max()
         metrics["critic/advantages/min"] = valid_advantages.min()
     if rewards is not None:
-        metrics["critic/score/mean"] = rewards.detach().float().mean()
+        metrics["critic/score/mean"] = rewards.detach().double().mean()
     names = list(metrics)
-    values = torch.stack([metrics[k].detach().to(device=device, dtype=torch.float64) for k in names]).tolist()
+    # The call's one batched host read: the metrics and every pending value check.
+    values = torch.stack([metrics[k].detach().to(device=device, dtype=torch.float64) for k in names]
+                         + [value.to(device) for value in checks.values()]).tolist()
+    checks.raise_failed(values[len(names):])
     return LossOutput(loss=loss, logprobs=logp.detach(), entropy=None if entropy is None else entropy.detach(),
-                      advantages=reported_advantages, metrics=dict(zip(names, values)), backends=backends)
+                      advantages=reported_advantages, metrics=dict(zip(names, values[:len(names)])),
+                      backends=backends)
 
 
 def policy_loss_from_logprobs(logprobs: torch.Tensor, mask: torch.Tensor, *, entropy: Optional[torch.Tensor] = None,
@@ -226,16 +267,17 @@ def policy_loss_from_logprobs(logprobs: torch.Tensor, mask: torch.Tensor, *, ent
     optimal_token_baseline) gets them in ``advantage_inputs`` (e.g. from ``token_signals``).
     The Triton objective takes fp32 log-probs.
     """
-    config = config or LossConfig()
+    config = LossConfig() if config is None else config
     if not torch.is_tensor(logprobs) or logprobs.dim() != 2:
         raise ValueError(f"logprobs must be [B, T], got {getattr(logprobs, 'shape', type(logprobs))}")
     if not logprobs.is_floating_point():
         raise TypeError(f"logprobs must be a floating tensor, got {logprobs.dtype}")
     shape, device = logprobs.shape, logprobs.device
-    mask = _check_common(mask, shape, device, config, global_num_tokens, global_num_seqs)
-    check_per_token("logprobs", logprobs, shape, device, mask)
+    mask = _check_common(mask, shape, device, config, step, global_num_tokens, global_num_seqs)
+    checks = PendingChecks()
+    check_per_token("logprobs", logprobs, shape, device, mask, checks)
     if entropy is not None:
-        check_per_token("entropy", entropy, shape, device, mask)
+        check_per_token("entropy", entropy, shape, device, mask, checks)
         entropy = torch.where(mask, entropy, torch.zeros_like(entropy))
     elif config.entropy_coeff != 0:
         raise ValueError(f"entropy_coeff={config.entropy_coeff} needs the per-token `entropy` (differentiable)")
@@ -247,7 +289,7 @@ def policy_loss_from_logprobs(logprobs: torch.Tensor, mask: torch.Tensor, *, ent
                                group_ids=group_ids, advantages=advantages, old_logprobs=old_logprobs,
                                ref_logprobs=ref_logprobs, metric=metric, config=config, step=step,
                                global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs, backends={},
-                               advantage_inputs=advantage_inputs)
+                               checks=checks, advantage_inputs=advantage_inputs)
 
 
 def policy_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *,
@@ -265,7 +307,10 @@ def policy_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
     pass's own token entropy, unless ``metric`` is passed). ``old_logprobs=None`` means on-policy.
     ``global_num_tokens`` / ``global_num_seqs`` are the normalizers over all micro-batches and ranks.
     ``inplace_backward=True`` (Triton only) writes dlogits over the logits buffer: only when nothing
-    else uses these logits afterwards. ``LossOutput.backends`` says what ran for each stage.
+    else uses these logits afterwards, and it saves the ``[B, T, V]`` gradient only for logits computed
+    in the graph (an LM head's output): the gradient of a leaf tensor is copied by autograd anyway.
+    ``LossOutput.backends`` says what ran for each stage. A NaN or +inf logit in a valid row, or a
+    -inf logit at a valid target, raises a ValueError naming the first such (batch, position).
 
     With ``rewards``, the estimator gets what it declares (``fc.ESTIMATOR_INPUTS``) from this call: the
     mask, ``targets`` as token ids (ktae), ``old_logprobs`` (else this pass's own, on-policy), and the
@@ -274,21 +319,25 @@ def policy_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
     ``baseline_rewards``; ``rollout_is_weights``) or replaces the pass's (e.g. the rollout policy's own
     self-certainty when off-policy), keyed like ``compute_advantages``' keywords.
     """
-    config = config or LossConfig()
+    config = LossConfig() if config is None else config
     if not torch.is_tensor(logits) or logits.dim() != 3:
         raise ValueError(f"logits must be [B, T, V], got {getattr(logits, 'shape', type(logits))}")
-    mask = _check_common(mask, logits.shape[:2], logits.device, config, global_num_tokens, global_num_seqs)
+    mask = _check_common(mask, logits.shape[:2], logits.device, config, step, global_num_tokens, global_num_seqs)
+    check_bool("inplace_backward", inplace_backward)
     check_logits_and_targets(logits, targets, mask)
     stats = select(TOKEN_STATS, backend, logits)
     row_index = valid_row_index(mask)
     outputs = stats.fn(logits, targets, row_index, config.temperature, inplace_backward=inplace_backward,
                        extra_stats=_needs_extra_signals(config, rewards, advantage_inputs))
+    checks = PendingChecks()
+    check_nonfinite_logits(checks, outputs[0].detach(), row_index, mask.shape)
     return _loss_from_logprobs(scatter_rows(outputs[0], row_index, mask.shape),
                                scatter_rows(outputs[1], row_index, mask.shape), mask, row_index,
                                backend=backend, rewards=rewards, group_ids=group_ids, advantages=advantages,
                                old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, metric=metric, config=config,
                                step=step, global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
-                               backends={TOKEN_STATS: stats.describe()}, advantage_inputs=advantage_inputs,
+                               backends={TOKEN_STATS: stats.describe()}, checks=checks,
+                               advantage_inputs=advantage_inputs,
                                pass_inputs=dict(token_ids=targets, **_pass_signals(outputs, row_index, mask.shape)))
 
 
@@ -301,12 +350,14 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
                        backend: str = "auto", advantage_inputs: Optional[Dict[str, torch.Tensor]] = None) -> LossOutput:
     """``policy_loss`` from the last hidden states ``hidden [B, T, H]`` and the LM head ``weight [V, H]``
     (+ ``bias [V]``), without materialising the [B, T, V] logits (logits = hidden @ weight.T + bias).
-    Same keywords and output as ``policy_loss``; the loss is differentiable w.r.t. hidden, weight, bias."""
-    config = config or LossConfig()
+    Same keywords and output as ``policy_loss``; the loss is differentiable w.r.t. hidden, weight, bias.
+    Non-finite logits of a valid row (NaN or inf in its hidden state, in the weight or the bias) raise
+    as in ``policy_loss``."""
+    config = LossConfig() if config is None else config
     if not torch.is_tensor(hidden) or hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, T, H], got {getattr(hidden, 'shape', type(hidden))}")
     device = hidden.device
-    mask = _check_common(mask, hidden.shape[:2], device, config, global_num_tokens, global_num_seqs)
+    mask = _check_common(mask, hidden.shape[:2], device, config, step, global_num_tokens, global_num_seqs)
     check_tensor("weight", weight, device=device)
     if hidden.dtype not in FLOAT_DTYPES or weight.dtype != hidden.dtype:
         raise TypeError(f"hidden and weight must share one float dtype, got {hidden.dtype} and {weight.dtype}")
@@ -325,24 +376,34 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     outputs = stats.fn(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), row_index,
                        bias=bias, temperature=config.temperature,
                        extra_stats=_needs_extra_signals(config, rewards, advantage_inputs))
+    checks = PendingChecks()
+    check_nonfinite_logits(checks, outputs[0].detach(), row_index, mask.shape, lm_head=True)
     return _loss_from_logprobs(scatter_rows(outputs[0], row_index, mask.shape),
                                scatter_rows(outputs[1], row_index, mask.shape), mask, row_index,
                                backend=backend, rewards=rewards, group_ids=group_ids, advantages=advantages,
                                old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, metric=metric, config=config,
                                step=step, global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
-                               backends={LINEAR_TOKEN_STATS: stats.describe()}, advantage_inputs=advantage_inputs,
+                               backends={LINEAR_TOKEN_STATS: stats.describe()}, checks=checks,
+                               advantage_inputs=advantage_inputs,
                                pass_inputs=dict(token_ids=targets, **_pass_signals(outputs, row_index, mask.shape)))
 
 
 class FusedPolicyLoss(torch.nn.Module):
-    """``nn.Module`` wrapper of ``policy_loss`` holding its ``LossConfig`` and backend."""
+    """``nn.Module`` wrapper of ``policy_loss`` holding its ``LossConfig`` and backend: ``forward`` takes every
+    other keyword of ``policy_loss`` (the config and backend are the module's; change them on the module)."""
 
     def __init__(self, config: Optional[LossConfig] = None, backend: str = "auto"):
         super().__init__()
-        self.config = config or LossConfig()
+        config = LossConfig() if config is None else config
+        if not isinstance(config, LossConfig):
+            raise TypeError(f"config must be a fused_canon.LossConfig, got {type(config).__name__}")
+        check_backend(backend)
+        self.config = config
         self.backend = backend
 
     def forward(self, logits, targets, mask, **kwargs) -> LossOutput:
-        kwargs.setdefault("config", self.config)
-        kwargs.setdefault("backend", self.backend)
-        return policy_loss(logits, targets, mask, **kwargs)
+        for name in ("config", "backend"):
+            if name in kwargs:
+                raise TypeError(f"FusedPolicyLoss.forward got {name}={kwargs[name]!r}: the module's own "
+                                f"{name} (self.{name}) applies; set it on the module or build another one")
+        return policy_loss(logits, targets, mask, config=self.config, backend=self.backend, **kwargs)

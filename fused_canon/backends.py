@@ -44,7 +44,8 @@ TOKEN_STATS, LINEAR_TOKEN_STATS, ADVANTAGES, OBJECTIVE = "token_stats", "linear_
 AUTO_TRITON_DEVICES = ("cuda",)
 
 _STATISTICS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the statistics kernels read
-_FP32 = (torch.float32,)  # the estimator and objective kernels compute in fp32 only
+_ADVANTAGE_DTYPES = (torch.float32, torch.float64)  # the rewards' dtype the estimator kernel takes (it computes in fp64)
+_FP32 = (torch.float32,)  # the objective kernel takes fp32 log-probs
 
 
 @dataclass(frozen=True)
@@ -120,15 +121,18 @@ def _triton_table() -> Dict[str, Dict[Optional[str], TritonLaunch]]:
 
     def estimator(builtin, kernel_constant):
         launch = functools.partial(estimators.triton_advantages, estimator=kernel_constant)
-        return TritonLaunch(launch, _FP32, reproduces=builtin, limit=group_limit)
+        return TritonLaunch(launch, _ADVANTAGE_DTYPES, reproduces=builtin, limit=group_limit)
 
     def loss(builtin, kernel_constant):
         launch = functools.partial(losses.triton_policy_objective, loss_mode=kernel_constant)
         return TritonLaunch(launch, _FP32, reproduces=builtin)
 
+    # The API builds row_index itself and checks the targets first: the launches do not check them again.
     return {
-        TOKEN_STATS: {None: TritonLaunch(logits_token_stats.triton_token_stats, _STATISTICS_DTYPES)},
-        LINEAR_TOKEN_STATS: {None: TritonLaunch(linear_token_stats.triton_linear_token_stats, _STATISTICS_DTYPES)},
+        TOKEN_STATS: {None: TritonLaunch(functools.partial(logits_token_stats.triton_token_stats, check_rows=False),
+                                         _STATISTICS_DTYPES)},
+        LINEAR_TOKEN_STATS: {None: TritonLaunch(functools.partial(linear_token_stats.triton_linear_token_stats,
+                                                                  check_rows=False), _STATISTICS_DTYPES)},
         ADVANTAGES: {
             "grpo": estimator(estimators.grpo, advantage_kernel.GRPO),
             "dr_grpo": estimator(estimators.dr_grpo, advantage_kernel.DR_GRPO),
@@ -171,7 +175,7 @@ def _why_triton_cannot_run(op: str, name: Optional[str], data: torch.Tensor, lim
 
 def select(op: str, backend: str, data: torch.Tensor, name: Optional[str] = None, **limit_inputs) -> Choice:
     """The implementation of ``op`` (for ``name``) that ``backend`` asks for, for inputs like ``data``: the
-    tensor whose device and dtype decide (logits, hidden states, the rewards in their statistics dtype,
+    tensor whose device and dtype decide (logits, hidden states, the rewards in the advantages' dtype,
     log-probs). ``limit_inputs`` go to the launch's limit check (advantages: ``groups``)."""
     check_backend(backend)
     torch_fn = _torch_implementation(op, name)

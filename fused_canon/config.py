@@ -8,9 +8,13 @@ use, so a user-registered name is accepted.
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import List, Optional
+
+import torch
+
+from .validation import check_bool, check_choice, check_int, check_name, check_number
 
 CANON_METRICS = ("entropy", "length", "random", "custom")
 CANON_SCHEDULES = ("constant", "anneal", "cosine_restart", "cosine_restart_r")
@@ -18,18 +22,28 @@ BASELINES = ("mean", "quantile")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_TYPES = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
 CISPO_BOUNDS = ("relative", "absolute")
+# kl_type values: a KL estimator, or one with a "+" suffix (its value, the k2 gradient: docs/algorithms.md §1.10).
+KL_TYPE_CHOICES = KL_TYPES + tuple(f"{kind}+" for kind in KL_TYPES)
 # AdvantageConfig.epsilon when left unset: 1e-6 (verl's std guard), except where verl's estimator has its own.
 DEFAULT_EPSILON = {"optimal_token_baseline": 1e-8}
 
 
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not valid; choose one of {list(choices)}")
+def seeded_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU generator of a seeded random choice (CANON's random split, Clip-Cov's tokens) at ``step``:
+    seeded with (seed * 1_000_003 + step) mod 2**64, so any seed >= 0 and step >= 0 is accepted."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**64)
 
 
-def _check_finite(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+def _check_fields(config, bounds) -> None:
+    """Each field in ``bounds`` (name -> check_number keywords) is a finite number within them."""
+    for name, limits in bounds.items():
+        setattr(config, name, check_number(name, getattr(config, name), **limits))
+
+
+NON_NEGATIVE = dict(low=0.0)
+POSITIVE = dict(low=0.0, low_open=True)
+UNIT = dict(low=0.0, high=1.0)  # a weight or a fraction in [0, 1]
+ANY = {}
 
 
 @dataclass
@@ -43,11 +57,22 @@ class CosineRestartSchedule:
     num_cycles: int = 3
 
     def __post_init__(self):
-        if self.warmup_steps < 1 or self.num_cycles < 1 or self.total_steps - self.warmup_steps < self.num_cycles:
-            raise ValueError(
-                "cosine schedule needs warmup_steps >= 1, num_cycles >= 1 and "
-                f"total_steps - warmup_steps >= num_cycles, got {self}"
-            )
+        # c(step) is CANON's inter-group weight (or 1 minus it): a weight in [0, 1].
+        _check_fields(self, {"max_value": UNIT, "min_value": UNIT})
+        for name in ("warmup_steps", "total_steps", "num_cycles"):
+            setattr(self, name, check_int(name, getattr(self, name), low=1))
+        if self.total_steps - self.warmup_steps < self.num_cycles:
+            raise ValueError(f"cosine schedule needs total_steps - warmup_steps >= num_cycles (one step per cycle at "
+                             f"least), got total_steps={self.total_steps}, warmup_steps={self.warmup_steps}, "
+                             f"num_cycles={self.num_cycles}")
+
+
+def _schedule(name: str, value) -> CosineRestartSchedule:
+    if isinstance(value, Mapping):
+        value = CosineRestartSchedule(**value)
+    if not isinstance(value, CosineRestartSchedule):
+        raise TypeError(f"{name} must be a CosineRestartSchedule (or a dict of its fields), got {type(value).__name__}")
+    return value
 
 
 @dataclass
@@ -99,41 +124,34 @@ class AdvantageConfig:
     adora_max_length: int = 4054
 
     def __post_init__(self):
-        _check_choice("baseline", self.baseline, BASELINES)
-        _check_choice("canon_metric", self.canon_metric, CANON_METRICS)
-        _check_choice("canon_schedule", self.canon_schedule, CANON_SCHEDULES)
+        check_name("estimator", self.estimator)
+        if self.epsilon is not None:  # None: the estimator's own, resolved at use (effective_epsilon)
+            self.epsilon = check_number("epsilon", self.epsilon, low=0.0)
+        for name in ("norm_by_std", "otb_handle_zero_tail"):
+            check_bool(name, getattr(self, name))
+        check_choice("baseline", self.baseline, BASELINES)
+        check_choice("canon_metric", self.canon_metric, CANON_METRICS)
+        check_choice("canon_schedule", self.canon_schedule, CANON_SCHEDULES)
         if self.canon_favor is not None:
-            _check_choice("canon_favor", self.canon_favor, ("low", "high"))
-        if self.epsilon is not None:
-            _check_finite("epsilon", self.epsilon)
-        for name in ("quantile_k", "canon_alpha", "canon_beta", "canon_lambda", "token_budget"):
-            _check_finite(name, getattr(self, name))
-        if self.baseline == "quantile" and not 0.0 < self.quantile_k < 1.0:
-            raise ValueError(f"quantile_k must lie in (0, 1) for baseline='quantile', got {self.quantile_k}")
-        if self.token_budget <= 0:
-            raise ValueError(f"token_budget must be > 0, got {self.token_budget}")
-        if self.effective_epsilon < 0:
-            raise ValueError(f"epsilon must be >= 0, got {self.epsilon}")
-        for name in ("gamma", "lam", "ucas_beta_pos", "ucas_beta_neg", "ucas_token_coef", "ktae_alpha", "ktae_beta",
-                     "ktae_top", "ktae_k1", "ktae_b", "adora_lambda", "adora_correct_score", "adora_max_length"):
-            _check_finite(name, getattr(self, name))
-        for name in ("gamma", "lam", "ktae_b"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
-        for name in ("ucas_beta_pos", "ucas_beta_neg", "ucas_token_coef", "ktae_alpha", "ktae_beta", "ktae_top"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            check_choice("canon_favor", self.canon_favor, ("low", "high"))
+        self.cosine_restart = _schedule("cosine_restart", self.cosine_restart)
+        self.cosine_restart_r = _schedule("cosine_restart_r", self.cosine_restart_r)
+        _check_fields(self, {
+            "quantile_k": dict(low=0.0, high=1.0, low_open=True, high_open=True),
+            "canon_alpha": ANY, "canon_beta": ANY, "canon_lambda": UNIT, "token_budget": POSITIVE,
+            "gamma": UNIT, "lam": UNIT, "ucas_beta_pos": NON_NEGATIVE, "ucas_beta_neg": NON_NEGATIVE,
+            "ucas_token_coef": NON_NEGATIVE, "ktae_alpha": NON_NEGATIVE, "ktae_beta": NON_NEGATIVE,
+            "ktae_top": NON_NEGATIVE, "ktae_k1": dict(POSITIVE, why=" (BM25 saturation)"), "ktae_b": UNIT,
+            "adora_lambda": dict(UNIT, why=" (it scales down a group)"), "adora_correct_score": ANY})
+        self.seed = check_int("seed", self.seed, low=0)
+        self.adora_max_length = check_int("adora_max_length", self.adora_max_length, low=1,
+                                          why=" (a length in tokens)")
         if self.ktae_alpha + self.ktae_beta == 0:
             raise ValueError("ktae_alpha + ktae_beta must be > 0 (the key-token score divides by it)")
-        if self.ktae_k1 <= 0:
-            raise ValueError(f"ktae_k1 must be > 0 (BM25 saturation), got {self.ktae_k1}")
-        self.ktae_ignore_token_ids = list(self.ktae_ignore_token_ids)
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.ktae_ignore_token_ids):
-            raise ValueError(f"ktae_ignore_token_ids must be a list of int token ids, got {self.ktae_ignore_token_ids}")
-        if not 0.0 <= self.adora_lambda <= 1.0:
-            raise ValueError(f"adora_lambda must lie in [0, 1] (it scales down a group), got {self.adora_lambda}")
-        if self.adora_max_length <= 0:
-            raise ValueError(f"adora_max_length must be > 0 (a length in tokens), got {self.adora_max_length}")
+        ids = self.ktae_ignore_token_ids
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+            raise ValueError(f"ktae_ignore_token_ids must be a list of token ids, got {ids!r}")
+        self.ktae_ignore_token_ids = [check_int("ktae_ignore_token_ids entry", i, low=0) for i in ids]
 
     @property
     def effective_epsilon(self) -> float:
@@ -180,37 +198,29 @@ class LossConfig:
     cispo_bound: str = "relative"
 
     def __post_init__(self):
-        if isinstance(self.advantage, dict):
+        if isinstance(self.advantage, Mapping):
             self.advantage = AdvantageConfig(**self.advantage)
         if not isinstance(self.advantage, AdvantageConfig):
             raise TypeError(f"advantage must be an AdvantageConfig, got {type(self.advantage).__name__}")
-        _check_choice("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
-        _check_choice("kl_type", self.kl_type, KL_TYPES)
-        _check_choice("cispo_bound", self.cispo_bound, CISPO_BOUNDS)
-        if not isinstance(self.kl_k3_clamp, bool):
-            raise ValueError(f"kl_k3_clamp must be True or False, got {self.kl_k3_clamp!r}")
-        for name in ("clip_ratio_low", "clip_ratio_high", "clip_cov_ratio", "clip_cov_lb", "clip_cov_ub",
-                     "kl_cov_ratio", "ppo_kl_coef", "entropy_coeff", "kl_coef", "temperature", "sapo_tau_pos",
-                     "sapo_tau_neg"):
-            _check_finite(name, getattr(self, name))
-        if self.sapo_tau_pos <= 0 or self.sapo_tau_neg <= 0:
-            raise ValueError(f"sapo_tau_pos and sapo_tau_neg must be > 0, got {self.sapo_tau_pos}, {self.sapo_tau_neg}")
-        if self.clip_ratio_low < 0 or self.clip_ratio_high < 0:
-            raise ValueError("clip_ratio_low and clip_ratio_high must be >= 0")
+        check_name("loss_mode", self.loss_mode)
+        check_choice("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
+        check_choice("kl_type", self.kl_type, KL_TYPE_CHOICES)
+        check_choice("cispo_bound", self.cispo_bound, CISPO_BOUNDS)
+        check_bool("kl_k3_clamp", self.kl_k3_clamp)
+        fraction = dict(low=0.0, high=1.0, low_open=True)  # a share of the valid tokens, (0, 1]
+        _check_fields(self, {
+            "clip_ratio_low": NON_NEGATIVE, "clip_ratio_high": NON_NEGATIVE, "clip_cov_ratio": fraction,
+            "clip_cov_lb": ANY, "clip_cov_ub": ANY, "kl_cov_ratio": fraction, "ppo_kl_coef": NON_NEGATIVE,
+            "entropy_coeff": ANY, "kl_coef": NON_NEGATIVE, "temperature": POSITIVE, "sapo_tau_pos": POSITIVE,
+            "sapo_tau_neg": POSITIVE})
         if self.loss_mode == "cispo" and self.cispo_bound == "absolute" and self.clip_ratio_high <= 0:
             raise ValueError(f"cispo_bound='absolute' caps the ratio at clip_ratio_high: it must be > 0, "
                              f"got {self.clip_ratio_high}")
         if self.clip_ratio_c is not None:
-            _check_finite("clip_ratio_c", self.clip_ratio_c)
-            if self.clip_ratio_c <= 1.0:
-                raise ValueError(f"clip_ratio_c must be > 1 (dual clip), or None to disable it; got {self.clip_ratio_c}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0 < self.clip_cov_ratio <= 1 or not 0 < self.kl_cov_ratio <= 1:
-            raise ValueError("clip_cov_ratio and kl_cov_ratio are fractions in (0, 1]")
+            self.clip_ratio_c = check_number("clip_ratio_c", self.clip_ratio_c, low=1.0, low_open=True,
+                                             why=" (dual clip; None disables it)")
         if self.clip_cov_lb >= self.clip_cov_ub:
             raise ValueError(f"clip_cov_lb ({self.clip_cov_lb}) must be < clip_cov_ub ({self.clip_cov_ub})")
         if self.loss_scale_factor is not None:
-            _check_finite("loss_scale_factor", self.loss_scale_factor)
-            if self.loss_scale_factor <= 0:
-                raise ValueError(f"loss_scale_factor must be > 0, got {self.loss_scale_factor}")
+            self.loss_scale_factor = check_number("loss_scale_factor", self.loss_scale_factor, **POSITIVE)
+        self.seed = check_int("seed", self.seed, low=0)

@@ -3,7 +3,9 @@
 Formulas: docs/algorithms.md §1.1-1.3 (verl 0.9.1), §2 (CANON), §3 (QAE); decisions: docs/design.md §3.
 Every estimator is one small function registered by name; ``register_estimator`` adds your own.
 All work is O(B) and vectorised over groups (no Python loop over groups), so the same code is the
-torch reference and the GPU path. Statistics run in float64 for float64 rewards, else float32.
+torch reference and the GPU path. Statistics run in float64 whatever the rewards' dtype (O(B) work:
+float32 would lose a reward scale of 1e30 to overflow and small spreads to cancellation), and the
+advantages come back in float32 (float64 for float64 rewards): docs/design.md §4.1.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .config import AdvantageConfig, CosineRestartSchedule
+from .config import AdvantageConfig, CosineRestartSchedule, seeded_generator
+from .validation import PendingChecks, check_bool, check_mask, check_step
 
 __all__ = ["compute_advantages", "advantages_and_choice", "register_estimator", "ESTIMATORS", "ESTIMATOR_INPUTS",
            "ADVANTAGE_INPUTS", "Groups", "cosine_restart_value", "triton_advantages", "canon_split"]
@@ -52,6 +55,11 @@ class Groups:
         """Per-group sum of ``values``, [B, ...] -> [G, ...]."""
         out = torch.zeros((len(self.count),) + values.shape[1:], dtype=values.dtype, device=values.device)
         return out.index_add_(0, self.index, values)
+
+    def max(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-group maximum of ``values`` [B] -> [G]."""
+        out = torch.zeros(len(self.count), dtype=values.dtype, device=values.device)
+        return out.scatter_reduce_(0, self.index, values, "amax", include_self=False)
 
     def sorted_order(self, key: torch.Tensor) -> torch.Tensor:
         """Permutation grouping rows by group, ascending ``key`` inside a group, ties in batch order."""
@@ -138,13 +146,20 @@ def group_std(rewards: torch.Tensor, groups: Groups) -> torch.Tensor:
     """Unbiased group std around the group *mean* (also under QAE, §3.1); 1 for singletons (verl)."""
     n = groups.size
     mean = groups.sum(rewards)[groups.index] / n
-    var = groups.sum((rewards - mean) ** 2)[groups.index] / (n - 1).clamp(min=1)
-    return torch.where(n > 1, var.sqrt(), torch.ones_like(rewards))
+    centred = rewards - mean
+    scale = groups.max(centred.abs())
+    safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))[groups.index]
+    # sqrt(sum c^2 / (n-1)) as scale * sqrt(sum (c/scale)^2 / (n-1)): squares of float64 rewards beyond
+    # 1e154 would overflow; scale = the group's max |c| (1 for a constant group, whose std is 0).
+    var = groups.sum((centred / safe_scale) ** 2)[groups.index] / (n - 1).clamp(min=1)
+    return torch.where(n > 1, safe_scale * var.sqrt(), torch.ones_like(rewards))
 
 
 # ---------------------------------------------------------------------------------------------
 # Registry
 # ---------------------------------------------------------------------------------------------
+
+STATISTICS_DTYPE = torch.float64  # every estimator computes in it (module docstring)
 
 EstimatorFn = Callable[..., torch.Tensor]
 ESTIMATORS: Dict[str, EstimatorFn] = {}
@@ -189,7 +204,9 @@ def register_estimator(name: str, *, inputs: Sequence[str] = (), optional_inputs
     ``(advantages, returns)`` when its returns differ from its advantages (GAE, REINFORCE++).
     ``inputs`` names the ``compute_advantages`` keywords it needs (keys of ``ADVANTAGE_INPUTS``; a
     missing one is an error naming it), ``optional_inputs`` those it reads when given. Only the
-    declared inputs are passed; ``mask`` arrives as 0/1 in the statistics dtype. ``reads_baseline=False``
+    declared inputs are passed, checked finite at valid positions; the rewards and every float input
+    (``mask`` as 0/1) arrive in float64 (``STATISTICS_DTYPE``), and the caller gets the result in the
+    rewards' dtype (float32 unless they are float64). ``reads_baseline=False``
     says it has a baseline of its own, so ``baseline="quantile"`` is refused rather than ignored.
     A name that is already registered is refused unless ``overwrite=True`` (replacing a built-in
     also replaces what its Triton kernel computed: the name then runs in torch).
@@ -314,8 +331,16 @@ def batch_whitening(values: torch.Tensor, valid: torch.Tensor, estimator: str):
         raise ValueError(f"{estimator} whitens over every valid token of the batch and needs at least 2 of them, "
                          f"got {int(num_valid)}")
     mean = (values * valid).sum() / (num_valid + 1e-8)
-    var = ((values - mean).square() * valid).sum() / (num_valid + 1e-8) * num_valid / (num_valid - 1)
-    return mean, torch.rsqrt(var + 1e-8)
+    centred = (values - mean) * valid
+    # var = scale^2 var' with scale = max |centred|: the squares of float64 values beyond 1e154 would
+    # overflow (as in group_std). 1/sqrt(var + 1e-8) is formed so that neither scale^2 overflows (scale > 1)
+    # nor 1e-8 / scale^2 does (scale <= 1).
+    scale = centred.abs().max()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scaled_var = (centred / scale).square().sum() / (num_valid + 1e-8) * num_valid / (num_valid - 1)
+    inv_std = torch.where(scale > 1, 1.0 / (scale * torch.sqrt(scaled_var + 1e-8 / scale.clamp(min=1) ** 2)),
+                          torch.rsqrt(scale.clamp(max=1) ** 2 * scaled_var + 1e-8))
+    return mean, inv_std
 
 
 @register_estimator("qae")
@@ -392,28 +417,37 @@ def adora(rewards, groups, config, *, mask, metric=None, step=0):
 # Public entry point
 # ---------------------------------------------------------------------------------------------
 
-def _canon_metric(config, rewards, metric, mask, token_entropy, step):
-    """The per-response sort key of CANON's split (§2.2), in the statistics dtype."""
+def _canon_metric(config, rewards, metric, mask, token_entropy, step, checks):
+    """The per-response sort key of CANON's split (§2.2), in the statistics dtype. Padded positions of
+    ``token_entropy`` are never read (selected away, not multiplied by 0); its valid ones must be finite."""
     dtype, device = rewards.dtype, rewards.device
     kind = config.canon_metric
     if kind == "random":
         # A seeded uniform permutation: inside each group the relative order of the keys is uniform.
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        generator = seeded_generator(config.seed, step)
         return torch.randperm(len(rewards), generator=generator).to(device=device, dtype=dtype)
     if metric is not None:
-        return _checked_vector("metric", metric, len(rewards), device).to(dtype)
+        return _checked_vector("metric", metric, len(rewards), device, checks).to(dtype)
     if kind == "custom":
         raise ValueError("canon_metric='custom' needs the per-response metric in `metric`")
     if mask is None:
         raise ValueError(f"canon_metric={kind!r} needs `mask` (or a precomputed `metric`)")
-    valid = mask.to(dtype)
+    valid = mask != 0
     if kind == "length":
-        return valid.sum(-1)
+        return valid.sum(-1).to(dtype)
     if token_entropy is None:
         raise ValueError("canon_metric='entropy' needs `token_entropy` [B, T] (or a precomputed `metric`)")
-    if token_entropy.shape != mask.shape:
-        raise ValueError(f"token_entropy shape {tuple(token_entropy.shape)} != mask shape {tuple(mask.shape)}")
-    return (token_entropy.detach().to(dtype) * valid).sum(-1) / (valid.sum(-1) + 1e-8)
+    if not torch.is_tensor(token_entropy) or token_entropy.shape != mask.shape or token_entropy.device != device:
+        raise ValueError(f"token_entropy must be [B, T] = {tuple(mask.shape)} on {device}, got "
+                         f"{tuple(getattr(token_entropy, 'shape', ()))} on "
+                         f"{getattr(token_entropy, 'device', type(token_entropy).__name__)}")
+    if not token_entropy.is_floating_point():
+        raise TypeError(f"token_entropy must be a floating tensor, got {token_entropy.dtype}")
+    entropy = token_entropy.detach()
+    checks.first_nonfinite("token_entropy", entropy, valid, mask.shape,
+                           what="contains NaN or inf at valid (mask=1) positions; first at")
+    selected = torch.where(valid, entropy.to(dtype), torch.zeros((), dtype=dtype, device=device))
+    return selected.sum(-1) / (valid.sum(-1).to(dtype) + 1e-8)
 
 
 @torch.no_grad()
@@ -423,20 +457,22 @@ def canon_split(rewards: torch.Tensor, group_ids: torch.Tensor, config: Advantag
     """The halves CANON compares, as its estimator splits them (``config.canon_metric``, §2.2-2.3):
     True for the high-metric half of each group, [B] bool. Works for any ``config.estimator``, so
     that a trainer can report which half did better under another estimator too."""
-    dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
-    key = _canon_metric(config, rewards.to(dtype), metric, mask, token_entropy, step)
+    checks = PendingChecks()
+    key = _canon_metric(config, rewards.to(STATISTICS_DTYPE), metric, mask, token_entropy, check_step(step), checks)
+    checks.flush()
     return _high_half(Groups.from_ids(group_ids), key)
 
 
-def _checked_vector(name: str, x: torch.Tensor, length: int, device) -> torch.Tensor:
+def _checked_vector(name: str, x: torch.Tensor, length: int, device, checks: PendingChecks) -> torch.Tensor:
+    """A per-response vector [B] on the rewards' device; a float one must be finite (in ``checks``)."""
     if not torch.is_tensor(x):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.shape != (length,):
         raise ValueError(f"{name} must have shape [{length}] (one value per response), got {tuple(x.shape)}")
     if x.device != device:
         raise ValueError(f"{name} is on {x.device} but rewards are on {device}")
-    if x.is_floating_point() and not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or inf")
+    if x.is_floating_point():
+        checks.first_nonfinite(name, x.detach(), None, (length,), what="contains NaN or inf: first at response")
     return x
 
 
@@ -450,7 +486,7 @@ def _missing_inputs_error(estimator: str, missing) -> ValueError:
     return ValueError(f"{estimator} needs " + "; ".join(parts))
 
 
-def _estimator_inputs(config, given: Dict[str, Optional[torch.Tensor]], rewards, mask, dtype):
+def _estimator_inputs(config, given: Dict[str, Optional[torch.Tensor]], rewards, mask, dtype, checks):
     """The declared inputs of ``config.estimator``, checked and in the statistics dtype."""
     declared = ESTIMATOR_INPUTS.get(config.estimator, EstimatorInputs())
     if not declared.reads_baseline and config.baseline != "mean":
@@ -470,7 +506,7 @@ def _estimator_inputs(config, given: Dict[str, Optional[torch.Tensor]], rewards,
             inputs[name] = x.to(dtype)
             continue
         if name in _ROW_INPUTS:
-            inputs[name] = _checked_vector(name, x, len(rewards), rewards.device).to(dtype)
+            inputs[name] = _checked_vector(name, x, len(rewards), rewards.device, checks).to(dtype)
             continue
         if valid is None:
             raise ValueError(f"{name} [B, T] needs `mask` (the valid tokens) as well")
@@ -484,8 +520,8 @@ def _estimator_inputs(config, given: Dict[str, Optional[torch.Tensor]], rewards,
             continue
         if not x.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
-        if not (torch.isfinite(x) | ~valid).all():
-            raise ValueError(f"{name} contains NaN or inf at valid (mask=1) positions")
+        checks.first_nonfinite(name, x.detach(), valid, valid.shape,
+                               what="contains NaN or inf at valid (mask=1) positions; first at")
         # Padding may hold anything (e.g. +inf certainty of a masked vocabulary): it is never read.
         inputs[name] = torch.where(valid, x.detach().to(dtype), torch.zeros((), dtype=dtype, device=x.device))
     return inputs
@@ -500,21 +536,22 @@ def compute_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, config: O
                        self_certainty: Optional[torch.Tensor] = None, target_logits: Optional[torch.Tensor] = None,
                        old_logprobs: Optional[torch.Tensor] = None, sum_pi_squared: Optional[torch.Tensor] = None,
                        rollout_is_weights: Optional[torch.Tensor] = None, with_returns: bool = False):
-    """Advantages (float32; float64 for float64 rewards), always detached: [B] for the per-response
-    estimators, [B, T] (0 at padding) for the token-level ones (reinforce_plus_plus, gae,
-    optimal_token_baseline, ucas, ktae). ``with_returns=True`` returns ``(advantages, returns)``.
+    """Advantages (float32; float64 for float64 rewards; the statistics run in float64 either way), always
+    detached: [B] for the per-response estimators, [B, T] (0 at padding) for the token-level ones
+    (reinforce_plus_plus, gae, optimal_token_baseline, ucas, ktae). ``with_returns=True`` returns
+    ``(advantages, returns)``.
 
     rewards [B] outcome scores (the score of the whole response, as at its last valid token);
     group_ids [B] int prompt ids (any order, groups need not be contiguous); metric [B] the CANON sort
-    key (overrides the one derived from mask/token_entropy); mask [B, T] valid response tokens;
-    token_entropy [B, T] the rollout policy's token entropy (CANON entropy); step the trainer's global
-    step (CANON schedules, random). Each estimator declares the other inputs it needs
+    key (overrides the one derived from mask/token_entropy); mask [B, T] valid response tokens (bool or
+    0/1); token_entropy [B, T] the rollout policy's token entropy (CANON entropy); step the trainer's
+    global step, an int >= 0 (CANON schedules, random). Each estimator declares the other inputs it needs
     (``ESTIMATOR_INPUTS``; what each one is: ``ADVANTAGE_INPUTS``); a missing one is a ValueError saying
-    where it comes from. Padded positions of [B, T] inputs are never read.
+    where it comes from. Padded positions of [B, T] inputs are never read; valid ones must be finite.
     backend "torch" (the default) runs the registered function; "triton" runs a built-in estimator that
-    has a kernel (grpo, dr_grpo, rloo, canon) on float32 rewards in one Triton program per group
-    (kernels/advantages.py) or raises, saying why it cannot; "auto" is Triton on CUDA where it can run,
-    else torch (backends.py decides).
+    has a kernel (grpo, dr_grpo, rloo, canon) in one Triton program per group (kernels/advantages.py)
+    or raises, saying why it cannot; "auto" is Triton on CUDA where it can run, else torch (backends.py
+    decides).
     """
     return advantages_and_choice(
         rewards, group_ids, config, metric=metric, mask=mask, token_entropy=token_entropy, step=step, backend=backend,
@@ -527,45 +564,66 @@ def compute_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, config: O
 def advantages_and_choice(rewards, group_ids, config=None, *, metric=None, mask=None, token_entropy=None, step=0,
                           backend="torch", values=None, baseline_rewards=None, token_ids=None, self_certainty=None,
                           target_logits=None, old_logprobs=None, sum_pi_squared=None, rollout_is_weights=None,
-                          with_returns=False):
-    """``compute_advantages`` and the backend choice it ran (``backends.Choice``): policy_loss reports it."""
+                          with_returns=False, checks: Optional[PendingChecks] = None):
+    """``compute_advantages`` and the backend choice it ran (``backends.Choice``): policy_loss reports it.
+
+    ``checks``: the calling loss's pending value checks. They are read (with this call's own input
+    checks, in one sync) before the estimator runs; the check of the estimator's output is left in them
+    for the loss's batched read. Without ``checks`` (compute_advantages) both are read here."""
     from .backends import ADVANTAGES, check_backend, select  # backends imports this module (its table)
 
-    config = config or AdvantageConfig()
+    if config is None:
+        config = AdvantageConfig()
+    if not isinstance(config, AdvantageConfig):
+        hint = " (its `advantage` field holds the AdvantageConfig)" if type(config).__name__ == "LossConfig" else ""
+        raise TypeError(f"config must be a fused_canon.AdvantageConfig{hint}, got {type(config).__name__}")
     check_backend(backend)
+    step = check_step(step)
+    check_bool("with_returns", with_returns)
+    own_checks = checks is None
+    checks = PendingChecks() if own_checks else checks
     if not torch.is_tensor(rewards) or rewards.dim() != 1:
         raise ValueError(f"rewards must be a 1-D tensor [B], got {getattr(rewards, 'shape', type(rewards))}")
     if len(rewards) == 0:
         raise ValueError("rewards is empty: a batch needs at least one response")
     if not rewards.is_floating_point():
         rewards = rewards.float()
-    _checked_vector("rewards", rewards, len(rewards), rewards.device)
-    _checked_vector("group_ids", group_ids, len(rewards), rewards.device)
+    _checked_vector("rewards", rewards, len(rewards), rewards.device, checks)
+    _checked_vector("group_ids", group_ids, len(rewards), rewards.device, checks)
     if group_ids.is_floating_point() or group_ids.dtype == torch.bool:
         raise TypeError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
-    if mask is not None and (mask.dim() != 2 or mask.shape[0] != len(rewards) or mask.device != rewards.device):
-        raise ValueError(f"mask must be [B={len(rewards)}, T] on {rewards.device}, got {tuple(mask.shape)} on {mask.device}")
+    if mask is not None:
+        if not torch.is_tensor(mask) or mask.dim() != 2 or mask.shape[0] != len(rewards):
+            raise ValueError(f"mask must be [B={len(rewards)}, T], got {tuple(getattr(mask, 'shape', ()))}")
+        mask = check_mask(mask, tuple(mask.shape), rewards.device)
 
-    dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
-    rewards = rewards.to(dtype)
+    out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    rewards_out = rewards.to(out_dtype)  # the dtype backends.select decides on (the Triton kernel's input)
+    rewards = rewards.to(STATISTICS_DTYPE)
     groups = Groups.from_ids(group_ids)
-    choice = select(ADVANTAGES, backend, rewards, name=config.estimator, groups=groups)
+    choice = select(ADVANTAGES, backend, rewards_out, name=config.estimator, groups=groups)
     inputs = _estimator_inputs(config, dict(
         mask=mask, values=values, baseline_rewards=baseline_rewards, token_ids=token_ids,
         self_certainty=self_certainty, target_logits=target_logits, old_logprobs=old_logprobs,
-        sum_pi_squared=sum_pi_squared, rollout_is_weights=rollout_is_weights), rewards, mask, dtype)
+        sum_pi_squared=sum_pi_squared, rollout_is_weights=rollout_is_weights), rewards, mask, STATISTICS_DTYPE,
+        checks)
     key = None
     if config.estimator == "canon":
-        key = _canon_metric(config, rewards, metric, mask, token_entropy, step)
+        key = _canon_metric(config, rewards, metric, mask, token_entropy, step, checks)
+    checks.flush()  # no estimator (a user-registered one included) runs on non-finite input
     result = choice.fn(rewards, groups, config, metric=key, step=step, **inputs)
     advantages, returns = result if isinstance(result, tuple) else (result, result)
+    outputs = []
     for name, x in (("advantages", advantages), ("returns", returns)):
-        if x.shape != rewards.shape and (mask is None or x.shape != mask.shape):
-            raise ValueError(f"estimator {config.estimator!r} returned {name} of shape {tuple(x.shape)}; "
-                             f"expected [B] = {tuple(rewards.shape)} or [B, T]")
-        if not torch.isfinite(x).all():
-            raise FloatingPointError(f"estimator {config.estimator!r} produced non-finite {name}")
-    return ((advantages, returns) if with_returns else advantages), choice
+        if not torch.is_tensor(x) or (x.shape != rewards.shape and (mask is None or x.shape != mask.shape)):
+            raise ValueError(f"estimator {config.estimator!r} returned {name} of shape "
+                             f"{tuple(getattr(x, 'shape', ()))}; expected [B] = {tuple(rewards.shape)} or [B, T]")
+        checks.first_nonfinite(f"estimator {config.estimator!r} produced non-finite {name}:", x, None, x.shape,
+                               what="first at", error=FloatingPointError)
+        outputs.append(x.to(out_dtype))
+    if own_checks:
+        checks.flush()
+    return (tuple(outputs) if with_returns else outputs[0]), choice
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,7 +633,7 @@ def advantages_and_choice(rewards, group_ids, config=None, *, metric=None, mask=
 def triton_advantages(rewards: torch.Tensor, groups: Groups, config: AdvantageConfig, *,
                       metric: Optional[torch.Tensor] = None, step: int = 0, estimator) -> torch.Tensor:
     """``ESTIMATORS[config.estimator](rewards, groups, config, metric=, step=)`` for a built-in estimator, in
-    one Triton program per group, fp32. ``estimator`` is the kernel's constant for ``config.estimator``
+    one Triton program per group, fp64 like the reference. ``estimator`` is the kernel's constant for ``config.estimator``
     (the dispatch table binds it); ``metric`` is CANON's per-response sort key (``_canon_metric``).
 
     The O(B) host side: the rows grouped in batch order (one stable sort; groups need not be

@@ -16,7 +16,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from .config import LossConfig
+from .config import LossConfig, seeded_generator
 
 __all__ = ["kl_penalty", "agg_loss", "masked_mean", "register_policy_loss", "POLICY_LOSSES", "TokenLoss",
            "policy_objective", "clip_cov_selection", "kl_cov_selection", "token_covariance", "aggregation_weights",
@@ -98,7 +98,8 @@ def aggregation_weights(tokens_per_seq: torch.Tensor, mode: str, norm: Normalize
     """Weight w_b of each valid token of row b in the aggregated loss, [B]: agg = sum_b w_b sum_t m l.
 
     One definition of the normalizers, used by ``agg_loss`` and by the Triton objective kernel.
-    Local counts are floored at 1, so an empty mask gives 0 (with zero gradient), never 0/0.
+    Local counts (and the padded length) are floored at 1, so an empty mask gives 0 (with zero gradient),
+    never 0/0.
     """
     if mode == "token-mean":
         num_tokens = norm.num_tokens if norm.num_tokens is not None else tokens_per_seq.sum().clamp(min=1)
@@ -109,7 +110,8 @@ def aggregation_weights(tokens_per_seq: torch.Tensor, mode: str, norm: Normalize
     if mode == "seq-mean-token-sum":
         return torch.ones_like(tokens_per_seq) / num_seqs
     if mode == "seq-mean-token-sum-norm":
-        scale = norm.loss_scale_factor if norm.loss_scale_factor is not None else padded_length
+        # The padded T, floored at 1 like the counts: T = 0 has no token, and its loss is 0, not 0 / 0.
+        scale = norm.loss_scale_factor if norm.loss_scale_factor is not None else max(padded_length, 1)
         return torch.ones_like(tokens_per_seq) / (num_seqs * scale)
     raise ValueError(f"unknown loss_agg_mode {mode!r}")
 
@@ -233,7 +235,7 @@ def clip_cov_selection(logp, old, advantages, valid, config: LossConfig, step: i
     eligible = is_valid & ~(clipped > unclipped) & (cov > config.clip_cov_lb) & (cov < config.clip_cov_ub)
     candidates = eligible.reshape(-1).nonzero().squeeze(-1)
     num_clip = max(int(config.clip_cov_ratio * int(is_valid.sum())), 1)
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+    generator = seeded_generator(config.seed, step)
     chosen = candidates[torch.randperm(len(candidates), generator=generator)[:num_clip].to(candidates.device)]
     return torch.zeros(valid.numel(), dtype=torch.bool, device=valid.device).index_fill_(0, chosen, True) \
         .reshape(valid.shape)

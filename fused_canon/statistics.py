@@ -85,7 +85,8 @@ def torch_token_stats(logits: torch.Tensor, targets: torch.Tensor, row_index: to
     ``(logp, entropy)``, then the ``EXTRA_SIGNALS`` with ``extra_stats``."""
     if inplace_backward:
         raise ValueError("inplace_backward=True is only available with backend='triton'")
-    rows = logits.reshape(-1, logits.shape[-1]).index_select(0, row_index)
+    batch, length, vocab = logits.shape
+    rows = logits.reshape(batch * length, vocab).index_select(0, row_index)  # explicit: V may be 0
     row_targets = targets.reshape(-1).index_select(0, row_index)
     stats = TorchTokenStats.apply(rows, row_targets, temperature)
     return stats + _extra_signals(rows, row_targets, temperature) if extra_stats else stats

@@ -8,9 +8,12 @@ Inputs: the rewards, CANON's per-response sort key, the rows grouped in batch or
 rows of a group are contiguous there; groups need not be contiguous in the batch), each group's start
 in ``order`` and its size. Kernel: one program per group holds the group's rewards (and CANON sort
 keys) in a BLOCK_N vector, BLOCK_N = next power of two of the largest group (at most
-MAX_GROUP_SIZE), and computes
+MAX_GROUP_SIZE), and computes, in float64 (as the torch reference: O(B) work, and float32 loses a
+reward scale of 1e30 to overflow and small spreads to cancellation),
 
-  * mean and unbiased std (std 1 and baseline 0 for singletons: verl's rules);
+  * mean and unbiased std (std 1 and baseline 0 for singletons: verl's rules), the std as
+    scale * sqrt(sum((r - mean) / scale)^2 / (n - 1)) with scale = max |r - mean|, so that no square
+    of a float64 reward overflows;
   * ranks instead of a sort: rank_i = #{j : x_j < x_i or (x_j == x_i and j < i)} is the position of
     row i in the stable ascending order (ties by batch order, as the reference's composite sort).
     The pairwise comparisons run in [BLOCK_N, BLOCK_J] tiles, so registers stay bounded for any
@@ -39,7 +42,7 @@ DR_GRPO = tl.constexpr(1)
 RLOO = tl.constexpr(2)
 CANON = tl.constexpr(3)
 
-# Largest group one program holds in registers (BLOCK_N vectors of fp32 / int32 at 16 warps).
+# Largest group one program holds in registers (BLOCK_N vectors of fp64 / int32 at up to 32 warps).
 MAX_GROUP_SIZE = 4096
 # Elements of one pairwise-comparison tile [BLOCK_N, BLOCK_J].
 PAIR_TILE = 4096
@@ -54,7 +57,7 @@ def _value_at_rank(values, rank, m, where):
 @triton.jit
 def _quantile_of_ranked(values, rank, where, n, k):
     """torch.quantile(values[where], k) with linear interpolation, from the ranks; 0 for an empty set."""
-    pos = k * (tl.maximum(n, 1) - 1).to(tl.float32)
+    pos = k * (tl.maximum(n, 1) - 1).to(tl.float64)
     lo = tl.floor(pos)
     hi = tl.ceil(pos)
     x_lo = _value_at_rank(values, rank, lo.to(tl.int32), where)
@@ -64,10 +67,10 @@ def _quantile_of_ranked(values, rank, where, n, k):
 
 @triton.jit
 def _group_advantages_kernel(
-    rewards_ptr, key_ptr,  # [B] fp32: rewards, CANON sort key (metric)
+    rewards_ptr, key_ptr,  # [B] float: rewards, CANON sort key (metric)
     order_ptr,  # [B] int64: row ids grouped by group, batch order inside a group
     group_start_ptr, group_size_ptr,  # [G] int64
-    out_ptr,  # [B] fp32 advantages
+    out_ptr,  # [B] fp64 advantages
     quantile_k, epsilon, token_budget, alpha, beta, inter_weight,
     ESTIMATOR: tl.constexpr,
     QUANTILE: tl.constexpr,  # baseline="quantile"
@@ -82,22 +85,26 @@ def _group_advantages_kernel(
     i = tl.arange(0, BLOCK_N)
     live = i < n
     rows = tl.load(order_ptr + start + i, mask=live, other=0)
-    r = tl.load(rewards_ptr + rows, mask=live, other=0.0)
-    nf = n.to(tl.float32)
+    r = tl.load(rewards_ptr + rows, mask=live, other=0.0).to(tl.float64)
+    nf = n.to(tl.float64)
     singleton = n == 1
 
     mean = tl.sum(r, axis=0) / nf
     centred = tl.where(live, r - mean, 0.0)
-    std = tl.where(singleton, 1.0, tl.sqrt(tl.sum(centred * centred, axis=0) / tl.maximum(n - 1, 1).to(tl.float32)))
+    scale = tl.max(tl.abs(centred), axis=0)
+    scale = tl.where(scale > 0.0, scale, 1.0)
+    scaled = centred / scale
+    std = tl.where(singleton, 1.0,
+                   scale * tl.sqrt(tl.sum(scaled * scaled, axis=0) / tl.maximum(n - 1, 1).to(tl.float64)))
 
     # Ranks by reward (quantiles) and by the CANON key, stable: ties go to the lower batch position.
     NEED_REWARD_RANK: tl.constexpr = QUANTILE and ESTIMATOR != CANON
     NEED_KEY_RANK: tl.constexpr = ESTIMATOR == CANON
     reward_rank = tl.zeros([BLOCK_N], tl.int32)
     key_rank = tl.zeros([BLOCK_N], tl.int32)
-    key = tl.zeros([BLOCK_N], tl.float32)
+    key = tl.zeros([BLOCK_N], tl.float64)
     if NEED_KEY_RANK:
-        key = tl.load(key_ptr + rows, mask=live, other=0.0)
+        key = tl.load(key_ptr + rows, mask=live, other=0.0).to(tl.float64)
     if NEED_REWARD_RANK or NEED_KEY_RANK:
         for j0 in range(0, n, BLOCK_J):
             j = j0 + tl.arange(0, BLOCK_J)
@@ -105,11 +112,11 @@ def _group_advantages_kernel(
             j_rows = tl.load(order_ptr + start + j, mask=j < n, other=0)
             before = j[None, :] < i[:, None]
             if NEED_REWARD_RANK:
-                r_j = tl.load(rewards_ptr + j_rows, mask=j < n, other=0.0)[None, :]
+                r_j = tl.load(rewards_ptr + j_rows, mask=j < n, other=0.0).to(tl.float64)[None, :]
                 smaller = (r_j < r[:, None]) | ((r_j == r[:, None]) & before)
                 reward_rank += tl.sum((j_live & smaller).to(tl.int32), axis=1)
             if NEED_KEY_RANK:
-                k_j = tl.load(key_ptr + j_rows, mask=j < n, other=0.0)[None, :]
+                k_j = tl.load(key_ptr + j_rows, mask=j < n, other=0.0).to(tl.float64)[None, :]
                 smaller = (k_j < key[:, None]) | ((k_j == key[:, None]) & before)
                 key_rank += tl.sum((j_live & smaller).to(tl.int32), axis=1)
 
@@ -126,8 +133,8 @@ def _group_advantages_kernel(
             for j0 in range(0, n, BLOCK_J):
                 j = j0 + tl.arange(0, BLOCK_J)
                 j_rows = tl.load(order_ptr + start + j, mask=j < n, other=0)
-                r_j = tl.load(rewards_ptr + j_rows, mask=j < n, other=0.0)
-                k_j = tl.load(key_ptr + j_rows, mask=j < n, other=0.0)
+                r_j = tl.load(rewards_ptr + j_rows, mask=j < n, other=0.0).to(tl.float64)
+                k_j = tl.load(key_ptr + j_rows, mask=j < n, other=0.0).to(tl.float64)
                 high_j = (k_j > pivot_key) | ((k_j == pivot_key) & (j >= pivot_pos))
                 same_half = (high_j[None, :] == high[:, None]) & (j < n)[None, :]
                 smaller = (r_j[None, :] < r[:, None]) | ((r_j[None, :] == r[:, None]) & (j[None, :] < i[:, None]))
@@ -135,8 +142,8 @@ def _group_advantages_kernel(
             baseline_high = _quantile_of_ranked(r, half_rank, live & high, n_high, quantile_k)
             baseline_low = _quantile_of_ranked(r, half_rank, live & ~high, half, quantile_k)
         else:
-            baseline_high = tl.sum(tl.where(live & high, r, 0.0), axis=0) / tl.maximum(n_high, 1).to(tl.float32)
-            baseline_low = tl.sum(tl.where(live & ~high, r, 0.0), axis=0) / tl.maximum(half, 1).to(tl.float32)
+            baseline_high = tl.sum(tl.where(live & high, r, 0.0), axis=0) / tl.maximum(n_high, 1).to(tl.float64)
+            baseline_low = tl.sum(tl.where(live & ~high, r, 0.0), axis=0) / tl.maximum(half, 1).to(tl.float64)
         baseline_own = tl.where(singleton, 0.0, tl.where(high, baseline_high, baseline_low))
         baseline_other = tl.where(singleton, 0.0, tl.where(high, baseline_low, baseline_high))
         if FAVOR_HIGH:
@@ -150,7 +157,7 @@ def _group_advantages_kernel(
         advantage = (inter_weight * inter + (1.0 - inter_weight) * intra) / token_budget
     elif ESTIMATOR == RLOO:  # r - baseline of the other responses
         if QUANTILE:
-            pos = quantile_k * tl.maximum(n - 2, 0).to(tl.float32)
+            pos = quantile_k * tl.maximum(n - 2, 0).to(tl.float64)
             lo = tl.floor(pos)
             hi = tl.ceil(pos)
             lo_i = lo.to(tl.int32)
@@ -164,7 +171,7 @@ def _group_advantages_kernel(
                             _value_at_rank(r, reward_rank, tl.minimum(hi_i, n - 1), live))
             baseline = x_lo + (pos - lo) * (x_hi - x_lo)
         else:
-            baseline = (tl.sum(r, axis=0) - r) / tl.maximum(n - 1, 1).to(tl.float32)
+            baseline = (tl.sum(r, axis=0) - r) / tl.maximum(n - 1, 1).to(tl.float64)
         advantage = r - tl.where(singleton, 0.0, baseline)
     else:  # grpo, dr_grpo: r - group baseline (0 for a singleton)
         if QUANTILE:
@@ -190,10 +197,11 @@ def triton_group_advantages(rewards: torch.Tensor, key: torch.Tensor, order: tor
                             quantile_k: float, epsilon: float, norm_by_std: bool, token_budget: float,
                             canon_alpha: float, canon_beta: float, inter_weight: float,
                             favor_high: bool) -> torch.Tensor:
-    """Advantages [B] fp32 of ``estimator`` (GRPO, DR_GRPO, RLOO or CANON), one program per prompt group.
+    """Advantages [B] fp64 of ``estimator`` (GRPO, DR_GRPO, RLOO or CANON), one program per prompt group,
+    computed in fp64.
 
-    rewards [B] float; key [B] float: CANON's per-response sort key (read only for CANON); order [B]
-    int64: the row ids grouped by group, batch order inside a group; group_start / group_size [G]
+    rewards [B] fp32 or fp64; key [B] fp32 or fp64: CANON's per-response sort key (read only for CANON);
+    order [B] int64: the row ids grouped by group, batch order inside a group; group_start / group_size [G]
     int64: each group's first position in ``order`` and its size; largest_group = max(group_size)
     (sizes the block; at most MAX_GROUP_SIZE). The scalars are the estimators' (docs/algorithms.md §1-3):
     ``quantile`` the QAE baseline at ``quantile_k``; ``inter_weight`` CANON's inter-group weight at
@@ -202,10 +210,10 @@ def triton_group_advantages(rewards: torch.Tensor, key: torch.Tensor, order: tor
     if largest_group > MAX_GROUP_SIZE:
         raise ValueError(f"a prompt group has {largest_group} responses; the Triton estimator kernel holds at most "
                          f"MAX_GROUP_SIZE={MAX_GROUP_SIZE} per group")
-    rewards = rewards.detach().to(torch.float32).contiguous()
-    key = key.detach().to(torch.float32).contiguous()
+    rewards = rewards.detach().contiguous()
+    key = key.detach().contiguous()
     block_n = triton.next_power_of_2(largest_group)
-    advantages = torch.empty_like(rewards)
+    advantages = torch.empty(rewards.shape, dtype=torch.float64, device=rewards.device)
     _group_advantages_kernel[(len(group_size),)](
         rewards, key, order, group_start, group_size, advantages,
         quantile_k, epsilon, token_budget, canon_alpha, canon_beta, inter_weight,
@@ -217,7 +225,7 @@ def triton_group_advantages(rewards: torch.Tensor, key: torch.Tensor, order: tor
 # Ahead-of-time compile registry (tests/test_aot_compile.py): (kernel, signature, constexprs, options).
 _SIGNATURE = {
     "rewards_ptr": "*fp32", "key_ptr": "*fp32", "order_ptr": "*i64", "group_start_ptr": "*i64",
-    "group_size_ptr": "*i64", "out_ptr": "*fp32", "quantile_k": "fp32", "epsilon": "fp32", "token_budget": "fp32",
+    "group_size_ptr": "*i64", "out_ptr": "*fp64", "quantile_k": "fp32", "epsilon": "fp32", "token_budget": "fp32",
     "alpha": "fp32", "beta": "fp32", "inter_weight": "fp32",
     "ESTIMATOR": "constexpr", "QUANTILE": "constexpr", "NORM_BY_STD": "constexpr", "FAVOR_HIGH": "constexpr",
     "BLOCK_N": "constexpr", "BLOCK_J": "constexpr",

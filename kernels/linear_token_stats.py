@@ -10,7 +10,7 @@ Public entry point::
                 A ``[B, T, H]`` caller flattens to ``[B*T, H]``.
 * ``weight``    ``[V, H]``, same dtype (last stride 1; otherwise copied).
 * ``bias``      ``[V]`` or None, same dtype.
-* ``targets``   int64 ``[R]``: the sampled token of every row.
+* ``targets``   int64 (or int32) ``[R]``: the sampled token of every row.
 * ``row_index`` int64 ``[N]``: the rows to compute (the valid tokens), unique, in ``[0, R)``.
                 Rows not listed are never read and get a zero ``grad_hidden`` row.
 * ``temperature`` a Python number > 0 (a runtime argument, not a compile-time constant).
@@ -165,7 +165,7 @@ def _linear_token_stats_fwd_kernel(
     hidden_ptr,  # [R, H]
     weight_ptr,  # [V, H]
     bias_ptr,  # [V] (unused when HAS_BIAS is False)
-    targets_ptr,  # int64 [R]
+    targets_ptr,  # int64 or int32 [R]
     row_index_ptr,  # int64 [N]
     logp_ptr,  # fp32 [N] out
     entropy_ptr,  # fp32 [N] out
@@ -209,13 +209,19 @@ def _linear_token_stats_fwd_kernel(
         z = tl.where(col_ok[None, :], z, float("-inf"))
         z_target += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), axis=1)
 
-        tile_m, tile_rest, tile_u, tile_e = tile_summary(z, col_ok[None, :], 1, MAY_BE_EMPTY=False)
+        # A -inf bias entry is a masked vocabulary entry: like a padded column it counts for nothing, and
+        # a tile may hold nothing else (without a bias every logit is finite: no guards, fewer registers).
+        if HAS_BIAS:
+            live = z > float("-inf")
+        else:
+            live = col_ok[None, :]
+        tile_m, tile_rest, tile_u, tile_e = tile_summary(z, live, 1, MAY_BE_EMPTY=HAS_BIAS)
         m_before = m
         m, rest, u = merge_summaries(m, rest, u, tile_m, tile_rest, tile_u)
         if EXTRA_STATS:
             z_sum += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
             squares = merge_sums_of_squares(squares, m_before, tl.sum(tile_e * tile_e, axis=1), tile_m, m,
-                                            MAY_BE_EMPTY=False)
+                                            MAY_BE_EMPTY=HAS_BIAS)
 
     logp, entropy, lse, zbar = row_statistics(m, rest, u, z_target)
     tl.store(logp_ptr + slots, logp, mask=slot_ok)
@@ -238,7 +244,7 @@ def _linear_token_stats_dlogits_kernel(
     hidden_ptr,  # [R, H]
     weight_ptr,  # [V, H]
     bias_ptr,  # [V] (unused when HAS_BIAS is False)
-    targets_ptr,  # int64 [R]
+    targets_ptr,  # int64 or int32 [R]
     row_index_ptr,  # int64 [N]
     lse_ptr,  # fp32 [N] from the forward
     zbar_ptr,  # fp32 [N] from the forward
@@ -279,10 +285,11 @@ def _linear_token_stats_dlogits_kernel(
                      BLOCK_N, BLOCK_V, BLOCK_H)
 
     # dL/dz (docs/algorithms.md §8.3), the target column from the forward's logp and entropy (softmax.py).
-    # The tile is finite (padded rows and columns are computed from zero-filled operands).
-    grad_target = target_grad(logp, entropy, c_logp, c_ent, MAY_HOLD_NEG_INF=False)
+    # The tile is finite (padded rows and columns are computed from zero-filled operands) but for the
+    # entries of a -inf bias (a masked vocabulary).
+    grad_target = target_grad(logp, entropy, c_logp, c_ent, MAY_HOLD_NEG_INF=HAS_BIAS)
     dz = softmax_grad(z, cols[None, :] == target[:, None], lse[:, None], zbar[:, None], c_logp[:, None],
-                      c_ent[:, None], grad_target[:, None], MAY_HOLD_NEG_INF=False)
+                      c_ent[:, None], grad_target[:, None], MAY_HOLD_NEG_INF=HAS_BIAS)
     dlogits = dz * inv_temperature  # chain rule through z = logits / T
 
     offsets = local_rows.to(tl.int64)[:, None] * vocab_size + cols[None, :]
@@ -482,9 +489,10 @@ def _chunk_rows(n_valid: int, vocab_size: int, workspace_dtype: torch.dtype, blo
     return max(1, min(rows, n_valid))
 
 
-def _check_inputs(hidden, weight, targets, row_index, bias, temperature):
+def _check_inputs(hidden, weight, targets, row_index, bias, temperature, check_rows=True):
     """Shape / dtype / device / value checks with messages that say what to fix. One host sync
-    (for the value checks of row_index and targets)."""
+    (for the value checks of row_index and targets), skipped with ``check_rows=False`` (a caller that
+    built row_index and checked the targets: fused_canon's API)."""
     if not all(isinstance(t, torch.Tensor) for t in (hidden, weight, targets, row_index)):
         raise TypeError("hidden, weight, targets and row_index must be torch.Tensors")
     if hidden.dim() != 2:
@@ -495,14 +503,16 @@ def _check_inputs(hidden, weight, targets, row_index, bias, temperature):
     vocab_size = weight.shape[0]
     if weight.shape[1] != hidden_size:
         raise ValueError(f"weight is [V, H] = {tuple(weight.shape)} but hidden has H = {hidden_size}")
-    if vocab_size == 0 or hidden_size == 0:
-        raise ValueError(f"empty vocabulary or hidden size: weight shape {tuple(weight.shape)}")
+    if hidden_size == 0 or (vocab_size == 0 and row_index.numel() > 0):
+        raise ValueError(f"empty vocabulary or hidden size: weight shape {tuple(weight.shape)}, "
+                         f"{row_index.numel()} rows to compute")
     if hidden.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"hidden must be bf16, fp16 or fp32, got {hidden.dtype}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
-    if targets.dtype != torch.int64 or row_index.dtype != torch.int64:
-        raise TypeError(f"targets and row_index must be int64, got {targets.dtype} and {row_index.dtype}")
+    if targets.dtype not in (torch.int64, torch.int32) or row_index.dtype != torch.int64:
+        raise TypeError(f"targets must be int64 or int32 and row_index int64, got {targets.dtype} and "
+                        f"{row_index.dtype}")
     if targets.shape != (num_rows,):
         raise ValueError(f"targets must be [R] = [{num_rows}], got shape {tuple(targets.shape)}")
     if row_index.dim() != 1:
@@ -532,7 +542,7 @@ def _check_inputs(hidden, weight, targets, row_index, bias, temperature):
     if not (math.isfinite(temperature) and temperature > 0.0):
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
 
-    if row_index.numel() > 0:
+    if check_rows and row_index.numel() > 0:
         row_out_of_range = ((row_index < 0) | (row_index >= num_rows)).any()
         sorted_rows = row_index.sort().values
         duplicate_row = (sorted_rows[1:] == sorted_rows[:-1]).any()
@@ -659,12 +669,12 @@ class TritonLinearTokenStats(torch.autograd.Function):
     """``(logp, entropy, certainty, target_logit, sum_pi_squared) = f(hidden, weight, bias)`` for the valid
     rows; see the module docstring. The last three are detached and empty unless ``extra_stats``.
 
-    ``apply(hidden, weight, targets, row_index, bias, temperature, block_sizes, extra_stats)``.
+    ``apply(hidden, weight, targets, row_index, bias, temperature, block_sizes, extra_stats, check_rows)``.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, row_index, bias, temperature, block_sizes, extra_stats):
-        temperature = _check_inputs(hidden, weight, targets, row_index, bias, temperature)
+    def forward(ctx, hidden, weight, targets, row_index, bias, temperature, block_sizes, extra_stats, check_rows):
+        temperature = _check_inputs(hidden, weight, targets, row_index, bias, temperature, check_rows)
         blocks = _resolve_blocks(block_sizes)
         hidden = _last_dim_contiguous(hidden)
         weight = _last_dim_contiguous(weight)
@@ -695,21 +705,23 @@ class TritonLinearTokenStats(torch.autograd.Function):
             coefficient(grad_logp), coefficient(grad_entropy), ctx.inv_temperature, ctx.blocks,
             need_hidden, need_weight, need_bias,
         )
-        return grad_hidden, grad_weight, None, None, grad_bias, None, None, None
+        return grad_hidden, grad_weight, None, None, grad_bias, None, None, None, None
 
 
 def triton_linear_token_stats(hidden, weight, targets, row_index, bias=None, temperature=1.0, *, block_sizes=None,
-                              extra_stats=False):
+                              extra_stats=False, check_rows=True):
     """Per-token ``(logp, entropy)``, fp32 ``[N]``, of the valid rows ``row_index`` of
     ``z = (hidden @ weight.T + bias) / temperature``, without materialising ``[N, V]``.
 
     ``block_sizes``: None (defaults), a ``LinearTokenStatsBlocks`` or a dict of its fields.
-    Differentiable w.r.t. ``hidden``, ``weight`` and ``bias``; see the module docstring.
-    ``extra_stats=True`` also returns, from the same pass, the self-certainty ``lse - mean_v(z)``, the raw
-    target logit and ``sum_v p_v^2`` (fp32 ``[N]``, detached): five outputs.
+    Differentiable w.r.t. ``hidden``, ``weight`` and ``bias``; see the module docstring. A row with a NaN
+    or +inf logit has ``logp = NaN``. ``extra_stats=True`` also returns, from the same pass, the
+    self-certainty ``lse - mean_v(z)``, the raw target logit and ``sum_v p_v^2`` (fp32 ``[N]``,
+    detached): five outputs. ``check_rows=False`` skips the check (one host sync) of row_index and of
+    its rows' targets, for a caller that built and checked them.
     """
     outputs = TritonLinearTokenStats.apply(hidden, weight, targets, row_index, bias, temperature, block_sizes,
-                                           bool(extra_stats))
+                                           bool(extra_stats), bool(check_rows))
     return outputs if extra_stats else outputs[:2]
 
 

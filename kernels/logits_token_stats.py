@@ -8,6 +8,12 @@ follow from it (softmax.py: the formulation both statistics paths share, with th
 that keeps a peaked row's relative precision). A row whose only finite entry is the target
 gives logp = 0 and H = 0 exactly.
 
+Non-finite rows: ``-inf`` entries are a masked vocabulary (they contribute nothing). A NaN or ``+inf``
+(tempered) logit makes the row's sum-exp ``rest`` NaN (the sums do not skip it, whatever the max does),
+so the row gets ``logp = NaN``, and a ``-inf`` target logit gives ``logp = -inf``: a non-finite log-prob
+is the row's error flag, which fused_canon reads with the loss's metrics (docs/design.md §4.1) instead
+of reading the logits again.
+
 Backward (docs/algorithms.md §8.3), one program per row of ``[B, T]``:
 
     dlogits_k = (1/T) * ( -p_k * [c_logp + c_ent * (z_k - zbar)] + c_logp * [k == y] )
@@ -148,7 +154,7 @@ def _num_warps(block_v: int) -> int:
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check_inputs(logits, targets, row_index, temperature, block_v):
+def _check_inputs(logits, targets, row_index, temperature, block_v, check_rows=True, inplace_backward=False):
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
         raise ValueError(f"logits must be a 3-D tensor [B, T, V], got {getattr(logits, 'shape', type(logits))}")
     if logits.dtype not in _SUPPORTED_DTYPES:
@@ -157,8 +163,8 @@ def _check_inputs(logits, targets, row_index, temperature, block_v):
         raise ValueError(f"logits must have stride(-1) == 1 (got strides {tuple(logits.stride())}); "
                          "slices over B and T are fine, a transposed vocabulary is not")
     B, T, V = logits.shape
-    if V == 0:
-        raise ValueError("logits has an empty vocabulary dimension")
+    if V == 0 and row_index.numel() > 0:
+        raise ValueError("logits has an empty vocabulary dimension (V = 0) but row_index lists rows to compute")
     if not isinstance(targets, torch.Tensor) or tuple(targets.shape) != (B, T):
         raise ValueError(f"targets must have shape {(B, T)}, got {getattr(targets, 'shape', type(targets))}")
     if targets.dtype not in (torch.int64, torch.int32):
@@ -179,9 +185,15 @@ def _check_inputs(logits, targets, row_index, temperature, block_v):
     if logits.device.type != "cuda" and not triton_interpreter_enabled():
         raise RuntimeError(f"Triton kernels need CUDA tensors (got {logits.device}); on CPU set "
                            "TRITON_INTERPRET=1 before importing triton, or use the torch backend")
-    # Out-of-range or repeated rows would read out of bounds / lose gradient: one host sync.
+    if inplace_backward and _elements_overlap(logits):
+        raise ValueError(f"inplace_backward=True writes dlogits over the logits, but these logits (shape "
+                         f"{tuple(logits.shape)}, strides {tuple(logits.stride())}) share memory between elements, "
+                         "e.g. an expand(): their gradient needs its own memory. Pass inplace_backward=False, "
+                         "or materialise them with .contiguous()")
+    # Out-of-range or repeated rows would read out of bounds / lose gradient: one host sync. Skipped when
+    # the caller built row_index itself (check_rows=False: fused_canon's API).
     n_rows = B * T
-    if row_index.numel() > 0:
+    if check_rows and row_index.numel() > 0:
         in_range = (row_index >= 0) & (row_index < n_rows)
         counts = torch.zeros(max(n_rows, 1), dtype=torch.int32, device=row_index.device)
         counts.index_add_(0, torch.where(in_range, row_index, 0), torch.ones_like(row_index, dtype=torch.int32))
@@ -189,11 +201,28 @@ def _check_inputs(logits, targets, row_index, temperature, block_v):
             raise ValueError(f"row_index must hold distinct flat indices b*T+t in [0, {n_rows})")
 
 
-def token_stats_forward(logits, targets, row_index, temperature=1.0, *, block_v=None, extra_stats=False):
+def _elements_overlap(x: torch.Tensor) -> bool:
+    """Whether two elements of ``x`` may share memory (a stride-0 dimension from expand(), or an as_strided
+    view whose rows interleave): sorted by stride, each dimension must step past the whole extent of the
+    smaller ones. Slices and permutations of a tensor pass; a few exotic non-overlapping layouts do not."""
+    if x.numel() == 0:
+        return False
+    extent = 0  # the largest offset reachable through the dimensions seen so far
+    for stride, size in sorted((stride, size) for size, stride in zip(x.shape, x.stride()) if size > 1):
+        if stride <= extent:
+            return True
+        extent += stride * (size - 1)
+    return False
+
+
+def token_stats_forward(logits, targets, row_index, temperature=1.0, *, block_v=None, extra_stats=False,
+                        check_rows=True, inplace_backward=False):
     """Launch the forward kernel (no autograd). Returns fp32 ``[N]`` tensors
     ``(logp, entropy, lse, zbar, certainty, target_logit, sum_pi_squared)``; the last three are empty
-    unless ``extra_stats``. The first four are what :func:`token_stats_backward` needs."""
-    _check_inputs(logits, targets, row_index, temperature, block_v)
+    unless ``extra_stats``. The first four are what :func:`token_stats_backward` needs.
+    ``check_rows=False`` skips the check (one host sync) that ``row_index`` holds distinct in-range
+    rows, for a caller that built it; ``inplace_backward`` checks that the logits can take dlogits."""
+    _check_inputs(logits, targets, row_index, temperature, block_v, check_rows, inplace_backward)
     B, T, V = logits.shape
     row_index = row_index.contiguous()
     N = row_index.numel()
@@ -233,7 +262,7 @@ def token_stats_backward(logits, targets, row_index, logp, entropy, lse, zbar, c
     c_logp = c_logp.to(torch.float32).contiguous() if has_logp else lse  # placeholder, not read
     c_ent = c_ent.to(torch.float32).contiguous() if has_ent else lse
     dlogits = logits if inplace else torch.empty((B, T, V), dtype=logits.dtype, device=dev)
-    if B * T > 0:
+    if B * T * V > 0:  # an empty vocabulary has no gradient entry to write
         _token_stats_bwd_kernel[(B * T,)](
             logits, logits.stride(0), logits.stride(1),
             dlogits, dlogits.stride(0), dlogits.stride(1),
@@ -251,9 +280,10 @@ class TritonTokenStats(torch.autograd.Function):
     two are differentiable w.r.t. logits, the last three are empty unless ``extra_stats``."""
 
     @staticmethod
-    def forward(ctx, logits, targets, row_index, temperature, inplace_backward, block_v, extra_stats):
+    def forward(ctx, logits, targets, row_index, temperature, inplace_backward, block_v, extra_stats, check_rows):
         logp, entropy, lse, zbar, certainty, target_logit, sum_pi_squared = token_stats_forward(
-            logits, targets, row_index, temperature, block_v=block_v, extra_stats=extra_stats)
+            logits, targets, row_index, temperature, block_v=block_v, extra_stats=extra_stats,
+            check_rows=check_rows, inplace_backward=inplace_backward)
         # Only per-row scalars are saved, plus references to the inputs (no copies).
         ctx.save_for_backward(logits, targets, row_index, logp, entropy, lse, zbar)
         ctx.temperature = temperature
@@ -268,7 +298,7 @@ class TritonTokenStats(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy, *_grad_extra_stats):
         logits, targets, row_index, logp, entropy, lse, zbar = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None:
-            return (None,) * 7
+            return (None,) * 8
         # inplace_backward overwrites the caller's logits with the gradient (unsloth#5002):
         # only valid when these logits feed no other loss/op that still needs them.
         dlogits = token_stats_backward(logits, targets, row_index, logp, entropy, lse, zbar, grad_logp, grad_entropy,
@@ -277,11 +307,11 @@ class TritonTokenStats(torch.autograd.Function):
             # Later autograd use of the overwritten logits then fails loudly ("modified by an
             # inplace operation") instead of silently reading gradients.
             torch.autograd.graph.increment_version(logits)
-        return dlogits, None, None, None, None, None, None
+        return dlogits, None, None, None, None, None, None, None
 
 
 def triton_token_stats(logits, targets, row_index, temperature=1.0, *, inplace_backward=False, block_v=None,
-                       extra_stats=False):
+                       extra_stats=False, check_rows=True):
     """Target log-prob and entropy of ``softmax(logits / temperature)`` for the valid rows.
 
     Args:
@@ -294,19 +324,28 @@ def triton_token_stats(logits, targets, row_index, temperature=1.0, *, inplace_b
         temperature: Python number > 0.
         inplace_backward: write dlogits over the logits buffer instead of a new tensor.
             Saves one ``[B, T, V]`` allocation but destroys the logits: only safe when they
-            feed no other loss (unsloth#5002). Later autograd use of them raises.
+            feed no other loss (unsloth#5002). Later autograd use of them raises. Logits whose
+            elements share memory (an ``expand()``) are refused. The saving is real for logits
+            computed in the graph (an LM head's output, whose backward consumes the gradient);
+            for a leaf tensor autograd's AccumulateGrad copies the gradient into ``.grad``
+            anyway, so the option then only destroys the logits.
+        check_rows: check that ``row_index`` holds distinct rows in range (one host sync);
+            False for a caller that built it (fused_canon's API).
         block_v: vocabulary tile (power of two); default ``min(next_pow2(V), 4096)``.
         extra_stats: also return the self-certainty ``lse - mean_v(z)``, the raw (untempered)
             target logit and ``sum_v p_v^2``, fp32 ``[N]`` and non-differentiable, from the same read.
 
     Returns:
         ``(logp, entropy)`` fp32 ``[N]``, both differentiable w.r.t. logits, or
-        ``(logp, entropy, certainty, target_logit, sum_pi_squared)`` with ``extra_stats=True``.
+        ``(logp, entropy, certainty, target_logit, sum_pi_squared)`` with ``extra_stats=True``. A row
+        with a NaN or +inf logit has ``logp = NaN`` (and a -inf target logit ``logp = -inf``): the
+        flag fused_canon's API reads.
     """
     if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
         temperature = float(temperature)
     outputs = TritonTokenStats.apply(
-        logits, targets, row_index, temperature, bool(inplace_backward), block_v, bool(extra_stats))
+        logits, targets, row_index, temperature, bool(inplace_backward), block_v, bool(extra_stats),
+        bool(check_rows))
     return outputs if extra_stats else outputs[:2]
 
 

@@ -190,6 +190,9 @@ def _policy_objective_fwd_kernel(
             d_value = tl.where(dropped, 0.0, d_value)
             clipped = dropped
 
+    # A NaN log-prob gives a NaN loss, as in the reference: the clamps above (tl.minimum and tl.maximum
+    # return the non-NaN operand) would turn it into a finite number.
+    value = tl.where(logp != logp, logp, value)
     value = tl.where(valid, value, 0.0)
     c_logp = tl.where(valid, pg_weight * d_value, 0.0)
     entropy = tl.load(entropy_ptr + offs, mask=valid, other=0.0).to(tl.float32)

@@ -65,7 +65,7 @@ def tile_summary(z, live, AXIS: tl.constexpr, MAY_BE_EMPTY: tl.constexpr):
     """The summary (m, rest, u) of the entries of ``z`` along ``AXIS``, and exp(z - m) (for further sums:
     sum_k p_k^2). ``live`` (broadcasting against ``z``) marks the entries that are not -inf; the others
     count for nothing. ``MAY_BE_EMPTY``: a tile may hold only -inf entries (a masked vocabulary), so m
-    may be -inf; the LM-head path's tiles always hold a real column and skip that guard."""
+    may be -inf; the LM-head path without a bias (finite logits) skips that guard."""
     m = tl.max(z, axis=AXIS)
     if MAY_BE_EMPTY:
         m_ref = tl.expand_dims(tl.where(m > float("-inf"), m, 0.0), AXIS)  # no -inf - -inf
@@ -136,7 +136,7 @@ def target_grad(logp, entropy, c_logp, c_ent, MAY_HOLD_NEG_INF: tl.constexpr):
     """dL/dz_y of each row, c_logp (1 - p_y) - c_ent p_y (z_y - zbar), from the row's own results:
     1 - p_y = -expm1(logp), z_y - zbar = logp + H (per-row values: scalars or vectors).
     ``MAY_HOLD_NEG_INF``: the logits may be -inf (a masked vocabulary), so logp may be -inf; p_y = 0
-    then contributes exactly 0 (the LM-head path's logits are finite and skip the guard)."""
+    then contributes exactly 0 (the LM-head path without a bias has finite logits and skips the guard)."""
     p_target = tl.exp(logp)
     entropy_term = c_ent * p_target * (logp + entropy)
     if MAY_HOLD_NEG_INF:

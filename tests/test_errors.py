@@ -5,7 +5,7 @@ import torch
 
 import fused_canon as fc
 from fused_canon.config import LOSS_AGG_MODES
-from helpers import make_batch
+from helpers import make_batch, relative_error
 
 
 def batch(dtype=torch.float32):
@@ -253,3 +253,365 @@ def test_masked_vocabulary_rows_are_exact_and_finite():
     lp, ent = fc.token_stats(finite[1, 1][None], targets[1, 1][None], backend="torch")
     assert lp.item() == pytest.approx(out.logprobs[1, 1].item(), abs=1e-12)
     assert ent.item() == pytest.approx(out.entropy[1, 1].item(), abs=1e-12)
+
+
+# non-finite logits: one error on every path and backend, naming the first offending position ----------
+
+BACKENDS = ["torch", "triton"]  # Triton in its interpreter on CPU
+NONFINITE = r"logits.* are not finite in a valid row .*: first at \(batch, position\) = \(1, 0\)"
+
+
+def _poisoned(bad, at_target=False):
+    """The batch with ``bad`` in the logits of rows (1, 0) and (1, 2) (the first in row-major order is
+    (1, 0)), at a non-target entry or at the target."""
+    logits, targets, mask = batch()
+    with torch.no_grad():
+        for b, t in ((1, 0), (1, 2)):
+            column = targets[b, t] if at_target else (targets[b, t] + 1) % 5
+            logits[b, t, column] = bad
+    return logits, targets, mask
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad, at_target", [(float("nan"), False), (float("inf"), False), (float("nan"), True),
+                                            (float("-inf"), True)])
+def test_nonfinite_logits_in_a_valid_row_raise_on_every_logits_path(backend, bad, at_target):
+    logits, targets, mask = _poisoned(bad, at_target)
+    with pytest.raises(ValueError, match=NONFINITE):
+        fc.token_stats(logits, targets, backend=backend)
+    with pytest.raises(ValueError, match=NONFINITE):
+        fc.token_signals(logits, targets, ["entropy", "sum_pi_squared"], mask=mask, backend=backend)
+    with pytest.raises(ValueError, match=NONFINITE):
+        fc.policy_loss(logits, targets, mask, advantages=torch.tensor([1.0, -1.0]), backend=backend)
+    canon = fc.LossConfig(advantage=fc.AdvantageConfig(estimator="canon"))  # the estimator reads this pass's entropy
+    with pytest.raises(ValueError, match=NONFINITE):
+        fc.policy_loss(logits, targets, mask, rewards=torch.tensor([1.0, 0.0]), group_ids=torch.tensor([0, 0]),
+                       config=canon, backend=backend)
+    with pytest.raises(ValueError, match=NONFINITE):  # CPU tensors: auto runs torch
+        fc.FusedPolicyLoss(fc.LossConfig(temperature=0.7))(logits, targets, mask, advantages=torch.ones(2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nonfinite_logits_at_padded_positions_and_minus_inf_elsewhere_are_fine(backend):
+    logits, targets, mask = _poisoned(float("nan"))
+    with torch.no_grad():
+        logits[0, 1, (targets[0, 1] + 2) % 5] = float("-inf")  # a masked vocabulary entry: legal
+    mask[1] = False  # the NaN rows are padding: never read
+    out = fc.policy_loss(logits, targets, mask, advantages=torch.tensor([1.0, -1.0]), backend=backend,
+                         config=fc.LossConfig(entropy_coeff=0.1))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(out.logprobs).all() and torch.isfinite(out.entropy).all()
+    assert torch.isfinite(logits.grad).all() and not logits.grad[1].any()
+
+
+def _lm_head(poison):
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 3, 4, generator=g)
+    weight, bias = torch.randn(5, 4, generator=g), torch.randn(5, generator=g)
+    targets, mask = torch.randint(0, 5, (2, 3), generator=g), torch.ones(2, 3, dtype=torch.bool)
+    mask[0] = False
+    poison(hidden, weight, bias, targets)
+    return hidden, weight, bias, targets, mask
+
+
+def _set_target_bias(hidden, weight, bias, targets):
+    bias[targets[1, 0]] = float("-inf")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("poison", [
+    lambda hidden, weight, bias, targets: hidden[1, 0, 2].fill_(float("nan")),
+    lambda hidden, weight, bias, targets: hidden[1, 0, 1].fill_(float("inf")),
+    lambda hidden, weight, bias, targets: weight[4, 3].fill_(float("nan")),  # every row: the first valid is (1, 0)
+    lambda hidden, weight, bias, targets: bias[2].fill_(float("inf")),
+    _set_target_bias,  # -inf at the sampled token of (1, 0)
+], ids=["nan_hidden", "inf_hidden", "nan_weight", "inf_bias", "minus_inf_target"])
+def test_nonfinite_logits_raise_on_the_lm_head_path(backend, poison):
+    hidden, weight, bias, targets, mask = _lm_head(poison)
+    with pytest.raises(ValueError, match=r"logits \(hidden @ weight.T \+ bias\) are not finite in a valid row .*"
+                                         r"first at \(batch, position\) = \(1, 0\); look at that row's hidden state"):
+        fc.linear_policy_loss(hidden, weight, targets, mask, bias=bias, advantages=torch.ones(2), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_minus_inf_bias_is_a_masked_vocabulary_on_the_lm_head_path(backend):
+    """A -inf bias entry (not at a target) is legal: finite statistics and gradients, equal to the
+    logits path on the same logits."""
+    hidden, weight, bias, targets, mask = _lm_head(lambda *_: None)
+    mask[0] = True
+    with torch.no_grad():
+        masked_column = next(v for v in range(5) if not (targets == v).any())
+        bias[masked_column] = float("-inf")
+    grads = {}
+    for path in ("linear", "logits"):
+        h, w, b = (x.clone().requires_grad_() for x in (hidden, weight, bias))
+        config = fc.LossConfig(entropy_coeff=0.1)
+        if path == "linear":
+            out = fc.linear_policy_loss(h, w, targets, mask, bias=b, advantages=torch.tensor([1.0, -0.5]),
+                                        config=config, backend=backend)
+        else:
+            out = fc.policy_loss(h @ w.T + b, targets, mask, advantages=torch.tensor([1.0, -0.5]), config=config,
+                                 backend="torch")
+        out.loss.backward()
+        grads[path] = (out.loss.detach(), out.entropy, h.grad, w.grad, b.grad)
+    for linear, logits in zip(grads["linear"], grads["logits"]):
+        assert torch.isfinite(linear).all()
+        assert relative_error(linear, logits) <= 1e-5
+
+
+# CANON's entropy metric: padded positions never matter, non-finite valid ones raise ---------------
+
+def _canon_entropy_inputs():
+    g = torch.Generator().manual_seed(5)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    entropy = torch.rand(4, 4, generator=g)
+    entropy[3] += 5.0  # the one row without padding has the largest metric: garbage padding would move the others
+    return torch.tensor([1.0, 0.0, 0.25, 0.5]), torch.tensor([0, 0, 0, 0]), mask, entropy
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("padding", [float("nan"), float("inf"), -float("inf"), 1e30])
+def test_canon_entropy_metric_never_reads_padded_positions(backend, padding):
+    rewards, group_ids, mask, entropy = _canon_entropy_inputs()
+    # alpha and beta break the symmetry of the two halves: a split that moves a row changes its advantage
+    config = fc.AdvantageConfig(estimator="canon", canon_metric="entropy", canon_lambda=0.7, canon_alpha=1.3,
+                                canon_beta=0.1)
+    clean = fc.compute_advantages(rewards, group_ids, config, mask=mask, token_entropy=entropy, backend="torch")
+    garbage = torch.where(mask, entropy, torch.full_like(entropy, padding))
+    assert torch.equal(fc.compute_advantages(rewards, group_ids, config, mask=mask, token_entropy=garbage,
+                                             backend=backend), clean)
+    # policy_loss_from_logprobs passes the caller's entropy on to the estimator
+    out = fc.policy_loss_from_logprobs(-torch.ones(4, 4), mask, entropy=garbage, rewards=rewards,
+                                       group_ids=group_ids, config=fc.LossConfig(advantage=config), backend=backend)
+    assert torch.equal(out.advantages, clean)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_canon_entropy_metric_rejects_nonfinite_valid_entries(backend, bad):
+    rewards, group_ids, mask, entropy = _canon_entropy_inputs()
+    entropy[1, 2] = bad
+    config = fc.AdvantageConfig(estimator="canon", canon_metric="entropy")
+    with pytest.raises(ValueError, match=r"token_entropy contains NaN or inf at valid \(mask=1\) positions; first "
+                                         r"at \(batch, position\) = \(1, 2\)"):
+        fc.compute_advantages(rewards, group_ids, config, mask=mask, token_entropy=entropy, backend=backend)
+
+
+# empty batches: loss 0, zero gradient, the same on both backends ------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("agg_mode", LOSS_AGG_MODES)
+@pytest.mark.parametrize("length, vocab", [(0, 5), (3, 0)], ids=["T=0", "V=0"])
+def test_empty_batches_give_zero_loss_and_gradient(backend, agg_mode, length, vocab):
+    logits = torch.zeros(2, length, vocab, requires_grad=True)
+    targets, mask = torch.zeros(2, length, dtype=torch.long), torch.zeros(2, length, dtype=torch.bool)
+    for kwargs in (dict(advantages=torch.ones(2)),
+                   dict(rewards=torch.tensor([1.0, 0.0]), group_ids=torch.tensor([0, 0]))):
+        out = fc.policy_loss(logits, targets, mask, config=fc.LossConfig(loss_agg_mode=agg_mode, entropy_coeff=0.1),
+                             backend=backend, **kwargs)
+        out.loss.backward()
+        assert out.loss.item() == 0.0 and out.logprobs.shape == (2, length)
+        assert logits.grad.shape == logits.shape and not logits.grad.any()
+    hidden, weight = torch.zeros(2, length, 4, requires_grad=True), torch.zeros(vocab, 4, requires_grad=True)
+    out = fc.linear_policy_loss(hidden, weight, targets, mask, advantages=torch.ones(2), backend=backend,
+                                config=fc.LossConfig(loss_agg_mode=agg_mode))
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and not hidden.grad.any() and not weight.grad.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_vocabulary_with_a_valid_row_is_an_error(backend):
+    message = r"the vocabulary is empty \(V = 0\) but .* valid positions: a valid token needs V >= 1"
+    targets, mask = torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.bool)
+    mask[1, 1] = True
+    with pytest.raises(ValueError, match=message):
+        fc.policy_loss(torch.zeros(2, 3, 0), targets, mask, advantages=torch.ones(2), backend=backend)
+    with pytest.raises(ValueError, match=message):
+        fc.linear_policy_loss(torch.zeros(2, 3, 4), torch.zeros(0, 4), targets, mask, advantages=torch.ones(2),
+                              backend=backend)
+    with pytest.raises(ValueError, match=message):
+        fc.token_stats(torch.zeros(2, 3, 0), targets, backend=backend)
+
+
+# every config value and argument is checked where it is given ---------------------------------------
+
+@pytest.mark.parametrize("kl_type", ["k1+", "kl+", "abs+", "k2+", "mse+", "k3+", "low_var_kl+"])
+def test_straight_through_kl_types_are_accepted(kl_type):
+    logits, targets, mask = batch()
+    ref = torch.zeros(2, 3)
+    config = fc.LossConfig(kl_type=kl_type, kl_coef=0.1)
+    out = call(logits, targets, mask, ref_logprobs=ref, config=config)
+    expected = fc.agg_loss(fc.kl_penalty(out.logprobs, ref, kl_type), mask.float(), "token-mean")
+    assert out.metrics["actor/kl_loss"] == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("canon_lambda", 1.5, r"canon_lambda must lie in \[0, 1\], got 1.5"),
+    ("canon_lambda", -0.1, r"canon_lambda must lie in \[0, 1\], got -0.1"),
+    ("norm_by_std", "false", "norm_by_std must be True or False, got 'false'"),
+    ("otb_handle_zero_tail", 1, "otb_handle_zero_tail must be True or False, got 1"),
+    ("seed", 1.5, "seed must be an int, got 1.5"),
+    ("seed", -1, "seed must be an int >= 0, got -1"),
+    ("estimator", 3, r"estimator must be a registered name \(a str\), got 3"),
+    ("canon_alpha", True, "canon_alpha must be a finite number, got True"),
+    ("epsilon", -1e-6, "epsilon must be >= 0, got -1e-06"),
+    ("token_budget", 0, "token_budget must be > 0, got 0"),
+    ("quantile_k", 1.0, r"quantile_k must lie in \(0, 1\), got 1.0"),
+    ("adora_max_length", 10.5, r"adora_max_length must be an int, got 10.5 \(a length in tokens\)"),
+    ("ktae_ignore_token_ids", 151643, "ktae_ignore_token_ids must be a list of token ids, got 151643"),
+    ("ktae_ignore_token_ids", [-1], "ktae_ignore_token_ids entry must be an int >= 0, got -1"),
+    ("cosine_restart", dict(max_value=1.5, min_value=0.0), r"max_value must lie in \[0, 1\], got 1.5"),
+    ("cosine_restart_r", dict(max_value=1.0, min_value=0.4, warmup_steps=2.5),
+     "warmup_steps must be an int, got 2.5"),
+    ("cosine_restart", "fast", "cosine_restart must be a CosineRestartSchedule"),
+])
+def test_advantage_config_names_the_bad_value(field, value, message):
+    with pytest.raises(ValueError if "Schedule" not in message else TypeError, match=message):
+        fc.AdvantageConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("seed", 2.0, "seed must be an int, got 2.0"),
+    ("loss_mode", None, r"loss_mode must be a registered name \(a str\), got None"),
+    ("kl_type", "k3++", r"kl_type='k3\+\+' is not valid; choose one of \[.*'k3\+'"),
+    ("kl_coef", -0.1, "kl_coef must be >= 0, got -0.1"),
+    ("ppo_kl_coef", -1.0, "ppo_kl_coef must be >= 0, got -1.0"),
+    ("temperature", float("inf"), "temperature must be a finite number, got inf"),
+    ("clip_cov_ratio", 0.0, r"clip_cov_ratio must lie in \(0, 1\], got 0.0"),
+    ("entropy_coeff", "0.1", "entropy_coeff must be a finite number, got '0.1'"),
+    ("loss_scale_factor", -2, "loss_scale_factor must be > 0, got -2"),
+])
+def test_loss_config_names_the_bad_value(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        fc.LossConfig(**{field: value})
+
+
+def test_large_seeds_are_accepted_and_used():
+    """Any int seed >= 0 seeds the generator (mod 2**64): 2**62 used to overflow inside the call."""
+    rewards, group_ids = torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.tensor([0, 0, 0, 0])
+    config = fc.AdvantageConfig(estimator="canon", canon_metric="random", seed=2**62)
+    first = fc.compute_advantages(rewards, group_ids, config, step=3)
+    assert torch.equal(first, fc.compute_advantages(rewards, group_ids, config, step=3))
+    logits, targets, mask = batch()
+    out = call(logits, targets, mask, config=fc.LossConfig(loss_mode="clip_cov", seed=2**62), step=2**40)
+    assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("step, message", [(None, "step must be an int, got None"),
+                                           ("3", "step must be an int, got '3'"),
+                                           (1.5, "step must be an int, got 1.5"),
+                                           (-1, "step must be an int >= 0, got -1")])
+def test_bad_step(step, message):
+    logits, targets, mask = batch()
+    with pytest.raises(ValueError, match=message):
+        call(logits, targets, mask, step=step)
+    with pytest.raises(ValueError, match=message):
+        fc.compute_advantages(torch.tensor([1.0, 0.0]), torch.tensor([0, 0]), step=step)
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("global_num_tokens", torch.tensor(6.0), "global_num_tokens must be a finite number, got a Tensor"),
+    ("global_num_tokens", float("nan"), "global_num_tokens must be a finite number, got nan"),
+    ("global_num_tokens", 5, "global_num_tokens=5 is below this micro-batch's own 6 valid tokens"),
+    ("global_num_seqs", 1.5, "global_num_seqs=1.5 is below this micro-batch's own 2 sequences with a valid token"),
+])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_global_normalizers(name, value, message, backend):
+    logits, targets, mask = batch()
+    with pytest.raises(ValueError, match=message):
+        fc.policy_loss(logits, targets, mask, advantages=torch.ones(2), backend=backend, **{name: value})
+    assert torch.isfinite(fc.policy_loss(logits, targets, mask, advantages=torch.ones(2), backend=backend,
+                                         global_num_tokens=6, global_num_seqs=2).loss)
+
+
+def test_compute_advantages_refuses_a_loss_config():
+    with pytest.raises(TypeError, match=r"config must be a fused_canon.AdvantageConfig \(its `advantage` field"):
+        fc.compute_advantages(torch.tensor([1.0, 0.0]), torch.tensor([0, 0]), fc.LossConfig())
+
+
+def test_module_config_is_never_dropped():
+    logits, targets, mask = batch()
+    module = fc.FusedPolicyLoss(fc.LossConfig(entropy_coeff=0.5), backend="torch")
+    for name, value in (("config", None), ("config", fc.LossConfig()), ("backend", "triton")):
+        with pytest.raises(TypeError, match=f"FusedPolicyLoss.forward got {name}=.*the module's own {name}"):
+            module(logits, targets, mask, advantages=torch.ones(2), **{name: value})
+    out = module(logits, targets, mask, advantages=torch.ones(2))
+    assert out.loss.item() == pytest.approx(call(logits, targets, mask, config=module.config,
+                                                 advantages=torch.ones(2)).loss.item())
+    with pytest.raises(TypeError, match="config must be a fused_canon.LossConfig, got AdvantageConfig"):
+        fc.FusedPolicyLoss(fc.AdvantageConfig())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.int16, torch.uint8, torch.int8])
+def test_targets_of_a_dtype_no_backend_indexes_with(backend, dtype):
+    logits, targets, mask = batch()
+    with pytest.raises(TypeError, match=f"targets must be an integer tensor of token ids, int64 or int32, got {dtype}"):
+        fc.policy_loss(logits, targets.to(dtype), mask, advantages=torch.ones(2), backend=backend)
+    with pytest.raises(TypeError, match="int64 or int32"):
+        fc.token_stats(logits, targets.to(dtype), backend=backend)
+    with pytest.raises(TypeError, match="int64 or int32"):
+        fc.linear_policy_loss(torch.zeros(2, 3, 4), torch.zeros(5, 4), targets.to(dtype), mask,
+                              advantages=torch.ones(2), backend=backend)
+    int32 = fc.policy_loss(logits, targets.int(), mask, advantages=torch.ones(2), backend=backend).loss
+    assert int32.item() == fc.policy_loss(logits, targets, mask, advantages=torch.ones(2), backend=backend).loss.item()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=float("inf")), "temperature must be a finite number, got inf"),
+    (dict(temperature=torch.tensor(1.0)), "temperature must be a finite number, got a Tensor"),
+    (dict(temperature=0), "temperature must be > 0, got 0"),
+])
+def test_token_stats_arguments(kwargs, message):
+    logits, targets, _ = batch()
+    with pytest.raises(ValueError, match=message):
+        fc.token_stats(logits, targets, **kwargs)
+
+
+def test_flag_arguments_are_bools():
+    logits, targets, mask = batch()
+    with pytest.raises(ValueError, match="inplace_backward must be True or False, got 'yes'"):
+        call(logits, targets, mask, inplace_backward="yes")
+    with pytest.raises(ValueError, match="with_returns must be True or False, got 1"):
+        fc.compute_advantages(torch.tensor([1.0, 0.0]), torch.tensor([0, 0]), with_returns=1)
+
+
+# the value checks cost no host sync of their own ---------------------------------------------------
+
+class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Where a call reads the device: aten's scalar reads (bool(), int(), .item()) and nonzero, by call site;
+    ``.tolist()`` is counted by the monkeypatch in the test."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
+            self.record(str(func))
+        return func(*args, **(kwargs or {}))
+
+    def record(self, what):
+        import traceback
+        frames = [f for f in traceback.extract_stack() if "fused_canon" in f.filename or "/kernels/" in f.filename]
+        self.sites.append((what, frames[-1].filename.rsplit("/", 2)[-2:], frames[-1].line))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_value_checks_share_the_one_batched_read(backend, monkeypatch):
+    """With advantages, old/ref log-probs and global counts given, a loss call reads the device three times:
+    the target range check (before any gather), mask.nonzero() (the valid rows) and the one .tolist() of the
+    metrics with every pending value check (finite logits, advantages, log-probs, normalizers). The launchers
+    do not re-check the row index the API built."""
+    logits, targets, mask = batch()
+    mask[1, 2] = False
+    reads = HostReads()
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: (reads.record("tolist"), tolist(self))[1])
+    with reads:
+        fc.policy_loss(logits, targets, mask, advantages=torch.tensor([1.0, -1.0]), old_logprobs=-torch.ones(2, 3),
+                       ref_logprobs=-torch.ones(2, 3), config=fc.LossConfig(kl_coef=0.1), global_num_tokens=5,
+                       backend=backend)
+    assert [what for what, _, _ in reads.sites] == ["aten._local_scalar_dense.default", "aten.nonzero.default",
+                                                    "tolist"], reads.sites
+    assert not any(site[0] == "kernels" for _, site, _ in reads.sites), reads.sites

@@ -394,8 +394,9 @@ def test_input_validation():
         call(hidden=hidden.double(), weight=weight.double(), bias=bias.double())
     with pytest.raises(ValueError, match=r"bias must be \[V\]"):
         call(bias=bias[:50])
-    with pytest.raises(TypeError, match="int64"):
-        call(targets=targets.int())
+    with pytest.raises(TypeError, match="int64 or int32"):
+        call(targets=targets.short())
+    assert torch.equal(call(targets=targets.int())[0], call()[0])  # int32 token ids, as on the logits path
     with pytest.raises(ValueError, match="one device"):
         call(weight=weight.to("meta"))
     with pytest.raises(ValueError, match="temperature"):
@@ -428,3 +429,34 @@ def test_aot_registry_covers_every_kernel_with_gpu_sized_blocks():
         assert all(signature[name] == "constexpr" for name in constexprs)
         assert min(constexprs["BLOCK_N"], constexprs["BLOCK_V"], constexprs["BLOCK_H"]) >= 16  # tl.dot on a GPU
         assert options["num_warps"] in (4, 8)
+
+
+def test_minus_inf_bias_blocks_are_a_masked_vocabulary():
+    """-inf logits from the bias, including whole vocabulary tiles (the first one too), contribute nothing:
+    statistics, the extra signals and all three gradients equal the torch reference's, all finite but the
+    self-certainty (+inf on a row with -inf entries, as torch computes it)."""
+    from fused_canon.statistics import torch_linear_token_stats
+
+    g = torch.Generator().manual_seed(7)
+    rows, hidden_size, vocab = 5, 16, 300
+    hidden, weight = torch.randn(rows, hidden_size, generator=g), torch.randn(vocab, hidden_size, generator=g)
+    bias = torch.randn(vocab, generator=g)
+    bias[:40] = float("-inf")  # the whole first tile at block_v = 32, part of the second
+    bias[200:264] = float("-inf")  # two whole tiles in the middle
+    targets = torch.randint(40, 200, (rows,), generator=g)
+    row_index = torch.tensor([0, 2, 3, 4])
+    blocks = LinearTokenStatsBlocks(block_n=16, block_v=32, block_h=16, gemm_block_out=16, gemm_block_k=16)
+    outputs = {}
+    for name, fn in (("triton", lambda *a: triton_linear_token_stats(*a[:4], bias=a[4], block_sizes=blocks,
+                                                                     extra_stats=True)),
+                     ("torch", lambda *a: torch_linear_token_stats(*a[:4], bias=a[4], extra_stats=True))):
+        h, w, b = (x.clone().to(DEVICE).requires_grad_() for x in (hidden, weight, bias))
+        logp, entropy, certainty, target_logit, sum_pi_squared = fn(h, w, dev(targets), dev(row_index), b)
+        (logp.sum() + 0.3 * entropy.sum()).backward()
+        outputs[name] = dict(logp=logp, entropy=entropy, target_logit=target_logit, sum_pi_squared=sum_pi_squared,
+                             grad_hidden=h.grad, grad_weight=w.grad, grad_bias=b.grad)
+        assert torch.isinf(certainty).all()
+    for key, expected in outputs["torch"].items():
+        actual = outputs["triton"][key]
+        assert torch.isfinite(actual).all(), key
+        assert_elementwise_close(actual.detach().cpu(), expected.detach().cpu(), 1e-4, key)

@@ -221,3 +221,15 @@ def test_backward_scales_by_grad_output_and_is_deterministic():
     _, _, unit_grads = _run(policy_objective, inputs, config, Normalizers())
     for grad, unit in zip(grads, unit_grads):
         assert relative_error(grad, -2.5 * unit, scale_floor=SCALE_FLOOR) <= TOL
+
+
+@pytest.mark.parametrize("loss_mode", TRITON_LOSS_MODES)
+def test_a_nan_log_prob_gives_a_nan_loss_as_in_the_reference(loss_mode):
+    """The clamps of the kernel (tl.minimum / tl.maximum drop a NaN operand) must not turn a NaN log-prob at a
+    valid position into a finite loss."""
+    inputs = _inputs(seed=4)
+    inputs["logp"][0, 0] = float("nan")  # row 0 has a valid token at position 0 (lengths >= 1)
+    config = fc.LossConfig(loss_mode=loss_mode, kl_coef=0.1)
+    for fn in (policy_objective, triton_policy_objective):
+        loss, _, _ = _run(fn, inputs, config, Normalizers())
+        assert torch.isnan(loss), (fn.__name__, loss)

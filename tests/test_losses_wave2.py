@@ -74,5 +74,5 @@ def test_gradcheck_and_metrics(loss_mode, agg_mode):
 
 
 def test_sapo_config_validation():
-    with pytest.raises(ValueError, match="sapo_tau_pos and sapo_tau_neg must be > 0"):
+    with pytest.raises(ValueError, match="sapo_tau_neg must be > 0, got 0.0"):
         fc.LossConfig(sapo_tau_neg=0.0)

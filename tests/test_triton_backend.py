@@ -149,6 +149,51 @@ def test_inplace_backward_writes_dlogits_into_the_logits_buffer():
     assert relative_error(leaf.grad, logits.grad) <= 1e-4
 
 
+@pytest.mark.parametrize("overlapping", [
+    lambda base: base[:1].expand(4, 4, 64),  # every row is the first row's memory
+    lambda base: base.reshape(-1).as_strided((4, 4, 64), (64, 32, 1)),  # rows interleave
+], ids=["expand", "as_strided"])
+def test_inplace_backward_refuses_logits_whose_elements_overlap(overlapping):
+    """Writing dlogits in place over memory that several logits share would sum their gradients into one
+    slot (a wrong gradient, silently): refused. Without inplace_backward the gradient is right."""
+    batch = batch_on_device()
+    kwargs = dict(advantages=torch.tensor([1.0, -1.0, 0.5, 0.0], device=DEVICE))
+    base = batch["logits"].clone().requires_grad_()
+    with pytest.raises(ValueError, match=r"inplace_backward=True writes dlogits over the logits, but these logits .*"
+                                         r"share memory between elements"):
+        fc.policy_loss(overlapping(base * 1.0), batch["targets"], batch["mask"], backend="triton",
+                       inplace_backward=True, **kwargs)
+    grads = []
+    for backend in ("torch", "triton"):
+        base.grad = None
+        fc.policy_loss(overlapping(base), batch["targets"], batch["mask"], backend=backend, **kwargs).loss.backward()
+        grads.append(base.grad)
+    assert relative_error(grads[1], grads[0]) <= 1e-4
+
+
+@pytest.mark.parametrize("leaf", [False, True], ids=["activation", "leaf"])
+def test_inplace_backward_memory(leaf):
+    """inplace_backward saves the [B, T, V] gradient for logits computed in the graph (here by an LM head):
+    the backward allocates none. For leaf logits autograd copies the gradient into .grad anyway (one
+    [B, T, V] copy, as many as without the option: documented, the option only destroys them)."""
+    batch = batch_on_device(vocab=64)
+    B, T, V = batch["logits"].shape
+    kwargs = dict(advantages=torch.tensor([1.0, -1.0, 0.5, 0.0], device=DEVICE))
+    big = {}
+    for inplace in (False, True):
+        hidden = torch.randn(B, T, 8, device=DEVICE, requires_grad=True)
+        head = torch.randn(V, 8, device=DEVICE, requires_grad=True)
+        logits = batch["logits"].clone().requires_grad_() if leaf else hidden @ head.T
+        out = fc.policy_loss(logits, batch["targets"], batch["mask"], backend="triton", inplace_backward=inplace,
+                             **kwargs)
+        recorder = AllocationRecorder()
+        with recorder:
+            out.loss.backward()
+        big[inplace] = [op for op, numel in recorder.numels if numel == B * T * V]
+    assert len(big[False]) == 1  # dlogits
+    assert len(big[True]) == (1 if leaf else 0), big[True]
+
+
 def test_torch_backend_refuses_inplace_backward():
     batch = batch_on_device()
     with pytest.raises(ValueError, match="inplace_backward"):
