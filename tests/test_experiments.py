@@ -61,7 +61,6 @@ def test_warm_start_lowers_the_loss_and_is_cached(tmp_path):
     cfg = tiny_trainer_config(tmp_path / "run", "data.task=sort_exact", "model.sft_steps=30", "model.sft_lr=3e-3",
                               "model.sft_batch_size=16", f"trainer.base_model_cache={tmp_path / 'cache'}")
     tokenizer = CharTokenizer(tasks.SYNTHETIC_TASKS["sort_exact"].alphabet)
-    torch.set_num_threads(1)
     trained = build_model(cfg.model, tokenizer, cfg.trainer.seed)
     result = warmup.warm_start(trained, tokenizer, cfg, torch.device("cpu"))
     assert result["sft/loss_last"] < 0.8 * result["sft/loss_first"]

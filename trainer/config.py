@@ -124,7 +124,9 @@ class TrainerConfig:
     total_steps: int = 200
     seed: int = 0
     device: str = "auto"  # "auto" -> cuda when available, else cpu
-    num_threads: int = 0  # torch threads per process; 0 leaves torch's default
+    # torch threads per process; 0 leaves torch's default (one per core). 1: on a shared 2-core machine
+    # two threads spin-wait on each other whenever a neighbour holds a core (README, Train: measured).
+    num_threads: int = 1
     out_dir: str = "runs/default"
     logger: List[str] = field(default_factory=lambda: ["console", "jsonl", "tensorboard"])
     progress_bar: bool = True
