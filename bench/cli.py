@@ -3,6 +3,7 @@
     fused-canon bench                          # the full grid on the CUDA device
     fused-canon bench --paths token_stats/fwd --n 16384 --vocab 151936
     fused-canon bench --smoke --out /tmp/bench # CPU harness check through Triton's interpreter
+    fused-canon bench --count                  # bytes, FLOPs, launches, syncs, memory, sm_90 builds (CPU)
 
 Prints a table, writes ``<out>/<device>-<date>.json`` (rewritten after every row, so a run that is
 killed keeps what it measured, with ``"complete": false``) and a PNG beside it. Exit status 1 when
@@ -33,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true",
                         help="CPU harness check: tiny shapes, fp32, Triton's interpreter, 3 timed calls per row")
+    parser.add_argument("--count", action="store_true",
+                        help="count instead of timing, on the CPU through Triton's interpreter (bench/count.py): "
+                             "bytes per tensor in units of the logits, FLOPs, launches, host syncs, peak memory, "
+                             "sm_90 registers / spills / tensor cores; --n, --vocab, --hidden take one value each")
+    parser.add_argument("--no-builds", action="store_true", help="with --count: leave out the sm_90 builds")
     parser.add_argument("--out", default=RESULTS_DIR, help="folder for the JSON and the PNG (default: bench/results)")
     parser.add_argument("--tag", help="appended to the file name, e.g. one per split of the grid")
     parser.add_argument("--paths", type=lambda s: s.split(","), default=list(PATHS),
@@ -71,6 +77,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
+    if args.count:
+        if _needs_fresh_interpreter_process():
+            env = dict(os.environ, TRITON_INTERPRET="1")
+            return subprocess.call([sys.executable, "-m", "fused_canon.bench.cli", *argv], env=env)
+        return _run_count(args)
     if not args.smoke and not torch.cuda.is_available():
         print("fused-canon bench: no CUDA device. Run `fused-canon bench --smoke` to check the harness on the CPU.",
               file=sys.stderr)
@@ -79,6 +90,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         env = dict(os.environ, TRITON_INTERPRET="1")
         return subprocess.call([sys.executable, "-m", "fused_canon.bench.cli", *argv], env=env)
     return _run(args)
+
+
+def _run_count(args) -> int:
+    import torch
+
+    from fused_canon.bench.count import default_shape, format_count_table, run_count
+    from fused_canon.bench.report import results_stem, unused_path, write_json
+
+    torch.set_num_threads(1)
+    given = {"rows": args.n, "vocab": args.vocab, "hidden": args.hidden}
+    shape = default_shape(**{name: values[0] for name, values in given.items() if values})
+    dtype = getattr(torch, DTYPES[args.dtype or "fp32"])
+    paths = args.paths if args.paths != build_parser().get_default("paths") else None
+    doc = run_count(shape, dtype, args.seed, impl_filter=args.impl, paths=paths, builds=not args.no_builds)
+    os.makedirs(args.out, exist_ok=True)
+    path = unused_path(args.out, "counts-" + results_stem(doc, args.tag), ".json")
+    write_json(doc, path)
+    print()
+    print(format_count_table(doc))
+    print(f"\nresults: {path}")
+    return 1 if any(row["status"] == "error" for row in doc["rows"]) else 0
 
 
 def _run(args) -> int:

@@ -18,6 +18,11 @@ _TOP = {"schema_version": int, "mode": str, "created_utc": str, "complete": bool
 _ROW = {"path": str, "impl": str, "kind": str, "computes": str, "shape": dict, "label": str, "status": str,
         "work": dict, "floor": dict}
 _NUMBER = (int, float)
+# ``fused-canon bench --count`` (bench/count.py): no timing, so no ceilings or floors; counts per row.
+_COUNT_ROW = {"path": str, "impl": str, "kind": str, "config": str, "computes": str, "shape": dict, "label": str,
+              "status": str, "work": dict}
+_COUNTS = {"launches": int, "host_syncs": int, "sync_sites": list, "kernels": list, "tensors": dict,
+           "peak_extra_bytes": int, "flops": int, "vocab_torch_ops": int}
 
 
 def _check_types(obj: Dict, spec: Dict, where: str, problems: List[str]) -> None:
@@ -44,14 +49,17 @@ def validate(doc: Dict) -> List[str]:
     for key in ("torch", "triton", "python"):
         if key not in doc["versions"]:
             problems.append(f"versions: missing {key!r}")
-    for key in ("bandwidth_GBps", "matmul_TFLOPs"):
-        _positive(doc["ceilings"].get(key), f"ceilings.{key}", problems)
     if set(doc["peers"]) != PEER_NAMES:
         problems.append(f"peers: expected {sorted(PEER_NAMES)}, got {sorted(doc['peers'])}")
     for name, peer in doc["peers"].items():
         status = peer.get("status") if isinstance(peer, dict) else None
         if not isinstance(status, str) or not status.split(":")[0] in {"installed", "not installed", "import failed"}:
             problems.append(f"peers.{name}: bad status {status!r}")
+    if doc["mode"] == "count":
+        _validate_count_rows(doc, problems)
+        return problems
+    for key in ("bandwidth_GBps", "matmul_TFLOPs"):
+        _positive(doc["ceilings"].get(key), f"ceilings.{key}", problems)
     for i, target in enumerate(doc["targets"]):
         _positive(target.get("time_ms_max"), f"targets[{i}].time_ms_max", problems)
     for i, row in enumerate(doc["rows"]):
@@ -73,3 +81,20 @@ def validate(doc: Dict) -> List[str]:
         elif not row.get("detail"):
             problems.append(f"{where}: status {row['status']!r} without a detail saying why")
     return problems
+
+
+def _validate_count_rows(doc: Dict, problems: List[str]) -> None:
+    for i, row in enumerate(doc["rows"]):
+        where = f"rows[{i}]"
+        _check_types(row, _COUNT_ROW, where, problems)
+        if any(p.startswith(where + ":") for p in problems):
+            continue
+        if row["status"] not in ROW_STATUSES:
+            problems.append(f"{where}: unknown status {row['status']!r}")
+        elif row["status"] == "ok":
+            if not isinstance(row.get("counts"), dict):
+                problems.append(f"{where}: an ok row needs its counts")
+            else:
+                _check_types(row["counts"], _COUNTS, where + ".counts", problems)
+        elif not row.get("detail"):
+            problems.append(f"{where}: status {row['status']!r} without a detail saying why")

@@ -78,7 +78,15 @@ def device_info(device: torch.device) -> Dict[str, object]:
         return {"type": "cuda", "name": props.name, "memory_bytes": props.total_memory,
                 "capability": f"{props.major}.{props.minor}", "multiprocessors": props.multi_processor_count}
     return {"type": "cpu", "name": f"cpu-{platform.machine()}", "memory_bytes": _physical_memory(),
-            "cpu_count": os.cpu_count()}
+            "cpu_count": os.cpu_count(), "model": _cpu_model()}
+
+
+def _cpu_model() -> Optional[str]:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), None)
+    except OSError:
+        return None
 
 
 def versions(peers: Dict[str, Peer]) -> Dict[str, Optional[str]]:

@@ -1,0 +1,176 @@
+"""The counting harness (bench/counting.py, bench/count.py) and the budgets it holds the fused paths to.
+
+The harness is checked on kernels whose traffic is known by construction (a copy, a double read, a dot,
+an atomic), then the fused paths are counted at a small shape and held to budgets: bytes of the logits
+read and written, launches, host syncs, torch ops on [N, V] tensors and peak extra memory. A change that
+adds a pass over the logits, a launch, a sync or an [N, V] temporary fails here. The sm_90 builds
+(registers, spills, tensor cores) are checked by tests/test_aot_compile.py.
+"""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from fused_canon.bench import counting
+from fused_canon.bench.count import cases, count_case, default_shape, format_count_table, run_count
+from fused_canon.bench.counting import InterpreterTraffic, TorchOps, check_interpreter_hooks, peak_extra_memory
+from fused_canon.bench.peers import CCE, LIGER, VERL, Peer
+from fused_canon.bench.schema import validate
+from fused_canon.bench.workloads import (LINEAR_POLICY_LOSS_FWD_BWD, POLICY_LOSS_FWD, POLICY_LOSS_FWD_BWD,
+                                         TOKEN_STATS_FWD)
+
+NO_PEERS = {name: Peer(name, "not installed") for name in (LIGER, VERL, CCE)}
+SHAPE = default_shape(rows=32, vocab=1000, hidden=32)  # V = 1,000: the last vocabulary tile is masked
+
+
+@triton.jit
+def _copy_twice_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = offs < n
+    x = tl.load(x_ptr + offs, mask=live)
+    x = x + tl.load(x_ptr + offs, mask=live)  # a re-read in the same program
+    tl.store(y_ptr + offs, x, mask=live)
+
+
+@triton.jit
+def _read_neighbour_kernel(y_ptr, z_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = offs < n
+    other = (offs + BLOCK) % n  # the next program's block: written by another program of an earlier launch
+    tl.store(z_ptr + offs, tl.load(y_ptr + other, mask=live), mask=live)
+
+
+@triton.jit
+def _dot_atomic_kernel(a_ptr, b_ptr, total_ptr, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
+    m, n, k = tl.arange(0, M), tl.arange(0, N), tl.arange(0, K)
+    a = tl.load(a_ptr + m[:, None] * K + k[None, :])
+    b = tl.load(b_ptr + k[:, None] * N + n[None, :])
+    tl.atomic_add(total_ptr + tl.zeros([1], dtype=tl.int32), tl.sum(tl.sum(tl.dot(a, b), axis=1), axis=0)[None])
+
+
+def test_traffic_of_known_kernels():
+    x = torch.randn(1000)
+    y, z = torch.empty_like(x), torch.empty_like(x)
+    a, b, total = torch.randn(16, 32), torch.randn(32, 16), torch.zeros(1)
+    with InterpreterTraffic({"x": x, "y": y, "z": z}) as traffic:
+        _copy_twice_kernel[(8,)](x, y, 1000, BLOCK=128)
+        _read_neighbour_kernel[(8,)](y, z, 1000, BLOCK=128)
+        _dot_atomic_kernel[(1,)](a, b, total, M=16, N=16, K=32)
+    tensors = traffic.per_tensor()
+    nbytes = 1000 * 4
+    assert tensors["x"]["read"] == {"first": nbytes, "same_program": nbytes, "same_launch": 0, "later_launch": 0}
+    assert tensors["y"]["written"] == nbytes and tensors["y"]["read"]["later_launch"] == nbytes
+    assert tensors["z"]["written"] == nbytes and sum(tensors["z"]["read"].values()) == 0
+    assert [launch.kernel for launch in traffic.launches] == ["_copy_twice_kernel", "_read_neighbour_kernel",
+                                                              "_dot_atomic_kernel"]
+    dot = traffic.launches[2]
+    assert dot.flops == 2 * 16 * 16 * 32 and dot.atomics == 1
+    assert torch.allclose(total, (a @ b).sum().reshape(1), rtol=1e-4)
+
+
+def test_reads_by_another_program_of_the_same_launch():
+    y = torch.randn(256)
+    z = torch.empty_like(y)
+    with InterpreterTraffic({"y": y, "z": z}) as traffic:
+        _copy_twice_kernel[(2,)](y, z, 256, BLOCK=128)  # every program reads its own block twice
+        _read_neighbour_kernel[(2,)](z, y, 256, BLOCK=128)
+    launch = traffic.launches[1]
+    z_reads = launch.traffic[z.untyped_storage().data_ptr()].read
+    assert z_reads["later_launch"] == 256 * 4  # z was written by the first launch
+    with InterpreterTraffic({"y": y}) as traffic:
+        _read_neighbour_kernel[(2,)](y, y, 256, BLOCK=128)  # program 1 reads what program 0 wrote, or the other way
+    reads = traffic.per_tensor()["y"]["read"]
+    assert reads["first"] + reads["same_launch"] == 256 * 4 and reads["same_launch"] > 0
+
+
+def test_unsupported_triton_fails_clearly(monkeypatch):
+    monkeypatch.setattr(triton, "__version__", "3.5.0")
+    with pytest.raises(RuntimeError, match="triton 3.6-3.9"):
+        check_interpreter_hooks()
+
+
+def test_missing_interpreter_hook_fails_clearly(monkeypatch):
+    from triton.runtime import interpreter
+
+    monkeypatch.delattr(interpreter.InterpreterBuilder, "create_dot")
+    with pytest.raises(RuntimeError, match="create_dot is missing"):
+        InterpreterTraffic()
+
+
+def test_host_syncs_are_counted_with_their_call_site():
+    def reads_a_scalar(t):
+        return t.sum().item() + len(t[t > 0]) + len(t.tolist())
+
+    with TorchOps(vocab=7) as ops:
+        reads_a_scalar(torch.randn(10))
+    ops_seen = sorted(op for op, _ in ops.syncs)
+    assert ops_seen == ["Tensor.tolist", "aten._local_scalar_dense", "aten.index"] or \
+        ops_seen == ["Tensor.tolist", "aten._local_scalar_dense", "aten.nonzero"]
+    assert all("reads_a_scalar" in site for _, site in ops.syncs)
+
+
+def test_vocab_wide_ops_and_peak_memory():
+    logits = torch.randn(16, 100)
+    with TorchOps(vocab=100) as ops:
+        torch.log_softmax(logits, dim=-1).exp().sum()
+    assert sum(ops.vocab_ops.values()) == 3  # log_softmax, exp and the sum read an [N, V] tensor
+    assert ops.vocab_read == 3 * logits.nbytes and ops.vocab_written == 2 * logits.nbytes  # the sum writes a scalar
+    memory = peak_extra_memory(lambda: torch.log_softmax(logits, dim=-1).exp().sum())
+    assert 2 * logits.nbytes <= memory["peak_bytes"] <= 3 * logits.nbytes and memory["retained_bytes"] == 0
+
+
+# The budgets, at SHAPE in fp32: (path, impl prefix, config) -> maxima. R: bytes of the logits read per
+# byte of logits; W: of dlogits written; peak: allocator peak per byte of logits.
+BUDGETS = {
+    (TOKEN_STATS_FWD, "fused_canon", "-"): dict(R=1.01, W=0.0, launches=1, host_syncs=2, vocab_torch_ops=0, peak=0.05),
+    (POLICY_LOSS_FWD, "fused_canon", "grpo"): dict(R=1.01, W=0.0, launches=3, host_syncs=11, vocab_torch_ops=0,
+                                                   peak=0.05),
+    (POLICY_LOSS_FWD_BWD, "fused_canon", "advantages given"): dict(R=2.01, W=1.0, launches=3, host_syncs=6,
+                                                                   vocab_torch_ops=1, peak=1.05),
+    (POLICY_LOSS_FWD_BWD, "fused_canon", "grpo"): dict(R=2.01, W=1.0, launches=4, host_syncs=11, vocab_torch_ops=1,
+                                                       peak=1.05),
+    (POLICY_LOSS_FWD_BWD, "fused_canon", "grpo, gspo"): dict(R=2.01, W=1.0, launches=4, host_syncs=11,
+                                                             vocab_torch_ops=1, peak=1.05),
+    (LINEAR_POLICY_LOSS_FWD_BWD, "fused_canon", "grpo"): dict(launches=6, host_syncs=11, vocab_torch_ops=2,
+                                                              peak=2.1),
+}
+
+
+def _case(path, impl, config):
+    return next(c for c in cases(NO_PEERS) if c.path == path and c.impl.startswith(impl) and c.config == config)
+
+
+@pytest.mark.parametrize("key", list(BUDGETS), ids=lambda k: f"{k[0]}-{k[2]}")
+def test_fused_paths_within_budget(key):
+    budget = BUDGETS[key]
+    counts = count_case(_case(*key), SHAPE, torch.float32)
+    if "R" in budget:
+        assert counts["read_R"] <= budget["R"], counts["logits_reads"]
+        assert counts["written_W"] <= budget["W"]
+        assert counts["logits_reads"]["first"] == pytest.approx(1.0)  # every logit is read
+    assert counts["launches"] <= budget["launches"], [k["kernel"] for k in counts["kernels"]]
+    assert counts["host_syncs"] <= budget["host_syncs"], counts["sync_sites"]
+    assert counts["vocab_torch_ops"] <= budget["vocab_torch_ops"], counts["vocab_torch_op_sites"]
+    assert counts["peak_extra_logits"] <= budget["peak"]
+
+
+def test_lm_head_path_flops_are_its_gemms():
+    """At a shape that fills every tile: the forward's logits tiles (2NHV), the backward's recomputed
+    logits tiles (2NHV), dhidden and dW (2NHV each): 8 NHV, each GEMM kernel 2 NHV."""
+    shape = default_shape(rows=128, vocab=256, hidden=128)
+    counts = count_case(_case(LINEAR_POLICY_LOSS_FWD_BWD, "fused_canon", "grpo"), shape, torch.float32)
+    assert counts["flops_per_NHV"] == pytest.approx(8.0)
+    gemms = {k["kernel"]: k["flops"] / (128 * 256 * 128) for k in counts["kernels"] if k["flops"]}
+    assert len(gemms) == 4 and all(v == pytest.approx(2.0) for v in gemms.values()), gemms
+
+
+def test_count_document_matches_the_schema_and_prints():
+    doc = run_count(SHAPE, paths=[TOKEN_STATS_FWD], builds=False, log=lambda line: None)
+    assert not validate(doc), validate(doc)
+    assert {row["impl"] for row in doc["rows"]} >= {"fused_canon[triton]", "torch eager (reference)"}
+    assert all(row["status"] in ("ok", "not installed") for row in doc["rows"]), [r["detail"] for r in doc["rows"]]
+    table = format_count_table(doc)
+    assert "fused_canon[triton]" in table and "1st 1.00" in table
+    broken = dict(doc, rows=[dict(doc["rows"][0], counts=None)])
+    assert validate(broken)
