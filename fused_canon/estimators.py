@@ -33,8 +33,10 @@ class Groups:
 
     @classmethod
     def from_ids(cls, group_ids: torch.Tensor) -> "Groups":
-        _, index = torch.unique(group_ids, return_inverse=True)
-        return cls(index=index, count=torch.bincount(index))
+        # The counts come with unique's own host sync (its output size depends on the data); a bincount of
+        # the index would be a second one.
+        _, index, count = torch.unique(group_ids, return_inverse=True, return_counts=True)
+        return cls(index=index, count=count)
 
     @property
     def size(self) -> torch.Tensor:
