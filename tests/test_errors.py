@@ -480,6 +480,8 @@ def test_advantage_config_names_the_bad_value(field, value, message):
     ("clip_cov_ratio", 0.0, r"clip_cov_ratio must lie in \(0, 1\], got 0.0"),
     ("entropy_coeff", "0.1", "entropy_coeff must be a finite number, got '0.1'"),
     ("loss_scale_factor", -2, "loss_scale_factor must be > 0, got -2"),
+    ("kl_k3_clamp", "false", "kl_k3_clamp must be True or False, got 'false'"),
+    ("cispo_bound", "abs", r"cispo_bound='abs' is not valid; choose one of \['relative', 'absolute'\]"),
 ])
 def test_loss_config_names_the_bad_value(field, value, message):
     with pytest.raises(ValueError, match=message):
