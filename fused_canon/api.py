@@ -25,6 +25,8 @@ from .backends import LINEAR_TOKEN_STATS, OBJECTIVE, TOKEN_STATS, check_backend,
 from .config import LossConfig
 from .estimators import ADVANTAGE_INPUTS, ESTIMATOR_INPUTS, EstimatorInputs, advantages_and_choice
 from .losses import Normalizers
+from .rollout_correction import check_rollout_is_weights, rollout_offpolicy_metrics
+from .rollout_correction import rollout_is_weights as rollout_is_weights_of
 from .statistics import EXTRA_SIGNALS
 from .validation import (PendingChecks, check_advantages, check_bool, check_logits_and_targets, check_mask,
                          check_nonfinite_logits, check_number, check_per_token, check_step, check_tensor,
@@ -178,9 +180,36 @@ def _check_normalizers_cover(checks: PendingChecks, mask: torch.Tensor, global_n
                        + (" (or that count divided by the world size)" if ranks > 1 else "")))
 
 
+def _rollout_correction(logp, mask, old_logprobs, rollout_logprobs, rollout_is_weights, config: LossConfig,
+                        checks: PendingChecks):
+    """The rollout IS weights of the policy term ([B, T] or None) and their ``rollout_corr/`` metrics
+    (docs/algorithms.md §1.12): the caller's ``rollout_is_weights``, or computed from ``rollout_logprobs``
+    and the old log-probs (this pass's own when on-policy) when ``config.rollout_is`` is set."""
+    shape, device = mask.shape, mask.device
+    check_per_token("rollout_logprobs", rollout_logprobs, shape, device, mask, checks)
+    check_per_token("rollout_is_weights", rollout_is_weights, shape, device, mask, checks)
+    if rollout_is_weights is not None:
+        if rollout_logprobs is not None:
+            raise ValueError("pass either `rollout_is_weights` or `rollout_logprobs` (to compute them), not both")
+        return check_rollout_is_weights(rollout_is_weights.to(logp.dtype), mask), {}
+    if config.rollout_is is None:
+        if rollout_logprobs is not None:
+            raise ValueError("rollout_logprobs given but config.rollout_is is None: set rollout_is='token' or "
+                             "'sequence' to weight the loss by them")
+        return None, {}
+    if rollout_logprobs is None:
+        raise ValueError(f"rollout_is={config.rollout_is!r} needs `rollout_logprobs` (the sampling engine's "
+                         "log-probs of the response tokens), or pass `rollout_is_weights`")
+    old = logp.detach() if old_logprobs is None else old_logprobs.detach().to(logp.dtype)
+    rollout = rollout_logprobs.detach().to(logp.dtype)
+    weights, metrics = rollout_is_weights_of(old, rollout, mask, config)
+    metrics.update(rollout_offpolicy_metrics(old, rollout, mask))
+    return weights, metrics
+
+
 def _loss_from_logprobs(logp, entropy, mask, row_index, *, backend, rewards, group_ids, advantages, old_logprobs,
-                        ref_logprobs, metric, config, step, global_num_tokens, global_num_seqs,
-                        backends, checks, advantage_inputs=None, pass_inputs=None) -> LossOutput:
+                        ref_logprobs, rollout_logprobs, rollout_is_weights, metric, config, step, global_num_tokens,
+                        global_num_seqs, backends, checks, advantage_inputs=None, pass_inputs=None) -> LossOutput:
     """Stage 2, shared by every entry point: ``logp`` / ``entropy`` [B, T] with zeros at padded positions
     (``entropy`` may be None), ``row_index`` the valid rows of ``mask``; ``backends`` what ran so far;
     ``checks`` the value checks so far, read with the metrics (docs/design.md §4.1); ``pass_inputs`` the
@@ -188,6 +217,10 @@ def _loss_from_logprobs(logp, entropy, mask, row_index, *, backend, rewards, gro
     ``advantage_inputs`` override."""
     shape = mask.shape
     device = mask.device
+    rollout_weights, rollout_metrics = _rollout_correction(logp, mask, old_logprobs, rollout_logprobs,
+                                                           rollout_is_weights, config, checks)
+    if rollout_weights is not None and "rollout_is_weights" in _estimator_inputs_of(config).optional:
+        pass_inputs = {**(pass_inputs or {}), "rollout_is_weights": rollout_weights}  # verl feeds its estimator too
     if advantage_inputs is not None and rewards is None:
         raise ValueError("advantage_inputs are inputs of the estimator: pass them with `rewards` and `group_ids`")
     _check_normalizers_cover(checks, mask, global_num_tokens, global_num_seqs)
@@ -228,7 +261,9 @@ def _loss_from_logprobs(logp, entropy, mask, row_index, *, backend, rewards, gro
     norm = Normalizers(global_num_tokens, global_num_seqs, config.loss_scale_factor)
     objective = select(OBJECTIVE, backend, logp, name=config.loss_mode)
     backends[OBJECTIVE] = objective.describe()
-    loss, metrics = objective.fn(logp, entropy, mask, token_advantages, old, ref, config, norm, step=step)
+    loss, metrics = objective.fn(logp, entropy, mask, token_advantages, old, ref, config, norm, step=step,
+                                 rollout_is_weights=rollout_weights)
+    metrics.update(rollout_metrics)
 
     valid_advantages = token_advantages.detach().reshape(-1).index_select(0, row_index)  # in mask order
     if valid_advantages.numel() > 0:
@@ -251,6 +286,8 @@ def policy_loss_from_logprobs(logprobs: torch.Tensor, mask: torch.Tensor, *, ent
                               rewards: Optional[torch.Tensor] = None, group_ids: Optional[torch.Tensor] = None,
                               advantages: Optional[torch.Tensor] = None, old_logprobs: Optional[torch.Tensor] = None,
                               ref_logprobs: Optional[torch.Tensor] = None, metric: Optional[torch.Tensor] = None,
+                              rollout_logprobs: Optional[torch.Tensor] = None,
+                              rollout_is_weights: Optional[torch.Tensor] = None,
                               config: Optional[LossConfig] = None, step: int = 0,
                               global_num_tokens: Optional[float] = None, global_num_seqs: Optional[float] = None,
                               backend: str = "auto",
@@ -287,7 +324,8 @@ def policy_loss_from_logprobs(logprobs: torch.Tensor, mask: torch.Tensor, *, ent
     logp = torch.where(mask, logprobs, torch.zeros_like(logprobs))  # padded positions may hold anything
     return _loss_from_logprobs(logp, entropy, mask, valid_row_index(mask), backend=backend, rewards=rewards,
                                group_ids=group_ids, advantages=advantages, old_logprobs=old_logprobs,
-                               ref_logprobs=ref_logprobs, metric=metric, config=config, step=step,
+                               ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
+                               rollout_is_weights=rollout_is_weights, metric=metric, config=config, step=step,
                                global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs, backends={},
                                checks=checks, advantage_inputs=advantage_inputs)
 
@@ -296,6 +334,7 @@ def policy_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                 rewards: Optional[torch.Tensor] = None, group_ids: Optional[torch.Tensor] = None,
                 advantages: Optional[torch.Tensor] = None, old_logprobs: Optional[torch.Tensor] = None,
                 ref_logprobs: Optional[torch.Tensor] = None, metric: Optional[torch.Tensor] = None,
+                rollout_logprobs: Optional[torch.Tensor] = None, rollout_is_weights: Optional[torch.Tensor] = None,
                 config: Optional[LossConfig] = None, step: int = 0,
                 global_num_tokens: Optional[float] = None, global_num_seqs: Optional[float] = None,
                 backend: str = "auto", inplace_backward: bool = False,
@@ -334,7 +373,8 @@ def policy_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
     return _loss_from_logprobs(scatter_rows(outputs[0], row_index, mask.shape),
                                scatter_rows(outputs[1], row_index, mask.shape), mask, row_index,
                                backend=backend, rewards=rewards, group_ids=group_ids, advantages=advantages,
-                               old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, metric=metric, config=config,
+                               old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
+                               rollout_is_weights=rollout_is_weights, metric=metric, config=config,
                                step=step, global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
                                backends={TOKEN_STATS: stats.describe()}, checks=checks,
                                advantage_inputs=advantage_inputs,
@@ -345,6 +385,7 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
                        bias: Optional[torch.Tensor] = None, rewards: Optional[torch.Tensor] = None,
                        group_ids: Optional[torch.Tensor] = None, advantages: Optional[torch.Tensor] = None,
                        old_logprobs: Optional[torch.Tensor] = None, ref_logprobs: Optional[torch.Tensor] = None,
+                       rollout_logprobs: Optional[torch.Tensor] = None, rollout_is_weights: Optional[torch.Tensor] = None,
                        metric: Optional[torch.Tensor] = None, config: Optional[LossConfig] = None, step: int = 0,
                        global_num_tokens: Optional[float] = None, global_num_seqs: Optional[float] = None,
                        backend: str = "auto", advantage_inputs: Optional[Dict[str, torch.Tensor]] = None) -> LossOutput:
@@ -381,7 +422,8 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     return _loss_from_logprobs(scatter_rows(outputs[0], row_index, mask.shape),
                                scatter_rows(outputs[1], row_index, mask.shape), mask, row_index,
                                backend=backend, rewards=rewards, group_ids=group_ids, advantages=advantages,
-                               old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, metric=metric, config=config,
+                               old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
+                               rollout_is_weights=rollout_is_weights, metric=metric, config=config,
                                step=step, global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
                                backends={LINEAR_TOKEN_STATS: stats.describe()}, checks=checks,
                                advantage_inputs=advantage_inputs,

@@ -19,11 +19,13 @@ from .validation import check_bool, check_choice, check_int, check_name, check_n
 CANON_METRICS = ("entropy", "length", "random", "custom")
 CANON_SCHEDULES = ("constant", "anneal", "cosine_restart", "cosine_restart_r")
 BASELINES = ("mean", "quantile")
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm", "token-sum")
 KL_TYPES = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
 CISPO_BOUNDS = ("relative", "absolute")
 # kl_type values: a KL estimator, or one with a "+" suffix (its value, the k2 gradient: docs/algorithms.md §1.10).
 KL_TYPE_CHOICES = KL_TYPES + tuple(f"{kind}+" for kind in KL_TYPES)
+ROLLOUT_IS_LEVELS = ("token", "sequence")
+ROLLOUT_IS_MODES = ("truncate", "mask")
 # AdvantageConfig.epsilon when left unset: 1e-6 (verl's std guard), except where verl's estimator has its own.
 DEFAULT_EPSILON = {"optimal_token_baseline": 1e-8}
 
@@ -196,6 +198,16 @@ class LossConfig:
     # cispo's bound (docs/algorithms.md §1.7): "relative" clips rho to [1 - clip_ratio_low, 1 + clip_ratio_high]
     # (verl); "absolute" caps it at clip_ratio_high itself, no lower bound (TRL's and Liger's epsilon_high).
     cispo_bound: str = "relative"
+    # Rollout importance sampling (docs/algorithms.md §1.12), from rollout_logprobs: None (off), "token" or
+    # "sequence". "truncate" clamps the weight to [rollout_is_threshold_lower, rollout_is_threshold] (TIS),
+    # "mask" zeroes it outside (verl's IcePop, TRL's *_mask); log(pi_old / pi_rollout) is clamped to
+    # +-rollout_is_log_ratio_clamp first (verl: 20; TRL: None, no clamp).
+    rollout_is: Optional[str] = None
+    rollout_is_mode: str = "truncate"
+    rollout_is_threshold: float = 2.0
+    rollout_is_threshold_lower: Optional[float] = None
+    rollout_is_log_ratio_clamp: Optional[float] = 20.0
+    rollout_is_batch_normalize: bool = False  # divide the weights by their mean (verl)
 
     def __post_init__(self):
         if isinstance(self.advantage, Mapping):
@@ -213,6 +225,19 @@ class LossConfig:
             "clip_cov_lb": ANY, "clip_cov_ub": ANY, "kl_cov_ratio": fraction, "ppo_kl_coef": NON_NEGATIVE,
             "entropy_coeff": ANY, "kl_coef": NON_NEGATIVE, "temperature": POSITIVE, "sapo_tau_pos": POSITIVE,
             "sapo_tau_neg": POSITIVE})
+        if self.rollout_is is not None:
+            check_choice("rollout_is", self.rollout_is, ROLLOUT_IS_LEVELS)
+        check_choice("rollout_is_mode", self.rollout_is_mode, ROLLOUT_IS_MODES)
+        check_bool("rollout_is_batch_normalize", self.rollout_is_batch_normalize)
+        self.rollout_is_threshold = check_number("rollout_is_threshold", self.rollout_is_threshold, **POSITIVE)
+        if self.rollout_is_threshold_lower is not None:
+            self.rollout_is_threshold_lower = check_number(
+                "rollout_is_threshold_lower", self.rollout_is_threshold_lower, low=0.0, high=self.rollout_is_threshold,
+                why=f" (at most rollout_is_threshold={self.rollout_is_threshold}; None: no lower bound)")
+        if self.rollout_is_log_ratio_clamp is not None:
+            self.rollout_is_log_ratio_clamp = check_number("rollout_is_log_ratio_clamp",
+                                                           self.rollout_is_log_ratio_clamp, **POSITIVE,
+                                                           why=" (None: no clamp)")
         if self.loss_mode == "cispo" and self.cispo_bound == "absolute" and self.clip_ratio_high <= 0:
             raise ValueError(f"cispo_bound='absolute' caps the ratio at clip_ratio_high: it must be > 0, "
                              f"got {self.clip_ratio_high}")

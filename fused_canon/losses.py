@@ -20,8 +20,8 @@ from .config import LossConfig, seeded_generator
 
 __all__ = ["kl_penalty", "agg_loss", "masked_mean", "register_policy_loss", "POLICY_LOSSES", "TokenLoss",
            "policy_objective", "clip_cov_selection", "kl_cov_selection", "token_covariance", "aggregation_weights",
-           "zero_padded",
-           "gspo_sequence_log_ratio", "check_ref_for_kl", "triton_policy_objective"]
+           "zero_padded", "gspo_sequence_log_ratio", "check_ref_for_kl", "policy_token_weights",
+           "triton_policy_objective"]
 
 LOG_RATIO_CLAMP = 20.0  # verl clamps log(pi/pi_old) to ±20 in vanilla, cispo (and k3's d)
 GSPO_LOG_RATIO_MAX = 10.0
@@ -104,6 +104,8 @@ def aggregation_weights(tokens_per_seq: torch.Tensor, mode: str, norm: Normalize
     if mode == "token-mean":
         num_tokens = norm.num_tokens if norm.num_tokens is not None else tokens_per_seq.sum().clamp(min=1)
         return torch.ones_like(tokens_per_seq) / num_tokens
+    if mode == "token-sum":  # verl 0.9.1's: the plain sum over the valid tokens (a rank scales by its DP size)
+        return torch.ones_like(tokens_per_seq)
     num_seqs = norm.num_seqs if norm.num_seqs is not None else (tokens_per_seq > 0).sum().clamp(min=1)
     if mode == "seq-mean-token-mean":
         return 1.0 / ((tokens_per_seq + 1e-8) * num_seqs)
@@ -341,14 +343,27 @@ def geo_mean(logp, old_logp, advantages, mask, config, *, step=0):
 # The whole objective
 # ---------------------------------------------------------------------------------------------
 
+def policy_token_weights(loss_mode: str, rollout_is_weights: Optional[torch.Tensor], valid: torch.Tensor):
+    """The per-token factor of the policy term, [B, T] or None: the rollout IS weights (§1.12), which
+    verl and TRL multiply into every loss's token loss after its clip, except geo_mean, whose sequence
+    objective verl weights by the geometric mean of its row's weights. Shared by both backends."""
+    if rollout_is_weights is None:
+        return None
+    if loss_mode == "geo_mean":
+        log_weights = (torch.log(rollout_is_weights + 1e-10) * valid).sum(-1) / (valid.sum(-1) + 1e-8)
+        return torch.exp(log_weights)[:, None].expand_as(valid)
+    return rollout_is_weights
+
+
 def policy_objective(logp: torch.Tensor, entropy: Optional[torch.Tensor], mask: torch.Tensor, advantages: torch.Tensor,
                      old_logp: Optional[torch.Tensor], ref_logp: Optional[torch.Tensor], config: LossConfig,
-                     norm: Normalizers, step: int = 0):
-    """loss = agg(policy loss) - entropy_coeff agg(H) + kl_coef agg(KL); returns (loss, metrics).
+                     norm: Normalizers, step: int = 0, rollout_is_weights: Optional[torch.Tensor] = None):
+    """loss = agg(w policy loss) - entropy_coeff agg(H) + kl_coef agg(KL); returns (loss, metrics).
 
     ``logp`` and ``entropy`` are [B, T] with zeros at padded positions; gradients flow through both
     (through entropy only when entropy_coeff != 0). Advantages, old and ref log-probs are constants.
     ``entropy`` may be None when entropy_coeff == 0: there is then no ``actor/entropy`` metric.
+    ``rollout_is_weights`` [B, T] (detached, 0 at padding) or None: the factor w (``policy_token_weights``).
     """
     if config.loss_mode not in POLICY_LOSSES:
         raise ValueError(f"unknown loss_mode {config.loss_mode!r}; registered: {sorted(POLICY_LOSSES)}")
@@ -357,7 +372,9 @@ def policy_objective(logp: torch.Tensor, entropy: Optional[torch.Tensor], mask: 
     old = logp.detach() if old_logp is None else zero_padded(old_logp, mask, logp)
     token_loss = POLICY_LOSSES[config.loss_mode](logp, old, zero_padded(advantages, mask, logp), valid, config,
                                                  step=step)
-    pg_loss = agg_loss(token_loss.values, valid, config.loss_agg_mode, norm)
+    token_weight = policy_token_weights(config.loss_mode, rollout_is_weights, valid)
+    values = token_loss.values if token_weight is None else token_loss.values * token_weight
+    pg_loss = agg_loss(values, valid, config.loss_agg_mode, norm)
 
     metrics = dict(token_loss.metrics)
     metrics["actor/pg_loss"] = pg_loss.detach()
@@ -387,7 +404,7 @@ def policy_objective(logp: torch.Tensor, entropy: Optional[torch.Tensor], mask: 
 def triton_policy_objective(logp: torch.Tensor, entropy: Optional[torch.Tensor], mask: torch.Tensor,
                             advantages: torch.Tensor, old_logp: Optional[torch.Tensor],
                             ref_logp: Optional[torch.Tensor], config: LossConfig, norm: Normalizers, step: int = 0,
-                            *, loss_mode):
+                            rollout_is_weights: Optional[torch.Tensor] = None, *, loss_mode):
     """``policy_objective`` in one Triton kernel for a built-in loss: same arguments, same ``(loss, metrics)``.
 
     ``loss_mode`` is the kernel's constant for ``config.loss_mode`` (the dispatch table binds it). logp
@@ -433,6 +450,7 @@ def triton_policy_objective(logp: torch.Tensor, entropy: Optional[torch.Tensor],
         mask=mask, advantages=advantages.detach(),
         old=logp.detach() if old_logp is None else old_logp.detach(),  # on-policy: ratio 1, gradient still flows
         ref=None if ref_logp is None else ref_logp.detach(), selected=selected, seq_log_ratio=seq_log_ratio,
+        token_weight=policy_token_weights(config.loss_mode, rollout_is_weights, valid),
         pg_weight=weight, weight=weight, loss_mode=loss_mode, kl_type=kl_types[base_kl_type],
         kl_straight_through=config.kl_type.endswith("+"), ratio_low=ratio_low, ratio_high=ratio_high,
         cispo_absolute=loss_mode == kernel.CISPO and config.cispo_bound == "absolute",

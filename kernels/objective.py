@@ -22,7 +22,8 @@ atomics); the backward only scales the saved ``c_logp`` / ``c_ent`` by ``grad_ou
 What a token needs of its whole row or batch arrives precomputed (O(N) torch pre-passes, run by
 the caller with the reference's own functions): the per-row weights, GSPO's sequence mean log-ratio,
 and the Clip-Cov / KL-Cov token selection (batch statistics, a seeded random permutation or a
-top-k) as a 0/1 mask.
+top-k) as a 0/1 mask. A per-token factor of the policy term (the rollout importance-sampling weights,
+docs/algorithms.md §1.12) multiplies l and l' after the clip when given (HAS_TOKEN_WEIGHT).
 
 Padded positions are never read (loads are masked by ``mask``), so they may hold garbage: they
 contribute nothing and get zero gradient. An empty mask gives loss 0 with zero gradient.
@@ -104,6 +105,7 @@ def _policy_objective_fwd_kernel(
     old_ptr, ref_ptr, selected_ptr,  # [B, T] contiguous: old/ref log-probs, Clip-Cov / KL-Cov selection (uint8)
     adv_ptr, stride_ab, stride_at,  # [B, T] any strides: an expanded [B] vector has stride_at == 0
     seq_log_ratio_ptr,  # [B] fp32, GSPO's per-row mean log-ratio
+    token_weight_ptr,  # [B, T] contiguous fp32: the policy term's per-token factor (rollout IS weights)
     pg_weight_ptr, weight_ptr,  # [B] fp32 aggregation weight of a token of row b: policy term, entropy/KL terms
     c_logp_ptr, c_ent_ptr,  # [B, T] fp32 outputs: dL/dlogp, dL/dH (c_ent only if ENTROPY_GRAD)
     partial_ptr,  # [programs, NUM_SUMS] fp32 output: this program's partial sums
@@ -117,6 +119,7 @@ def _policy_objective_fwd_kernel(
     KL_TYPE: tl.constexpr,
     KL_STRAIGHT_THROUGH: tl.constexpr,  # kl_type with a '+' suffix: base value, k2 gradient
     ENTROPY_GRAD: tl.constexpr,
+    HAS_TOKEN_WEIGHT: tl.constexpr,
     BLOCK_T: tl.constexpr,
     NUM_SUMS: tl.constexpr,
 ):
@@ -190,6 +193,10 @@ def _policy_objective_fwd_kernel(
             d_value = tl.where(dropped, 0.0, d_value)
             clipped = dropped
 
+    if HAS_TOKEN_WEIGHT:  # after the clip; the metric counts above are of the unweighted loss
+        token_weight = tl.load(token_weight_ptr + offs, mask=valid, other=0.0)
+        value = value * token_weight
+        d_value = d_value * token_weight
     # A NaN log-prob gives a NaN loss, as in the reference: the clamps above (tl.minimum and tl.maximum
     # return the non-NaN operand) would turn it into a finite number.
     value = tl.where(logp != logp, logp, value)
@@ -250,6 +257,7 @@ class ObjectiveInputs:
     ref: Optional[torch.Tensor]  # [B, T] reference log-probs, or None: no KL term
     selected: Optional[torch.Tensor]  # [B, T] bool: the tokens Clip-Cov drops / KL-Cov penalises
     seq_log_ratio: Optional[torch.Tensor]  # [B] fp32: GSPO's per-row mean log-ratio
+    token_weight: Optional[torch.Tensor]  # [B, T]: the policy term's per-token factor, or None (1)
     pg_weight: torch.Tensor  # [B] fp32: aggregation weight of a token of row b in the policy term
     weight: torch.Tensor  # [B] fp32: the same in the entropy and KL terms
     loss_mode: int  # VANILLA | CLIP_COV | KL_COV | GSPO | CISPO
@@ -293,16 +301,19 @@ class PolicyObjectiveFunction(torch.autograd.Function):
             ref = inputs.ref.detach().contiguous() if has_ref else logp
             selected = inputs.selected.contiguous().view(torch.uint8) if inputs.selected is not None else mask
             seq_log_ratio = inputs.seq_log_ratio if inputs.seq_log_ratio is not None else inputs.pg_weight
+            has_token_weight = inputs.token_weight is not None
+            token_weight = inputs.token_weight.detach().float().contiguous() if has_token_weight else logp
             _policy_objective_fwd_kernel[grid](
                 logp, entropy, mask, inputs.old.contiguous(), ref, selected,
-                adv, adv.stride(0), adv.stride(1), seq_log_ratio, inputs.pg_weight.contiguous(),
+                adv, adv.stride(0), adv.stride(1), seq_log_ratio, token_weight, inputs.pg_weight.contiguous(),
                 inputs.weight.contiguous(), c_logp, c_ent, partial, T,
                 inputs.ratio_low, inputs.ratio_high, inputs.clip_c if inputs.clip_c is not None else 0.0,
                 inputs.ppo_kl_coef, inputs.entropy_coeff, inputs.kl_coef,
                 inputs.log_ratio_clamp, inputs.gspo_log_ratio_max, inputs.k3_log_ratio_clamp, inputs.k3_value_clamp,
                 LOSS_MODE=int(inputs.loss_mode), CISPO_ABSOLUTE=inputs.cispo_absolute, DUAL_CLIP=inputs.clip_c is not None, HAS_REF=has_ref,
                 KL_TYPE=int(inputs.kl_type), KL_STRAIGHT_THROUGH=inputs.kl_straight_through,
-                ENTROPY_GRAD=entropy_grad, BLOCK_T=block_t, NUM_SUMS=NUM_SUMS, num_warps=_num_warps(block_t))
+                ENTROPY_GRAD=entropy_grad, HAS_TOKEN_WEIGHT=has_token_weight, BLOCK_T=block_t, NUM_SUMS=NUM_SUMS,
+                num_warps=_num_warps(block_t))
         sums = partial.sum(0)
         named = ObjectiveSums(*sums.unbind())
         loss = named.pg.clone()
@@ -337,22 +348,26 @@ def triton_objective(logp: torch.Tensor, entropy: torch.Tensor,
 _FWD_SIGNATURE = {
     "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "mask_ptr": "*u8", "old_ptr": "*fp32", "ref_ptr": "*fp32",
     "selected_ptr": "*u8", "adv_ptr": "*fp32", "stride_ab": "i32", "stride_at": "i32", "seq_log_ratio_ptr": "*fp32",
+    "token_weight_ptr": "*fp32",
     "pg_weight_ptr": "*fp32", "weight_ptr": "*fp32", "c_logp_ptr": "*fp32", "c_ent_ptr": "*fp32",
     "partial_ptr": "*fp32", "T": "i32", "ratio_low": "fp32", "ratio_high": "fp32", "clip_c": "fp32",
     "ppo_kl_coef": "fp32", "entropy_coeff": "fp32", "kl_coef": "fp32",
     "log_ratio_clamp": "fp32", "gspo_log_ratio_max": "fp32", "k3_log_ratio_clamp": "fp32", "k3_value_clamp": "fp32",
     "LOSS_MODE": "constexpr", "CISPO_ABSOLUTE": "constexpr", "DUAL_CLIP": "constexpr", "HAS_REF": "constexpr", "KL_TYPE": "constexpr",
-    "KL_STRAIGHT_THROUGH": "constexpr", "ENTROPY_GRAD": "constexpr", "BLOCK_T": "constexpr", "NUM_SUMS": "constexpr",
+    "KL_STRAIGHT_THROUGH": "constexpr", "ENTROPY_GRAD": "constexpr", "HAS_TOKEN_WEIGHT": "constexpr", "BLOCK_T": "constexpr", "NUM_SUMS": "constexpr",
 }
 
 
-def _fwd_constexprs(mode, dual_clip=False, has_ref=True, kl_type=KL_K3, entropy_grad=True, block_t=MAX_BLOCK_T):
+def _fwd_constexprs(mode, dual_clip=False, has_ref=True, kl_type=KL_K3, entropy_grad=True, block_t=MAX_BLOCK_T,
+                    token_weight=False):
     return {"LOSS_MODE": int(mode), "CISPO_ABSOLUTE": False, "DUAL_CLIP": dual_clip, "HAS_REF": has_ref, "KL_TYPE": int(kl_type),
-            "KL_STRAIGHT_THROUGH": False, "ENTROPY_GRAD": entropy_grad, "BLOCK_T": block_t, "NUM_SUMS": NUM_SUMS}
+            "KL_STRAIGHT_THROUGH": False, "ENTROPY_GRAD": entropy_grad, "HAS_TOKEN_WEIGHT": token_weight, "BLOCK_T": block_t, "NUM_SUMS": NUM_SUMS}
 
 
 AOT_SIGNATURES = [
     (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(VANILLA, dual_clip=True), {"num_warps": _num_warps(MAX_BLOCK_T)}),
+    (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(VANILLA, dual_clip=True, token_weight=True),
+     {"num_warps": _num_warps(MAX_BLOCK_T)}),
     (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(VANILLA, has_ref=False, entropy_grad=False),
      {"num_warps": _num_warps(MAX_BLOCK_T)}),
     (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(GSPO, kl_type=KL_ABS), {"num_warps": _num_warps(MAX_BLOCK_T)}),

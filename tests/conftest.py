@@ -20,3 +20,15 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
 
+
+
+def pytest_runtest_logreport(report):
+    from peers import counts  # the per-peer counts of the differential tests (tests/peers/)
+
+    counts.record(report)
+
+
+def pytest_terminal_summary(terminalreporter):
+    from peers import counts
+
+    counts.summary(terminalreporter)

@@ -161,7 +161,7 @@ def test_unknown_advantage_config_names(field, value):
         fc.AdvantageConfig(**{field: value})
 
 
-@pytest.mark.parametrize("field, value", [("loss_agg_mode", "token-sum"), ("kl_type", "k4")])
+@pytest.mark.parametrize("field, value", [("loss_agg_mode", "token-sums"), ("kl_type", "k4")])
 def test_unknown_loss_config_names(field, value):
     with pytest.raises(ValueError, match="choose one of"):
         fc.LossConfig(**{field: value})

@@ -119,3 +119,87 @@ def test_clip_cov_shared_advantage_selects_nothing_in_fp64():
     loss, metrics = policy_objective(logp, None, valid.bool(), adv, logp, None, config, Normalizers())
     assert metrics["actor/pg_clipfrac"] == 0
     assert math.isclose(loss.item(), -0.75, rel_tol=1e-12)
+
+
+# §1.12: rollout importance sampling -----------------------------------------------------------
+
+ROLLOUT_OLD = [[-1.0, -2.0, -0.5]]
+ROLLOUT_Q = [[-1.5, -1.0, -0.5]]
+
+
+@pytest.mark.parametrize("level, mode, lower, expected", [
+    ("token", "truncate", None, [1.5, 0.367879, 1.0]),
+    ("token", "mask", 0.5, [0.0, 0.0, 1.0]),
+    ("sequence", "truncate", None, [0.606531] * 3),
+    ("sequence", "mask", 0.5, [0.606531] * 3),
+    ("sequence", "mask", 0.7, [0.0] * 3),
+])
+def test_rollout_is_weights_example(level, mode, lower, expected):
+    config = fc.LossConfig(rollout_is=level, rollout_is_mode=mode, rollout_is_threshold=1.5,
+                           rollout_is_threshold_lower=lower)
+    weights, metrics = fc.rollout_is_weights(t(ROLLOUT_OLD), t(ROLLOUT_Q), torch.ones(1, 3, dtype=torch.bool), config)
+    torch.testing.assert_close(weights, t([expected]), rtol=0, atol=1e-6)
+    assert metrics["rollout_corr/rollout_is_mean"].item() == pytest.approx(sum(expected) / 3, abs=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("agg", ["token-mean", "token-sum"])
+def test_rollout_weights_scale_the_policy_term_only(backend, agg):
+    """vanilla, A = 1 on-policy-free ratios: the token loss -A rho times w; the KL term is not weighted."""
+    old, q = torch.tensor(ROLLOUT_OLD), torch.tensor(ROLLOUT_Q)
+    logp = old + torch.tensor([[0.05, -0.1, 0.02]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    config = fc.LossConfig(rollout_is="token", rollout_is_threshold=1.5, kl_coef=0.5, kl_type="k2",
+                           loss_agg_mode=agg, clip_ratio_low=0.5, clip_ratio_high=0.5)
+    out, grad = loss_and_grad(logp, mask, backend, advantages=torch.ones(1), old_logprobs=old,
+                              ref_logprobs=old, rollout_logprobs=q, config=config)
+    w = torch.tensor([1.5, 0.367879, 1.0])
+    ratio = torch.exp(logp - old)[0]
+    scale = 1.0 if agg == "token-sum" else 1.0 / 3
+    kl = 0.5 * (logp - old)[0].square()
+    assert out.loss.item() == pytest.approx(scale * ((-ratio * w).sum() + 0.5 * kl.sum()).item(), rel=1e-5)
+    torch.testing.assert_close(grad[0], scale * (-ratio * w + 0.5 * (logp - old)[0]), rtol=1e-5, atol=1e-6)
+    assert out.metrics["rollout_corr/rollout_is_ratio_fraction_high"] == pytest.approx(1 / 3)
+    assert "rollout_corr/kl" in out.metrics and "rollout_corr/chi2_seq" in out.metrics
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_given_rollout_is_weights_equal_computed_ones(backend):
+    old, q = torch.tensor(ROLLOUT_OLD), torch.tensor(ROLLOUT_Q)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    config = fc.LossConfig(rollout_is="sequence", rollout_is_threshold=1.5)
+    weights, _ = fc.rollout_is_weights(old, q, mask, config)
+    kwargs = dict(advantages=torch.tensor([-0.7]), old_logprobs=old)
+    computed, _ = loss_and_grad(old + 0.1, mask, backend, rollout_logprobs=q, config=config, **kwargs)
+    given, _ = loss_and_grad(old + 0.1, mask, backend, rollout_is_weights=weights, config=fc.LossConfig(), **kwargs)
+    assert computed.loss.item() == pytest.approx(given.loss.item(), rel=1e-6)
+
+
+def test_rollout_inputs_are_checked():
+    logp, mask, adv = torch.zeros(1, 3), torch.ones(1, 3, dtype=torch.bool), torch.ones(1)
+    q = torch.full((1, 3), -0.5)
+    with pytest.raises(ValueError, match="needs `rollout_logprobs`"):
+        fc.policy_loss_from_logprobs(logp, mask, advantages=adv, config=fc.LossConfig(rollout_is="token"))
+    with pytest.raises(ValueError, match="config.rollout_is is None"):
+        fc.policy_loss_from_logprobs(logp, mask, advantages=adv, rollout_logprobs=q)
+    with pytest.raises(ValueError, match="not both"):
+        fc.policy_loss_from_logprobs(logp, mask, advantages=adv, rollout_logprobs=q, rollout_is_weights=q.exp())
+    with pytest.raises(ValueError, match=r"rollout_is_weights must be finite and >= 0.*\[0, 1\] = -0.5"):
+        fc.policy_loss_from_logprobs(logp, mask, advantages=adv, rollout_is_weights=torch.tensor([[1.0, -0.5, 1.0]]))
+    with pytest.raises(ValueError, match="rollout_logprobs shape"):
+        fc.policy_loss_from_logprobs(logp, mask, advantages=adv, rollout_logprobs=q[:, :2],
+                                     config=fc.LossConfig(rollout_is="token"))
+    for bad, match in [(dict(rollout_is="tokens"), "rollout_is"), (dict(rollout_is_mode="clip"), "rollout_is_mode"),
+                       (dict(rollout_is_threshold=0.0), "rollout_is_threshold must be > 0"),
+                       (dict(rollout_is_threshold_lower=3.0), "rollout_is_threshold_lower must lie in"),
+                       (dict(rollout_is_log_ratio_clamp=-1.0), "rollout_is_log_ratio_clamp"),
+                       (dict(rollout_is_batch_normalize=1), "rollout_is_batch_normalize")]:
+        with pytest.raises(ValueError, match=match):
+            fc.LossConfig(**bad)
+
+
+def test_token_sum_example():
+    """docs/algorithms.md §1.8's example: token-sum = 2.0."""
+    values = t([[0.5, -0.2, 0.3, 0.0], [1.0, 0.4, 0.0, 0.0]])
+    valid = t([[1, 1, 1, 0], [1, 1, 0, 0]])
+    assert fc.agg_loss(values, valid, "token-sum").item() == pytest.approx(2.0)
