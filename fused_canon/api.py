@@ -259,7 +259,7 @@ def _loss_from_logprobs(logp, entropy, mask, row_index, *, backend, rewards, gro
     old = check_per_token("old_logprobs", old_logprobs, shape, device, mask, checks)
     ref = check_per_token("ref_logprobs", ref_logprobs, shape, device, mask, checks)
     norm = Normalizers(global_num_tokens, global_num_seqs, config.loss_scale_factor)
-    objective = select(OBJECTIVE, backend, logp, name=config.loss_mode)
+    objective = select(OBJECTIVE, backend, logp, name=config.loss_mode, config=config)
     backends[OBJECTIVE] = objective.describe()
     loss, metrics = objective.fn(logp, entropy, mask, token_advantages, old, ref, config, norm, step=step,
                                  rollout_is_weights=rollout_weights)

@@ -125,7 +125,7 @@ def _triton_table() -> Dict[str, Dict[Optional[str], TritonLaunch]]:
 
     def loss(builtin, kernel_constant):
         launch = functools.partial(losses.triton_policy_objective, loss_mode=kernel_constant)
-        return TritonLaunch(launch, _FP32, reproduces=builtin)
+        return TritonLaunch(launch, _FP32, reproduces=builtin, limit=losses.triton_objective_limit)
 
     # The API builds row_index itself and checks the targets first: the launches do not check them again.
     return {
@@ -176,7 +176,7 @@ def _why_triton_cannot_run(op: str, name: Optional[str], data: torch.Tensor, lim
 def select(op: str, backend: str, data: torch.Tensor, name: Optional[str] = None, **limit_inputs) -> Choice:
     """The implementation of ``op`` (for ``name``) that ``backend`` asks for, for inputs like ``data``: the
     tensor whose device and dtype decide (logits, hidden states, the rewards in the advantages' dtype,
-    log-probs). ``limit_inputs`` go to the launch's limit check (advantages: ``groups``)."""
+    log-probs). ``limit_inputs`` go to the launch's limit check (advantages: ``groups``; objective: ``config``)."""
     check_backend(backend)
     torch_fn = _torch_implementation(op, name)
     if backend == "torch":

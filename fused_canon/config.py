@@ -24,6 +24,7 @@ KL_TYPES = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
 CISPO_BOUNDS = ("relative", "absolute")
 # kl_type values: a KL estimator, or one with a "+" suffix (its value, the k2 gradient: docs/algorithms.md §1.10).
 KL_TYPE_CHOICES = KL_TYPES + tuple(f"{kind}+" for kind in KL_TYPES)
+DUAL_CLIPS = ("negative", "two_sided")
 ROLLOUT_IS_LEVELS = ("token", "sequence")
 ROLLOUT_IS_MODES = ("truncate", "mask")
 # AdvantageConfig.epsilon when left unset: 1e-6 (verl's std guard), except where verl's estimator has its own.
@@ -198,6 +199,20 @@ class LossConfig:
     # cispo's bound (docs/algorithms.md §1.7): "relative" clips rho to [1 - clip_ratio_low, 1 + clip_ratio_high]
     # (verl); "absolute" caps it at clip_ratio_high itself, no lower bound (TRL's and Liger's epsilon_high).
     cispo_bound: str = "relative"
+    # dro's quadratic penalty on log(pi / pi_old) (docs/algorithms.md §1.7); needed by loss_mode="dro".
+    dro_beta: Optional[float] = None
+    # The dual clip with c = clip_ratio_c (docs/algorithms.md §1.5): "negative" caps the loss of A < 0 tokens at
+    # -A c (verl; vanilla only); "two_sided" caps rho at c in the unclipped branch of the PPO max for every
+    # token (TRL's and Liger's delta; vanilla and gspo), so it caps the A > 0 side too.
+    dual_clip: str = "negative"
+    # TRL's use_bias_correction_kl (docs/algorithms.md §1.10): the KL term times the importance ratio
+    # (gspo: the sequence ratio), with the gradient through both. Torch only.
+    kl_bias_correction: bool = False
+    # The entropy bonus's aggregation (docs/algorithms.md §1.9); None: loss_agg_mode (TRL: "token-mean").
+    entropy_agg_mode: Optional[str] = None
+    # TRL's top_entropy_quantile (docs/algorithms.md §1.13): only the tokens whose entropy is at least the
+    # (1 - q)-quantile of this call's valid tokens carry the policy term and the entropy bonus; 1: all.
+    top_entropy_quantile: float = 1.0
     # Rollout importance sampling (docs/algorithms.md §1.12), from rollout_logprobs: None (off), "token" or
     # "sequence". "truncate" clamps the weight to [rollout_is_threshold_lower, rollout_is_threshold] (TIS),
     # "mask" zeroes it outside (verl's IcePop, TRL's *_mask); log(pi_old / pi_rollout) is clamped to
@@ -225,6 +240,16 @@ class LossConfig:
             "clip_cov_lb": ANY, "clip_cov_ub": ANY, "kl_cov_ratio": fraction, "ppo_kl_coef": NON_NEGATIVE,
             "entropy_coeff": ANY, "kl_coef": NON_NEGATIVE, "temperature": POSITIVE, "sapo_tau_pos": POSITIVE,
             "sapo_tau_neg": POSITIVE})
+        check_choice("dual_clip", self.dual_clip, DUAL_CLIPS)
+        if self.dro_beta is not None:
+            self.dro_beta = check_number("dro_beta", self.dro_beta, **POSITIVE, why=" (None: no dro)")
+        if self.loss_mode == "dro" and self.dro_beta is None:
+            raise ValueError("loss_mode='dro' needs dro_beta > 0 (its quadratic log-ratio penalty), got None")
+        if self.entropy_agg_mode is not None:
+            check_choice("entropy_agg_mode", self.entropy_agg_mode, LOSS_AGG_MODES)
+        check_bool("kl_bias_correction", self.kl_bias_correction)
+        self.top_entropy_quantile = check_number("top_entropy_quantile", self.top_entropy_quantile, low=0.0,
+                                                 high=1.0, low_open=True, why=" (the fraction of tokens kept)")
         if self.rollout_is is not None:
             check_choice("rollout_is", self.rollout_is, ROLLOUT_IS_LEVELS)
         check_choice("rollout_is_mode", self.rollout_is_mode, ROLLOUT_IS_MODES)
@@ -242,8 +267,12 @@ class LossConfig:
             raise ValueError(f"cispo_bound='absolute' caps the ratio at clip_ratio_high: it must be > 0, "
                              f"got {self.clip_ratio_high}")
         if self.clip_ratio_c is not None:
-            self.clip_ratio_c = check_number("clip_ratio_c", self.clip_ratio_c, low=1.0, low_open=True,
-                                             why=" (dual clip; None disables it)")
+            if self.dual_clip == "negative":
+                self.clip_ratio_c = check_number("clip_ratio_c", self.clip_ratio_c, low=1.0, low_open=True,
+                                                 why=" (dual clip; None disables it)")
+            else:
+                self.clip_ratio_c = check_number("clip_ratio_c", self.clip_ratio_c, **POSITIVE,
+                                                 why=" (dual_clip='two_sided' caps the ratio at it; None: off)")
         if self.clip_cov_lb >= self.clip_cov_ub:
             raise ValueError(f"clip_cov_lb ({self.clip_cov_lb}) must be < clip_cov_ub ({self.clip_cov_ub})")
         if self.loss_scale_factor is not None:

@@ -20,7 +20,8 @@ from .config import LossConfig, seeded_generator
 
 __all__ = ["kl_penalty", "agg_loss", "masked_mean", "register_policy_loss", "POLICY_LOSSES", "TokenLoss",
            "policy_objective", "clip_cov_selection", "kl_cov_selection", "token_covariance", "aggregation_weights",
-           "zero_padded", "gspo_sequence_log_ratio", "check_ref_for_kl", "policy_token_weights",
+           "zero_padded", "gspo_sequence_log_ratio", "check_ref_for_kl", "policy_token_weights", "top_entropy_mask",
+           "kl_importance_ratio", "triton_objective_limit",
            "triton_policy_objective"]
 
 LOG_RATIO_CLAMP = 20.0  # verl clamps log(pi/pi_old) to ±20 in vanilla, cispo (and k3's d)
@@ -163,16 +164,27 @@ def _clipped_pair(advantages, ratio, config):
     return unclipped, clipped
 
 
+def two_sided_clip(advantages, ratio, unclipped, clipped, mask, config):
+    """TRL's and Liger's delta (dual_clip="two_sided"): max(-A min(rho, c), -A clip(rho)); the
+    pg_clipfrac_lower metric is the fraction of tokens whose ratio the cap c bounds (rho > c)."""
+    capped = -advantages * torch.clamp(ratio, max=config.clip_ratio_c)
+    return torch.maximum(capped, clipped), masked_mean((ratio > config.clip_ratio_c).float(), mask)
+
+
 @register_policy_loss("vanilla")
 def vanilla(logp, old_logp, advantages, mask, config, *, step=0):
-    """PPO clip with asymmetric (DAPO) ranges and dual clip c for A < 0."""
+    """PPO clip with asymmetric (DAPO) ranges and dual clip c: for A < 0 (verl) or two-sided (TRL's delta)."""
     log_ratio = torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    unclipped, clipped = _clipped_pair(advantages, torch.exp(log_ratio), config)
+    ratio = torch.exp(log_ratio)
+    unclipped, clipped = _clipped_pair(advantages, ratio, config)
     loss = torch.maximum(unclipped, clipped)
     metrics = {"actor/pg_clipfrac": masked_mean((clipped > unclipped).float(), mask),
                "actor/ppo_kl": masked_mean(-log_ratio, mask)}
     if config.clip_ratio_c is None:
         metrics["actor/pg_clipfrac_lower"] = torch.zeros((), device=logp.device)
+        return TokenLoss(loss, metrics)
+    if config.dual_clip == "two_sided":
+        loss, metrics["actor/pg_clipfrac_lower"] = two_sided_clip(advantages, ratio, unclipped, clipped, mask, config)
         return TokenLoss(loss, metrics)
     dual = -advantages * config.clip_ratio_c
     metrics["actor/pg_clipfrac_lower"] = masked_mean(((loss > dual) & (advantages < 0)).float(), mask)
@@ -183,7 +195,7 @@ def vanilla(logp, old_logp, advantages, mask, config, *, step=0):
 @register_policy_loss("gspo")
 def gspo(logp, old_logp, advantages, mask, config, *, step=0):
     """Sequence-level ratio exp(mean_t log rho), per-token gradient path, aggregated with loss_agg_mode
-    (verl 0.9.1); no dual clip."""
+    (verl 0.9.1); no dual clip but the two-sided one (TRL's delta at importance_sampling_level="sequence")."""
     log_ratio = logp - old_logp
     seq_log_ratio = gspo_sequence_log_ratio(log_ratio, mask)
     token_log_ratio = logp - logp.detach() + seq_log_ratio.detach()[:, None]
@@ -192,6 +204,9 @@ def gspo(logp, old_logp, advantages, mask, config, *, step=0):
     metrics = {"actor/pg_clipfrac": masked_mean((clipped > unclipped).float(), mask),
                "actor/ppo_kl": masked_mean(-log_ratio, mask),
                "actor/pg_clipfrac_lower": torch.zeros((), device=logp.device)}
+    if config.clip_ratio_c is not None and config.dual_clip == "two_sided":
+        loss, metrics["actor/pg_clipfrac_lower"] = two_sided_clip(advantages, ratio, unclipped, clipped, mask, config)
+        return TokenLoss(loss, metrics)
     return TokenLoss(torch.maximum(unclipped, clipped), metrics)
 
 
@@ -339,6 +354,46 @@ def geo_mean(logp, old_logp, advantages, mask, config, *, step=0):
     return TokenLoss(-advantages * seq_ratio[:, None], metrics)
 
 
+def _dppo(logp, old_logp, advantages, mask, config, keep_positive, keep_negative):
+    """DPPO's shared form: -A sg(min(rho, c)) logp on the tokens inside the divergence trust region
+    (keep_positive where A > 0, keep_negative elsewhere), 0 outside; c = clip_ratio_c (None: no cap)."""
+    log_ratio = torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    cap = inf if config.clip_ratio_c is None else config.clip_ratio_c
+    kept = torch.where(advantages > 0, keep_positive, keep_negative).detach().to(logp.dtype)
+    metrics = {"actor/pg_clipfrac": masked_mean(1.0 - kept, mask), "actor/ppo_kl": masked_mean(-log_ratio, mask),
+               "actor/pg_clipfrac_lower": masked_mean((ratio > cap).to(logp.dtype) * kept, mask)}
+    return TokenLoss(-advantages * torch.clamp(ratio, max=cap).detach() * logp * kept, metrics)
+
+
+@register_policy_loss("dppo_tv")
+def dppo_tv(logp, old_logp, advantages, mask, config, *, step=0):
+    """DPPO-Binary-TV (verl 0.9.1): a token stays while p - p_old <= clip_ratio_high (A > 0) or
+    >= -clip_ratio_low (A <= 0), p = exp(logp); clip_ratio_low/high are divergence bounds here."""
+    gap = torch.exp(logp) - torch.exp(old_logp)
+    return _dppo(logp, old_logp, advantages, mask, config, gap <= config.clip_ratio_high, gap >= -config.clip_ratio_low)
+
+
+@register_policy_loss("dppo_kl")
+def dppo_kl(logp, old_logp, advantages, mask, config, *, step=0):
+    """DPPO-Binary-KL (verl 0.9.1): the binary KL of (p_old, 1 - p_old) to (p, 1 - p) bounded by
+    clip_ratio_high (A > 0; tokens whose p went down always stay) or clip_ratio_low (A <= 0; p went up)."""
+    prob, old_prob = torch.exp(logp), torch.exp(old_logp)
+    binary_kl = old_prob * (old_logp - logp) + (1 - old_prob) * torch.log((1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8))
+    return _dppo(logp, old_logp, advantages, mask, config, (binary_kl <= config.clip_ratio_high) | (prob <= old_prob),
+                 (binary_kl <= config.clip_ratio_low) | (prob >= old_prob))
+
+
+@register_policy_loss("dro")
+def dro(logp, old_logp, advantages, mask, config, *, step=0):
+    """DRO (verl 0.9.1): -(A logp - dro_beta / 2 (logp - old)^2), no ratio and no clip."""
+    if config.dro_beta is None:
+        raise ValueError("loss_mode='dro' needs dro_beta > 0 (its quadratic log-ratio penalty)")
+    log_ratio = logp - old_logp
+    return TokenLoss(-(logp * advantages - 0.5 * config.dro_beta * log_ratio.square()),
+                     _unclipped_metrics(log_ratio, mask))
+
+
 # ---------------------------------------------------------------------------------------------
 # The whole objective
 # ---------------------------------------------------------------------------------------------
@@ -353,6 +408,29 @@ def policy_token_weights(loss_mode: str, rollout_is_weights: Optional[torch.Tens
         log_weights = (torch.log(rollout_is_weights + 1e-10) * valid).sum(-1) / (valid.sum(-1) + 1e-8)
         return torch.exp(log_weights)[:, None].expand_as(valid)
     return rollout_is_weights
+
+
+def top_entropy_mask(entropy: Optional[torch.Tensor], valid: torch.Tensor, config: LossConfig):
+    """TRL's top_entropy_quantile q (§1.13): 1 on the valid tokens whose entropy is >= the (1 - q)-quantile
+    (torch.quantile, linear interpolation) of this call's valid entropies, else 0; None when q == 1."""
+    if config.top_entropy_quantile >= 1.0:
+        return None
+    if entropy is None:
+        raise ValueError(f"top_entropy_quantile={config.top_entropy_quantile} needs the per-token `entropy`")
+    kept = entropy.detach()[valid > 0]
+    if kept.numel() == 0:
+        return torch.zeros_like(valid)
+    threshold = torch.quantile(kept.float(), 1.0 - config.top_entropy_quantile).to(entropy.dtype)
+    return ((entropy.detach() >= threshold) & (valid > 0)).to(valid.dtype)
+
+
+def kl_importance_ratio(logp, old, valid, config: LossConfig) -> torch.Tensor:
+    """The ratio kl_bias_correction multiplies the KL term by (TRL's coef_1, §1.10), differentiable:
+    exp(logp - old) per token, or gspo's sequence ratio exp(mean_t (logp - old)) per row, [B, 1]."""
+    log_ratio = torch.clamp(logp - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    if config.loss_mode == "gspo":
+        return torch.exp(gspo_sequence_log_ratio(logp - old, valid))[:, None]
+    return torch.exp(log_ratio)
 
 
 def policy_objective(logp: torch.Tensor, entropy: Optional[torch.Tensor], mask: torch.Tensor, advantages: torch.Tensor,
@@ -373,6 +451,9 @@ def policy_objective(logp: torch.Tensor, entropy: Optional[torch.Tensor], mask: 
     token_loss = POLICY_LOSSES[config.loss_mode](logp, old, zero_padded(advantages, mask, logp), valid, config,
                                                  step=step)
     token_weight = policy_token_weights(config.loss_mode, rollout_is_weights, valid)
+    high_entropy = top_entropy_mask(entropy, valid, config)
+    if high_entropy is not None:
+        token_weight = high_entropy if token_weight is None else token_weight * high_entropy
     values = token_loss.values if token_weight is None else token_loss.values * token_weight
     pg_loss = agg_loss(values, valid, config.loss_agg_mode, norm)
 
@@ -380,16 +461,21 @@ def policy_objective(logp: torch.Tensor, entropy: Optional[torch.Tensor], mask: 
     metrics["actor/pg_loss"] = pg_loss.detach()
     loss = pg_loss
     if entropy is not None:
-        entropy_term = agg_loss(entropy if config.entropy_coeff != 0 else entropy.detach(), valid,
-                                config.loss_agg_mode, norm)
+        # Under top_entropy_quantile the bonus acts on the kept tokens, normalised by their own count (TRL).
+        entropy_valid, entropy_norm = (valid, norm) if high_entropy is None else \
+            (valid * high_entropy, Normalizers(loss_scale_factor=norm.loss_scale_factor))
+        entropy_term = agg_loss(entropy if config.entropy_coeff != 0 else entropy.detach(), entropy_valid,
+                                config.entropy_agg_mode or config.loss_agg_mode, entropy_norm)
         if config.entropy_coeff != 0:
             loss = pg_loss - config.entropy_coeff * entropy_term
         metrics["actor/entropy"] = entropy_term.detach()
     elif config.entropy_coeff != 0:
         raise ValueError(f"entropy_coeff={config.entropy_coeff} needs the per-token entropy")
     if ref_logp is not None:
-        kl_loss = agg_loss(kl_penalty(logp, zero_padded(ref_logp, mask, logp), config.kl_type,
-                                      k3_clamp=config.kl_k3_clamp), valid, config.loss_agg_mode, norm)
+        kl_values = kl_penalty(logp, zero_padded(ref_logp, mask, logp), config.kl_type, k3_clamp=config.kl_k3_clamp)
+        if config.kl_bias_correction:
+            kl_values = kl_values * kl_importance_ratio(logp, old, valid, config)
+        kl_loss = agg_loss(kl_values, valid, config.loss_agg_mode, norm)
         metrics["actor/kl_loss"] = kl_loss.detach()
         metrics["actor/kl_coef"] = torch.tensor(config.kl_coef)
         if config.kl_coef != 0:
@@ -400,6 +486,19 @@ def policy_objective(logp: torch.Tensor, entropy: Optional[torch.Tensor], mask: 
 # ---------------------------------------------------------------------------------------------
 # The Triton launch of the built-in losses (kernels/objective.py; backends.py decides when)
 # ---------------------------------------------------------------------------------------------
+
+def triton_objective_limit(config: LossConfig) -> Optional[str]:
+    """Why the Triton objective cannot run ``config``, or None: the options it leaves to torch."""
+    if config.kl_bias_correction:
+        return "kl_bias_correction=True is torch only (gspo's sequence ratio couples a row's tokens)"
+    if config.top_entropy_quantile < 1.0:
+        return (f"top_entropy_quantile={config.top_entropy_quantile} is torch only (a quantile of the call's "
+                "entropies, and an entropy term over the kept tokens)")
+    if config.entropy_agg_mode not in (None, config.loss_agg_mode):
+        return (f"entropy_agg_mode={config.entropy_agg_mode!r} != loss_agg_mode={config.loss_agg_mode!r} is torch "
+                "only (the kernel weighs the entropy and KL terms alike)")
+    return None
+
 
 def triton_policy_objective(logp: torch.Tensor, entropy: Optional[torch.Tensor], mask: torch.Tensor,
                             advantages: torch.Tensor, old_logp: Optional[torch.Tensor],
@@ -454,7 +553,9 @@ def triton_policy_objective(logp: torch.Tensor, entropy: Optional[torch.Tensor],
         pg_weight=weight, weight=weight, loss_mode=loss_mode, kl_type=kl_types[base_kl_type],
         kl_straight_through=config.kl_type.endswith("+"), ratio_low=ratio_low, ratio_high=ratio_high,
         cispo_absolute=loss_mode == kernel.CISPO and config.cispo_bound == "absolute",
-        clip_c=config.clip_ratio_c if loss_mode == kernel.VANILLA else None,
+        clip_c=config.clip_ratio_c if loss_mode == kernel.VANILLA or (
+            loss_mode == kernel.GSPO and config.dual_clip == "two_sided") else None,
+        dual_clip_two_sided=config.dual_clip == "two_sided",
         ppo_kl_coef=config.ppo_kl_coef, entropy_coeff=config.entropy_coeff,
         kl_coef=config.kl_coef if ref_logp is not None else 0.0, log_ratio_clamp=LOG_RATIO_CLAMP,
         gspo_log_ratio_max=GSPO_LOG_RATIO_MAX, k3_log_ratio_clamp=LOG_RATIO_CLAMP if config.kl_k3_clamp else inf,

@@ -115,6 +115,7 @@ def _policy_objective_fwd_kernel(
     LOSS_MODE: tl.constexpr,
     CISPO_ABSOLUTE: tl.constexpr,  # cispo's absolute cap (TRL): count clipped tokens only where A > 0
     DUAL_CLIP: tl.constexpr,
+    TWO_SIDED: tl.constexpr,  # the dual clip caps rho in the unclipped branch for every token (TRL's delta)
     HAS_REF: tl.constexpr,
     KL_TYPE: tl.constexpr,
     KL_STRAIGHT_THROUGH: tl.constexpr,  # kl_type with a '+' suffix: base value, k2 gradient
@@ -176,12 +177,19 @@ def _policy_objective_fwd_kernel(
         clipped_value = -adv * clipped_ratio
         d_unclipped = -adv * d_ratio
         d_clipped = tl.where(ratio_in_range, d_unclipped, 0.0)
-        value = tl.maximum(unclipped, clipped_value)
-        d_value = _maximum_grad(unclipped, clipped_value, d_unclipped, d_clipped)
         clipped = clipped_value > unclipped
         ppo_kl = -log_ratio
+        if DUAL_CLIP and TWO_SIDED:  # max(-A min(rho, c), -A clip(rho)); torch.clamp passes the gradient at c
+            capped = -adv * tl.minimum(ratio, clip_c)
+            d_capped = tl.where(ratio <= clip_c, d_unclipped, 0.0)
+            value = tl.maximum(capped, clipped_value)
+            d_value = _maximum_grad(capped, clipped_value, d_capped, d_clipped)
+            clipped_lower = ratio > clip_c
+        else:
+            value = tl.maximum(unclipped, clipped_value)
+            d_value = _maximum_grad(unclipped, clipped_value, d_unclipped, d_clipped)
         if LOSS_MODE == VANILLA:
-            if DUAL_CLIP:  # for A < 0 only: min(loss, -A c)
+            if DUAL_CLIP and not TWO_SIDED:  # for A < 0 only: min(loss, -A c)
                 dual = -adv * clip_c
                 negative = adv < 0
                 clipped_lower = (value > dual) & negative
@@ -266,7 +274,8 @@ class ObjectiveInputs:
     ratio_low: float  # the clip bounds of the ratio: 1 - clip_ratio_low, 1 + clip_ratio_high (cispo: its own)
     ratio_high: float
     cispo_absolute: bool  # cispo's absolute cap: clipped tokens counted where A > 0 only (TRL)
-    clip_c: Optional[float]  # dual clip of vanilla for A < 0; None: off
+    clip_c: Optional[float]  # dual clip c (vanilla; gspo when two-sided); None: off
+    dual_clip_two_sided: bool  # c caps rho for every token (TRL's delta), not the loss of A < 0 tokens
     ppo_kl_coef: float
     entropy_coeff: float
     kl_coef: float
@@ -310,7 +319,8 @@ class PolicyObjectiveFunction(torch.autograd.Function):
                 inputs.ratio_low, inputs.ratio_high, inputs.clip_c if inputs.clip_c is not None else 0.0,
                 inputs.ppo_kl_coef, inputs.entropy_coeff, inputs.kl_coef,
                 inputs.log_ratio_clamp, inputs.gspo_log_ratio_max, inputs.k3_log_ratio_clamp, inputs.k3_value_clamp,
-                LOSS_MODE=int(inputs.loss_mode), CISPO_ABSOLUTE=inputs.cispo_absolute, DUAL_CLIP=inputs.clip_c is not None, HAS_REF=has_ref,
+                LOSS_MODE=int(inputs.loss_mode), CISPO_ABSOLUTE=inputs.cispo_absolute, DUAL_CLIP=inputs.clip_c is not None,
+                TWO_SIDED=inputs.dual_clip_two_sided, HAS_REF=has_ref,
                 KL_TYPE=int(inputs.kl_type), KL_STRAIGHT_THROUGH=inputs.kl_straight_through,
                 ENTROPY_GRAD=entropy_grad, HAS_TOKEN_WEIGHT=has_token_weight, BLOCK_T=block_t, NUM_SUMS=NUM_SUMS,
                 num_warps=_num_warps(block_t))
@@ -353,14 +363,14 @@ _FWD_SIGNATURE = {
     "partial_ptr": "*fp32", "T": "i32", "ratio_low": "fp32", "ratio_high": "fp32", "clip_c": "fp32",
     "ppo_kl_coef": "fp32", "entropy_coeff": "fp32", "kl_coef": "fp32",
     "log_ratio_clamp": "fp32", "gspo_log_ratio_max": "fp32", "k3_log_ratio_clamp": "fp32", "k3_value_clamp": "fp32",
-    "LOSS_MODE": "constexpr", "CISPO_ABSOLUTE": "constexpr", "DUAL_CLIP": "constexpr", "HAS_REF": "constexpr", "KL_TYPE": "constexpr",
+    "LOSS_MODE": "constexpr", "CISPO_ABSOLUTE": "constexpr", "DUAL_CLIP": "constexpr", "TWO_SIDED": "constexpr", "HAS_REF": "constexpr", "KL_TYPE": "constexpr",
     "KL_STRAIGHT_THROUGH": "constexpr", "ENTROPY_GRAD": "constexpr", "HAS_TOKEN_WEIGHT": "constexpr", "BLOCK_T": "constexpr", "NUM_SUMS": "constexpr",
 }
 
 
 def _fwd_constexprs(mode, dual_clip=False, has_ref=True, kl_type=KL_K3, entropy_grad=True, block_t=MAX_BLOCK_T,
-                    token_weight=False):
-    return {"LOSS_MODE": int(mode), "CISPO_ABSOLUTE": False, "DUAL_CLIP": dual_clip, "HAS_REF": has_ref, "KL_TYPE": int(kl_type),
+                    token_weight=False, two_sided=False):
+    return {"LOSS_MODE": int(mode), "CISPO_ABSOLUTE": False, "DUAL_CLIP": dual_clip, "TWO_SIDED": two_sided, "HAS_REF": has_ref, "KL_TYPE": int(kl_type),
             "KL_STRAIGHT_THROUGH": False, "ENTROPY_GRAD": entropy_grad, "HAS_TOKEN_WEIGHT": token_weight, "BLOCK_T": block_t, "NUM_SUMS": NUM_SUMS}
 
 
@@ -371,6 +381,8 @@ AOT_SIGNATURES = [
     (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(VANILLA, has_ref=False, entropy_grad=False),
      {"num_warps": _num_warps(MAX_BLOCK_T)}),
     (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(GSPO, kl_type=KL_ABS), {"num_warps": _num_warps(MAX_BLOCK_T)}),
+    (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(GSPO, dual_clip=True, two_sided=True),
+     {"num_warps": _num_warps(MAX_BLOCK_T)}),
     (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(CISPO, kl_type=KL_K2), {"num_warps": _num_warps(MAX_BLOCK_T)}),
     (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(CLIP_COV), {"num_warps": _num_warps(MAX_BLOCK_T)}),
     (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(KL_COV, kl_type=KL_K1), {"num_warps": _num_warps(MAX_BLOCK_T)}),

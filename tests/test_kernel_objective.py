@@ -22,7 +22,7 @@ TRITON_LOSS_MODES = triton_names(OBJECTIVE)
 
 def triton_policy_objective(logp, entropy, mask, advantages, old_logp, ref_logp, config, norm, step=0):
     """The objective as backend="triton" runs it: the dispatch table's launch for ``config.loss_mode``."""
-    objective = select(OBJECTIVE, "triton", logp, name=config.loss_mode)
+    objective = select(OBJECTIVE, "triton", logp, name=config.loss_mode, config=config)
     assert objective.backend == "triton"
     return objective.fn(logp, entropy, mask, advantages, old_logp, ref_logp, config, norm, step=step)
 SCALE_FLOOR = 1e-6  # relative errors are taken against at least this scale: metrics can be exactly 0

@@ -203,3 +203,93 @@ def test_token_sum_example():
     values = t([[0.5, -0.2, 0.3, 0.0], [1.0, 0.4, 0.0, 0.0]])
     valid = t([[1, 1, 1, 0], [1, 1, 0, 0]])
     assert fc.agg_loss(values, valid, "token-sum").item() == pytest.approx(2.0)
+
+
+# §1.5: the two-sided dual clip (TRL's and Liger's delta) ---------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_mode", ["vanilla", "gspo"])
+def test_two_sided_dual_clip_example(backend, loss_mode):
+    """old = -1, logp = -0.5 (rho 1.648721), c = 1.5, eps 0.2 / 0.28: A = +1 -> -1.28, A = -1 -> 1.5 (grad 0)."""
+    logp = torch.tensor([[-0.5], [-0.5]])
+    config = fc.LossConfig(loss_mode=loss_mode, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=1.5,
+                           dual_clip="two_sided", loss_agg_mode="token-sum")
+    out, grad = loss_and_grad(logp, torch.ones(2, 1, dtype=torch.bool), backend, advantages=torch.tensor([1.0, -1.0]),
+                              old_logprobs=torch.full((2, 1), -1.0), config=config)
+    assert out.loss.item() == pytest.approx(-1.28 + 1.5, abs=1e-6)
+    torch.testing.assert_close(grad, torch.zeros(2, 1))
+    assert out.metrics["actor/pg_clipfrac_lower"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="clip_ratio_c must be > 1"):
+        fc.LossConfig(clip_ratio_c=0.9)
+    fc.LossConfig(clip_ratio_c=0.9, dual_clip="two_sided")
+
+
+# §1.10: TRL's bias-corrected KL; §1.9, §1.13: entropy selection and the entropy bonus ----------
+
+def test_kl_bias_correction_example():
+    logp = torch.tensor([[-1.0]], dtype=F64)
+    config = fc.LossConfig(kl_coef=1.0, kl_bias_correction=True, clip_ratio_c=None)
+    out, grad = loss_and_grad(logp, torch.ones(1, 1, dtype=torch.bool), advantages=torch.zeros(1),
+                              old_logprobs=t([[-1.5]]), ref_logprobs=t([[-1.2]]), config=config)
+    assert out.metrics["actor/kl_loss"] == pytest.approx(0.030882, abs=1e-6)
+    assert grad.item() == pytest.approx(0.329744, abs=1e-6)
+
+
+def test_top_entropy_quantile_example():
+    """H = [0.1, 0.5, 0.9, 0.3], q = 0.5: tau = 0.4, the policy term and the bonus act on tokens 2 and 3."""
+    entropy = torch.tensor([[0.1, 0.5, 0.9, 0.3]], dtype=F64, requires_grad=True)
+    logp = torch.tensor([[-1.0, -2.0, -0.5, -1.5]], dtype=F64)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    config = fc.LossConfig(top_entropy_quantile=0.5, entropy_coeff=0.1, loss_agg_mode="token-sum",
+                           entropy_agg_mode="token-mean")
+    out, grad = loss_and_grad(logp, mask, entropy=entropy, advantages=torch.ones(1), config=config)
+    torch.testing.assert_close(grad, t([[0.0, -1.0, -1.0, 0.0]]))  # on-policy: -A rho, rho = 1, kept tokens
+    assert out.metrics["actor/entropy"] == pytest.approx(0.7)
+    torch.testing.assert_close(entropy.grad, t([[0.0, -0.05, -0.05, 0.0]]))
+    with pytest.raises(ValueError, match="needs the per-token `entropy`"):
+        fc.policy_loss_from_logprobs(logp, mask, advantages=torch.ones(1), config=config.__class__(
+            top_entropy_quantile=0.5))
+
+
+@pytest.mark.parametrize("option, match", [(dict(kl_bias_correction=True), "kl_bias_correction"),
+                                           (dict(top_entropy_quantile=0.5), "top_entropy_quantile"),
+                                           (dict(entropy_agg_mode="seq-mean-token-mean"), "entropy_agg_mode")])
+def test_torch_only_options_are_refused_by_triton(option, match):
+    logp = torch.full((1, 2), -1.0)
+    config = fc.LossConfig(**option)
+    with pytest.raises(ValueError, match=f"backend='triton' cannot run objective: {match}.*torch only"):
+        fc.policy_loss_from_logprobs(logp, torch.ones(1, 2, dtype=torch.bool), entropy=torch.ones(1, 2),
+                                     advantages=torch.ones(1), config=config, backend="triton")
+    out = fc.policy_loss_from_logprobs(logp, torch.ones(1, 2, dtype=torch.bool), entropy=torch.ones(1, 2),
+                                       advantages=torch.ones(1), config=config, backend="auto")
+    assert out.backends["objective"].startswith("torch (auto:")
+
+
+# §1.7: verl's dppo_tv, dppo_kl, dro -------------------------------------------------------------
+
+@pytest.mark.parametrize("loss_mode", ["dppo_tv", "dppo_kl"])
+def test_dppo_example(loss_mode):
+    """old = -1, c = 3, bounds 0.2 / 0.28: tokens (A, logp) (+1, -0.5) kept, (+1, -0.2) dropped (p - p_old =
+    0.450851, binary KL 0.495276), (-1, -1.5) kept, (-1, -2.5) dropped (-0.285794; 0.316023)."""
+    logp = torch.tensor([[-0.5, -0.2, -1.5, -2.5]], dtype=F64)
+    adv = t([[1.0, 1.0, -1.0, -1.0]])
+    config = fc.LossConfig(loss_mode=loss_mode, clip_ratio_low=0.2, clip_ratio_high=0.28, loss_agg_mode="token-sum")
+    out, grad = loss_and_grad(logp, torch.ones(1, 4, dtype=torch.bool), advantages=adv,
+                              old_logprobs=torch.full((1, 4), -1.0, dtype=F64), config=config)
+    assert out.loss.item() == pytest.approx(0.824361 - 0.909796, abs=1e-6)  # -A sg(rho) logp on the kept tokens
+    torch.testing.assert_close(grad, t([[-1.648721, 0.0, 0.606531, 0.0]]), rtol=0, atol=1e-6)
+    assert out.metrics["actor/pg_clipfrac"] == pytest.approx(0.5)
+
+
+def test_dro_example():
+    """A = 1, logp = -0.5, old = -1, beta = 0.3: -(A logp - beta/2 (0.5)^2) = 0.5375, gradient -(A - 0.15) = -0.85."""
+    config = fc.LossConfig(loss_mode="dro", dro_beta=0.3)
+    out, grad = loss_and_grad(t([[-0.5]]), torch.ones(1, 1, dtype=torch.bool), advantages=torch.ones(1),
+                              old_logprobs=t([[-1.0]]), config=config)
+    assert out.loss.item() == pytest.approx(0.5375)
+    assert grad.item() == pytest.approx(-0.85)
+    with pytest.raises(ValueError, match="dro_beta"):
+        fc.LossConfig(loss_mode="dro")
+    with pytest.raises(ValueError, match="backend='triton' cannot run objective: loss_mode 'dro' has no Triton kernel"):
+        fc.policy_loss_from_logprobs(torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool), advantages=torch.ones(1),
+                                     config=config, backend="triton")

@@ -42,7 +42,8 @@ def both_entry_points(batch, config, backend="torch", **extra):
 @pytest.mark.parametrize("loss_mode, agg_mode", list(itertools.product(sorted(fc.POLICY_LOSSES), LOSS_AGG_MODES)))
 def test_equals_policy_loss_fp64(loss_mode, agg_mode):
     batch = make_batch(6, 5, 11, dtype=F64, seed=1)
-    config = fc.LossConfig(loss_mode=loss_mode, loss_agg_mode=agg_mode, **CONFIG)
+    # dro needs its penalty coefficient (the other losses ignore it)
+    config = fc.LossConfig(loss_mode=loss_mode, loss_agg_mode=agg_mode, dro_beta=0.3, **CONFIG)
     try:
         reference = fc.policy_loss(batch["logits"], batch["targets"], batch["mask"], advantages=torch.ones(6),
                                    config=config, backend="torch")

@@ -69,7 +69,8 @@ def test_rollout_is_weights_and_metrics(request, level, spec, normalize, gap):
 # Policy losses with rollout IS weights -------------------------------------------------------
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum", "seq-mean-token-sum-norm")
-VERL_LOSSES = ("vanilla", "gspo", "cispo", "clip_cov", "kl_cov", "gpg", "sapo", "geo_mean")
+VERL_LOSSES = ("vanilla", "gspo", "cispo", "clip_cov", "kl_cov", "gpg", "sapo", "geo_mean", "dppo_tv", "dppo_kl",
+               "dro")
 SEQ_MEAN_TOKEN_MEAN_ONLY = {"sapo": "verl 0.9.1's sapo aggregates seq-mean-token-mean whatever loss_agg_mode says "
                                     "(docs/algorithms.md §9.15); fused-canon uses loss_agg_mode",
                             "geo_mean": "verl 0.9.1's geo_mean ignores loss_agg_mode; fused-canon refuses any mode "
@@ -77,10 +78,14 @@ SEQ_MEAN_TOKEN_MEAN_ONLY = {"sapo": "verl 0.9.1's sapo aggregates seq-mean-token
 ROLLOUT = (None, ("token", 2.0), ("sequence", "0.5_3.0"))
 
 
+DRO_BETA = 0.3
+
+
 def verl_actor(loss_mode, agg, clip_low=0.2, clip_high=0.28, clip_c=3.0):
     return ActorConfig(strategy="fsdp", rollout_n=1, ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=2,
                        clip_ratio_low=clip_low, clip_ratio_high=clip_high, clip_ratio_c=clip_c, loss_agg_mode=agg,
-                       policy_loss=PolicyLossConfig(loss_mode=loss_mode, ppo_kl_coef=0.1), use_torch_compile=False)
+                       policy_loss=PolicyLossConfig(loss_mode=loss_mode, ppo_kl_coef=0.1, dro_beta=DRO_BETA),
+                       use_torch_compile=False)
 
 
 def backend_or_unsupported(request, loss_mode, backend):
@@ -115,7 +120,8 @@ def test_policy_loss_with_rollout_weights(request, loss_mode, agg, rollout, back
     theirs.backward()
 
     config = fc.LossConfig(loss_mode=loss_mode, loss_agg_mode=agg, clip_ratio_low=0.2, clip_ratio_high=0.28,
-                           clip_ratio_c=3.0, ppo_kl_coef=0.1, clip_cov_lb=1.0, clip_cov_ub=5.0, **extra)
+                           clip_ratio_c=3.0, ppo_kl_coef=0.1, clip_cov_lb=1.0, clip_cov_ub=5.0,
+                           dro_beta=DRO_BETA, **extra)
     ours_logp = logp.clone().requires_grad_(True)
     out = fc.policy_loss_from_logprobs(ours_logp, mask, advantages=adv, old_logprobs=old,
                                        rollout_logprobs=None if rollout is None else rollout_logp,
