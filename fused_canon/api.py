@@ -23,7 +23,7 @@ import torch
 
 from .backends import LINEAR_TOKEN_STATS, OBJECTIVE, TOKEN_STATS, check_backend, select
 from .config import LossConfig
-from .estimators import ADVANTAGE_INPUTS, ESTIMATOR_INPUTS, EstimatorInputs, advantages_and_choice
+from .estimators import ADVANTAGE_INPUTS, advantages_and_choice, declared_inputs
 from .losses import Normalizers
 from .rollout_correction import check_rollout_is_weights, rollout_offpolicy_metrics
 from .rollout_correction import rollout_is_weights as rollout_is_weights_of
@@ -121,16 +121,12 @@ def token_signals(logits: torch.Tensor, targets: torch.Tensor, names, temperatur
             for name in names}
 
 
-def _estimator_inputs_of(config: LossConfig) -> EstimatorInputs:
-    return ESTIMATOR_INPUTS.get(config.advantage.estimator, EstimatorInputs())
-
-
 def _needs_extra_signals(config: LossConfig, rewards, advantage_inputs) -> bool:
     """Whether the statistics pass must emit EXTRA_SIGNALS: the estimator runs in this call and reads one
     that the caller did not pass."""
     if rewards is None:
         return False
-    declared = _estimator_inputs_of(config)
+    declared = declared_inputs(config.advantage.estimator)
     return any(name in declared.required + declared.optional and name not in (advantage_inputs or {})
                for name in EXTRA_SIGNALS)
 
@@ -219,7 +215,7 @@ def _loss_from_logprobs(logp, entropy, mask, row_index, *, backend, rewards, gro
     device = mask.device
     rollout_weights, rollout_metrics = _rollout_correction(logp, mask, old_logprobs, rollout_logprobs,
                                                            rollout_is_weights, config, checks)
-    if rollout_weights is not None and "rollout_is_weights" in _estimator_inputs_of(config).optional:
+    if rollout_weights is not None and "rollout_is_weights" in declared_inputs(config.advantage.estimator).optional:
         pass_inputs = {**(pass_inputs or {}), "rollout_is_weights": rollout_weights}  # verl feeds its estimator too
     if advantage_inputs is not None and rewards is None:
         raise ValueError("advantage_inputs are inputs of the estimator: pass them with `rewards` and `group_ids`")
@@ -236,7 +232,7 @@ def _loss_from_logprobs(logp, entropy, mask, row_index, *, backend, rewards, gro
         if rewards.shape != (shape[0],):
             raise ValueError(f"rewards must be [B={shape[0]}], got {tuple(rewards.shape)}")
         needs_entropy = config.advantage.estimator == "canon" and config.advantage.canon_metric == "entropy"
-        declared = _estimator_inputs_of(config)
+        declared = declared_inputs(config.advantage.estimator)
         for name in advantage_inputs or {}:
             if name == "mask" or name not in ADVANTAGE_INPUTS:
                 raise ValueError(f"advantage_inputs[{name!r}] is not an estimator input; valid keys: "

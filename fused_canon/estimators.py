@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -21,7 +21,8 @@ from .config import AdvantageConfig, CosineRestartSchedule, seeded_generator
 from .validation import PendingChecks, check_bool, check_mask, check_step
 
 __all__ = ["compute_advantages", "advantages_and_choice", "register_estimator", "ESTIMATORS", "ESTIMATOR_INPUTS",
-           "ADVANTAGE_INPUTS", "Groups", "cosine_restart_value", "triton_advantages", "canon_split"]
+           "ADVANTAGE_INPUTS", "Groups", "cosine_restart_value", "triton_advantages", "canon_split",
+           "declared_inputs", "missing_inputs"]
 
 
 @dataclass
@@ -196,6 +197,16 @@ class EstimatorInputs:
 
 
 ESTIMATOR_INPUTS: Dict[str, EstimatorInputs] = {}
+
+
+def declared_inputs(estimator: str) -> EstimatorInputs:
+    """What ``estimator`` declared when it was registered (nothing, for a name without a declaration)."""
+    return ESTIMATOR_INPUTS.get(estimator, EstimatorInputs())
+
+
+def missing_inputs(estimator: str, given: Mapping[str, Optional[torch.Tensor]]) -> List[str]:
+    """The required inputs of ``estimator`` that ``given`` lacks or holds as None, in declaration order."""
+    return [name for name in declared_inputs(estimator).required if given.get(name) is None]
 
 
 def register_estimator(name: str, *, inputs: Sequence[str] = (), optional_inputs: Sequence[str] = (),
@@ -490,11 +501,11 @@ def _missing_inputs_error(estimator: str, missing) -> ValueError:
 
 def _estimator_inputs(config, given: Dict[str, Optional[torch.Tensor]], rewards, mask, dtype, checks):
     """The declared inputs of ``config.estimator``, checked and in the statistics dtype."""
-    declared = ESTIMATOR_INPUTS.get(config.estimator, EstimatorInputs())
+    declared = declared_inputs(config.estimator)
     if not declared.reads_baseline and config.baseline != "mean":
         raise ValueError(f"estimator {config.estimator!r} has a baseline of its own: baseline={config.baseline!r} "
                          "does not apply to it (use baseline='mean')")
-    missing = [name for name in declared.required if given[name] is None]
+    missing = missing_inputs(config.estimator, given)
     if missing:
         raise _missing_inputs_error(config.estimator, missing)
     valid = None if mask is None else mask != 0

@@ -374,18 +374,19 @@ def _fwd_constexprs(mode, dual_clip=False, has_ref=True, kl_type=KL_K3, entropy_
             "KL_STRAIGHT_THROUGH": False, "ENTROPY_GRAD": entropy_grad, "HAS_TOKEN_WEIGHT": token_weight, "BLOCK_T": block_t, "NUM_SUMS": NUM_SUMS}
 
 
+_FULL_TILE_OPTIONS = {"num_warps": _num_warps(MAX_BLOCK_T)}
 AOT_SIGNATURES = [
-    (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(VANILLA, dual_clip=True), {"num_warps": _num_warps(MAX_BLOCK_T)}),
+    (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(VANILLA, dual_clip=True), _FULL_TILE_OPTIONS),
     (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(VANILLA, dual_clip=True, token_weight=True),
-     {"num_warps": _num_warps(MAX_BLOCK_T)}),
+     _FULL_TILE_OPTIONS),
     (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(VANILLA, has_ref=False, entropy_grad=False),
-     {"num_warps": _num_warps(MAX_BLOCK_T)}),
-    (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(GSPO, kl_type=KL_ABS), {"num_warps": _num_warps(MAX_BLOCK_T)}),
+     _FULL_TILE_OPTIONS),
+    (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(GSPO, kl_type=KL_ABS), _FULL_TILE_OPTIONS),
     (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(GSPO, dual_clip=True, two_sided=True),
-     {"num_warps": _num_warps(MAX_BLOCK_T)}),
-    (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(CISPO, kl_type=KL_K2), {"num_warps": _num_warps(MAX_BLOCK_T)}),
-    (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(CLIP_COV), {"num_warps": _num_warps(MAX_BLOCK_T)}),
-    (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(KL_COV, kl_type=KL_K1), {"num_warps": _num_warps(MAX_BLOCK_T)}),
+     _FULL_TILE_OPTIONS),
+    (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(CISPO, kl_type=KL_K2), _FULL_TILE_OPTIONS),
+    (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(CLIP_COV), _FULL_TILE_OPTIONS),
+    (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(KL_COV, kl_type=KL_K1), _FULL_TILE_OPTIONS),
     (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(VANILLA, dual_clip=True, block_t=128),
      {"num_warps": _num_warps(128)}),
 ]

@@ -272,8 +272,8 @@ def estimator_reads(advantage: fc.AdvantageConfig, name: str) -> bool:
     """Whether the configured estimator takes the input ``name`` (its declaration in fc.ESTIMATOR_INPUTS):
     the trainer builds the critic for ``values`` and generates the greedy rollout for ``baseline_rewards``
     only where one is read."""
-    declared = fc.ESTIMATOR_INPUTS.get(advantage.estimator)
-    return declared is not None and name in declared.required + declared.optional
+    declared = fc.estimators.declared_inputs(advantage.estimator)
+    return name in declared.required + declared.optional
 
 
 def advantage_step_error(advantage: fc.AdvantageConfig) -> Optional[str]:

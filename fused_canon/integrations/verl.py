@@ -40,7 +40,7 @@ import torch
 from verl.trainer.ppo import core_algos
 
 from ..config import AdvantageConfig, CosineRestartSchedule
-from ..estimators import ESTIMATOR_INPUTS, ESTIMATORS, EstimatorInputs, compute_advantages
+from ..estimators import ESTIMATORS, compute_advantages, declared_inputs, missing_inputs
 
 __all__ = ["PREFIX", "CANON_SCRIPT_PRESETS", "OPTIONS_KEY", "advantage_config",
            "registered_names", "rollout_context", "register_estimators", "RolloutContextForAdvantages"]
@@ -130,7 +130,7 @@ VERL_BATCH_FIELDS = {"values": "values", "token_ids": "responses", "baseline_rew
 
 
 def _declared_inputs(config: AdvantageConfig) -> tuple:
-    declared = ESTIMATOR_INPUTS.get(config.estimator, EstimatorInputs())
+    declared = declared_inputs(config.estimator)
     return tuple(n for n in declared.required + declared.optional if n != "mask")
 
 
@@ -185,8 +185,7 @@ def _verl_estimator(name: str):
                   "old_logprobs": old_log_probs, "rollout_is_weights": rollout_is_weights}
         given = {**{k: v for k, v in passed.items() if v is not None}, **(rollout.inputs if rollout else {})}
         inputs = {n: given[n].to(response_mask.device) for n in _declared_inputs(adv_config) if n in given}
-        missing = [n for n in ESTIMATOR_INPUTS.get(adv_config.estimator, EstimatorInputs()).required
-                   if n != "mask" and n not in inputs]
+        missing = missing_inputs(adv_config.estimator, {**inputs, "mask": response_mask})
         if missing:
             raise _missing_input_error(name, missing)
         advantages, returns = compute_advantages(
