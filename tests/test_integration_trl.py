@@ -3,6 +3,7 @@ train() runs for grpo, qae and canon, and for each TRL loss_type the mapped Loss
 loss and gradients as stock GRPOTrainer on the same batch."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ import transformers  # noqa: E402
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from fused_canon.integrations.trl import FusedGRPOTrainer  # noqa: E402
+from fused_canon.integrations.trl import FusedGRPOTrainer, loss_config_from_grpo_config  # noqa: E402
 
 ALPHABET = "abcdefgh +=0123456789"
 
@@ -98,7 +99,7 @@ def test_canon_advantages_use_the_rollout_entropy(tmp_path):
     torch.testing.assert_close(output["advantages"], expected)
 
 
-# TRL loss_type -> the LossConfig with the same loss (TRL has no dual clip).
+# TRL loss_type -> the LossConfig with the same loss, passed explicitly (docs/integrations.md's table).
 MAPPING = {
     "grpo": dict(loss_agg_mode="seq-mean-token-mean"),
     "bnpo": dict(loss_agg_mode="token-mean"),
@@ -134,28 +135,113 @@ def loss_and_grads(t, inputs):
     return loss.detach(), [p.grad.detach().clone() for p in t.model.parameters()]
 
 
+def assert_same_loss_and_grads(stock, ours, inputs):
+    stock_loss, stock_grads = loss_and_grads(stock, inputs)
+    our_loss, our_grads = loss_and_grads(ours, inputs)
+    assert abs(our_loss - stock_loss) <= 1e-6, (our_loss, stock_loss)
+    assert max((a - b).abs().max().item() for a, b in zip(our_grads, stock_grads)) <= 1e-6
+    assert max(g.abs().max().item() for g in stock_grads) > 1e-3  # the batch moves the model
+
+
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 @pytest.mark.parametrize("loss_type", sorted(MAPPING))
 def test_mapped_loss_type_equals_stock_grpo_trainer(tmp_path, loss_type, beta):
     overrides = dict(loss_type=loss_type, beta=beta, epsilon=0.2, epsilon_high=0.28, use_bias_correction_kl=False)
     stock = trainer(GRPOTrainer, tmp_path, overrides)
     config = fc.LossConfig(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=None, kl_coef=beta, kl_type="k3",
-                           **MAPPING[loss_type])
+                           kl_k3_clamp=False, **MAPPING[loss_type])
     ours = trainer(FusedGRPOTrainer, tmp_path, overrides, loss_config=config)
+    assert_same_loss_and_grads(stock, ours, fixed_batch(stock))
+
+
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo", "cispo", "sapo", "luspo")
+# TRL options on top of a loss_type, with the vLLM IS ratio (mode, shape) that the batch carries, if any.
+OPTIONS = {
+    "plain": {},
+    "kl+bias-correction": dict(beta=0.04),  # use_bias_correction_kl=True is TRL's default
+    "kl-no-correction": dict(beta=0.04, use_bias_correction_kl=False),
+    "delta": dict(delta=1.1),
+    "sequence-level": dict(importance_sampling_level="sequence"),
+    "entropy-quantile": dict(top_entropy_quantile=0.5),
+    "entropy-bonus": dict(entropy_coef=0.05),
+    "entropy-bonus+quantile": dict(entropy_coef=0.05, top_entropy_quantile=0.5),
+    "vllm-token-truncate": dict(vllm_importance_sampling_mode="token_truncate"),
+    "vllm-sequence-mask": dict(vllm_importance_sampling_mode="sequence_mask"),
+}
+# Combinations FusedGRPOTrainer refuses (test_refused_combinations): not in the grid.
+REFUSED = {("cispo", "sequence-level"), ("sapo", "sequence-level"), ("dapo", "entropy-bonus"),
+           ("cispo", "entropy-bonus"), ("dapo", "entropy-bonus+quantile"), ("cispo", "entropy-bonus+quantile"),
+           ("cispo", "delta"), ("sapo", "delta")}
+GRID = [(loss_type, option) for loss_type in LOSS_TYPES for option in sorted(OPTIONS)
+        if (loss_type, option) not in REFUSED]
+
+
+def with_vllm_ratio(trainers, inputs, mode):
+    """TRL's vLLM IS correction on a batch without vLLM: the trainers apply the ratio the batch carries."""
+    for t in trainers:
+        t.use_vllm, t.vllm_importance_sampling_correction = True, True
+    g = torch.Generator().manual_seed(5)
+    shape = (4, 6) if mode.startswith("token") else (4, 1)
+    ratio = torch.exp(0.4 * torch.randn(shape, generator=g))
+    inputs["importance_sampling_ratio"] = ratio.clamp(max=1.3) if mode.endswith("truncate") else \
+        ratio.masked_fill(ratio > 1.3, 0.0)
+    assert (inputs["importance_sampling_ratio"] != 1).any()
+
+
+@pytest.mark.parametrize("loss_type, option", GRID)
+def test_trl_options_without_loss_config_equal_stock_grpo_trainer(tmp_path, loss_type, option):
+    """No loss_config: FusedGRPOTrainer derives it from GRPOConfig and computes stock TRL's loss and gradients."""
+    overrides = dict(loss_type=loss_type, epsilon=0.2, epsilon_high=0.28 if loss_type != "cispo" else 1.2,
+                     **OPTIONS[option])
+    stock = trainer(GRPOTrainer, tmp_path, overrides)
+    ours = trainer(FusedGRPOTrainer, tmp_path, overrides)
     inputs = fixed_batch(stock)
-    stock_loss, stock_grads = loss_and_grads(stock, inputs)
-    our_loss, our_grads = loss_and_grads(ours, inputs)
-    assert abs(our_loss - stock_loss) <= 1e-6
-    assert max((a - b).abs().max().item() for a, b in zip(our_grads, stock_grads)) <= 1e-6
-    assert max(g.abs().max().item() for g in stock_grads) > 1e-3  # the batch moves the model
+    if "vllm_importance_sampling_mode" in overrides:
+        with_vllm_ratio([stock, ours], inputs, overrides["vllm_importance_sampling_mode"])
+    assert_same_loss_and_grads(stock, ours, inputs)
 
 
-def test_unsupported_options_and_mismatches_are_refused(tmp_path):
+def test_derived_loss_config_is_the_documented_mapping():
+    config = loss_config_from_grpo_config(GRPOConfig(output_dir="unused", loss_type="dr_grpo", epsilon=0.1,
+                                                     epsilon_high=0.3, delta=2.0, beta=0.02,
+                                                     importance_sampling_level="sequence",
+                                                     max_completion_length=64, report_to=[], use_cpu=True, bf16=False),
+                                          advantage=fc.AdvantageConfig(estimator="canon"))
+    assert (config.loss_mode, config.loss_agg_mode, config.loss_scale_factor) == ("gspo", "seq-mean-token-sum-norm", 64)
+    assert (config.clip_ratio_low, config.clip_ratio_high, config.clip_ratio_c, config.dual_clip) == \
+        (0.1, 0.3, 2.0, "two_sided")
+    assert (config.kl_coef, config.kl_k3_clamp, config.kl_bias_correction) == (0.02, False, True)
+    assert config.advantage.estimator == "canon"
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(loss_type="vespo"), "loss_type='vespo'"),
+    (dict(loss_type="cispo", importance_sampling_level="sequence"), "importance_sampling_level='sequence'"),
+    (dict(importance_sampling_level="sequence", top_entropy_quantile=0.5), "per-token weights"),
+    (dict(entropy_coef=0.05), "entropy_coef=0.05 with loss_type='dapo'"),
+    (dict(loss_type="grpo", entropy_coef=0.05, top_entropy_quantile=0.5, gradient_accumulation_steps=2),
+     "gradient_accumulation_steps"),
+    (dict(loss_type="sapo", delta=2.0), "no effect here"),
+    (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold"),
+    (dict(use_adaptive_entropy=True), "use_adaptive_entropy"),
+])
+def test_refused_combinations(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        trainer(FusedGRPOTrainer, tmp_path, overrides)
+
+
+def test_an_explicit_loss_config_must_agree_with_trl_options(tmp_path):
     with pytest.raises(ValueError, match="GRPOConfig.temperature"):
         trainer(FusedGRPOTrainer, tmp_path, {"temperature": 0.7}, loss_config=fc.LossConfig())
-    with pytest.raises(ValueError, match="GRPOConfig.beta"):
+    with pytest.raises(ValueError, match=r"GRPOConfig.beta=0.1 means LossConfig\(kl_coef=0.1\)"):
         trainer(FusedGRPOTrainer, tmp_path, {"beta": 0.1}, loss_config=fc.LossConfig())
-    with pytest.raises(ValueError, match="use_bias_correction_kl"):
-        trainer(FusedGRPOTrainer, tmp_path, {"beta": 0.1}, loss_config=fc.LossConfig(kl_coef=0.1))
-    with pytest.raises(ValueError, match="top_entropy_quantile"):
+    with pytest.raises(ValueError, match=r"use_bias_correction_kl=True means LossConfig\(kl_bias_correction=True\)"):
+        trainer(FusedGRPOTrainer, tmp_path, {"beta": 0.1},
+                loss_config=fc.LossConfig(kl_coef=0.1, kl_k3_clamp=False))
+    with pytest.raises(ValueError, match=r"GRPOConfig.delta=2.0 means LossConfig\(clip_ratio_c=2.0\)"):
+        trainer(FusedGRPOTrainer, tmp_path, {"delta": 2.0}, loss_config=fc.LossConfig())
+    with pytest.raises(ValueError, match="top_entropy_quantile=0.2"):
         trainer(FusedGRPOTrainer, tmp_path, {"top_entropy_quantile": 0.2}, loss_config=fc.LossConfig())
+    # What agrees is accepted: TRL's defaults leave the explicit LossConfig's own choices alone.
+    trainer(FusedGRPOTrainer, tmp_path, {"delta": 2.0},
+            loss_config=fc.LossConfig(clip_ratio_c=2.0, dual_clip="two_sided"))

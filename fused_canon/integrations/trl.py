@@ -1,7 +1,9 @@
 """TRL 1.16: ``FusedGRPOTrainer``, a ``GRPOTrainer`` whose advantages and loss are fused-canon's.
 
-    trainer = FusedGRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(...), train_dataset=data,
-                               loss_config=fc.LossConfig(advantage=fc.AdvantageConfig(estimator="canon")))
+    trainer = FusedGRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(...), train_dataset=data)
+    # or fused-canon's estimators with TRL's loss options:
+    loss_config = loss_config_from_grpo_config(args, advantage=fc.AdvantageConfig(estimator="canon"))
+    trainer = FusedGRPOTrainer(..., args=args, loss_config=loss_config)
 
 Everything else is ``GRPOTrainer`` (generation, reward functions, logging, accelerate/DDP). Three
 things change:
@@ -19,39 +21,120 @@ things change:
 * **Metrics**: fused-canon's metrics (verl names: ``actor/pg_loss``, ``actor/pg_clipfrac``,
   ``actor/entropy``, ``critic/advantages/mean`` ...) averaged over processes, through TRL's logger.
 
-One temperature: ``loss_config.temperature`` must equal ``GRPOConfig.temperature`` (the sampling one).
-One KL coefficient: ``loss_config.kl_coef`` must equal ``GRPOConfig.beta`` (TRL computes the reference
-log-probs only when ``beta != 0``). TRL options that change the loss in ways ``LossConfig`` does not
-express are refused at construction (``UNSUPPORTED_OPTIONS``), never silently ignored.
+Without ``loss_config`` the loss is TRL's: ``loss_config_from_grpo_config(args)`` maps loss_type, epsilon,
+epsilon_high, delta, importance_sampling_level, beta, use_bias_correction_kl, top_entropy_quantile,
+entropy_coef and the SAPO temperatures onto ``LossConfig``, and TRL's vLLM importance-sampling ratio is
+passed as ``rollout_is_weights``. With ``loss_config``, it defines the loss; the sampling temperature and
+beta must agree with it, and so must every TRL loss option set to a non-default value. What no
+``LossConfig`` computes is refused at construction (``UNSUPPORTED_OPTIONS`` and the combinations named in
+the errors), never silently ignored.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import types
 from typing import Optional
 
 import torch
-from trl import GRPOTrainer
+from trl import GRPOConfig, GRPOTrainer
 
 from ..api import linear_policy_loss
-from ..config import LossConfig
+from ..config import AdvantageConfig, LossConfig
 from ..estimators import compute_advantages
 from .hf import lm_head_of
 
-__all__ = ["FusedGRPOTrainer", "UNSUPPORTED_OPTIONS"]
+__all__ = ["FusedGRPOTrainer", "UNSUPPORTED_OPTIONS", "loss_config_from_grpo_config"]
 
-# GRPOConfig fields whose non-default values change the loss outside LossConfig: (field, default, why).
+# GRPOConfig fields whose non-default values change the loss in ways LossConfig does not express:
+# (field, default, why). Refused at construction, never silently ignored.
 UNSUPPORTED_OPTIONS = (
-    ("top_entropy_quantile", 1.0, "entropy-quantile token masking"),
     ("off_policy_mask_threshold", None, "the off-policy sequence mask"),
-    ("importance_sampling_level", "token", "sequence-level ratios: use LossConfig(loss_mode='gspo')"),
-    ("delta", None, "two-sided clipping: use LossConfig(clip_ratio_c=...)"),
-    ("entropy_coef", 0.0, "TRL's entropy bonus: use LossConfig(entropy_coeff=...)"),
     ("use_adaptive_entropy", False, "TRL's adaptive entropy bonus"),
     ("scale_rewards", "group", "reward scaling: the estimator of LossConfig.advantage defines it"),
     ("multi_objective_aggregation", "sum_then_normalize", "per-function normalisation of the rewards"),
 )
+
+# TRL's loss_type -> the loss_agg_mode that computes its aggregation (docs/integrations.md's table; the
+# counts it divides by: FusedGRPOTrainer._normalizers). vespo is not among them: no LossConfig computes it.
+_AGGREGATION = {"grpo": "seq-mean-token-mean", "sapo": "seq-mean-token-mean", "bnpo": "token-mean",
+                "dapo": "token-mean", "cispo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
+                "luspo": "seq-mean-token-sum"}
+
+
+def _grpo_loss_options(args) -> list:
+    """[(GRPOConfig field, {LossConfig field: value})]: the LossConfig fields that each of TRL's loss options
+    sets (docs/integrations.md, "TRL"); raises for a combination that LossConfig does not compute."""
+    loss_type, level = args.loss_type, args.importance_sampling_level
+    if loss_type not in _AGGREGATION:
+        raise ValueError(f"GRPOConfig.loss_type={loss_type!r} is not supported by FusedGRPOTrainer; "
+                         f"allowed: {sorted(_AGGREGATION)}")
+    if level not in ("token", "sequence"):
+        raise ValueError(f"GRPOConfig.importance_sampling_level={level!r}: allowed 'token' or 'sequence'")
+    sequence_ratio = level == "sequence"
+    if sequence_ratio and loss_type in ("cispo", "sapo"):
+        raise ValueError(f"GRPOConfig.importance_sampling_level='sequence' with loss_type={loss_type!r} is not "
+                         "supported by FusedGRPOTrainer (fused-canon's sequence ratio is gspo's clipped one)")
+    token_weights = args.top_entropy_quantile < 1.0 or (
+        args.use_vllm and args.vllm_importance_sampling_correction
+        and args.vllm_importance_sampling_mode.startswith("token"))
+    if sequence_ratio and token_weights:
+        raise ValueError("GRPOConfig.importance_sampling_level='sequence' with per-token weights (top_entropy_quantile "
+                         "< 1 or a token_* vllm_importance_sampling_mode) is not supported by FusedGRPOTrainer: TRL's "
+                         "gradient gives each token its row's mean weight, gspo each token its own")
+    if args.delta is not None and loss_type in ("cispo", "sapo"):
+        raise ValueError(f"GRPOConfig.delta={args.delta} with loss_type={loss_type!r}: TRL applies delta to the PPO "
+                         "clip only (grpo, bnpo, dapo, dr_grpo, luspo), so it has no effect here; leave it None")
+    if args.entropy_coef != 0 and loss_type in ("dapo", "cispo"):
+        raise ValueError(f"GRPOConfig.entropy_coef={args.entropy_coef} with loss_type={loss_type!r} is not supported "
+                         "by FusedGRPOTrainer: TRL normalises the bonus by the micro-batch's tokens and this policy "
+                         "term by the generation batch's, and fused-canon's loss has one token count")
+    if args.entropy_coef != 0 and args.top_entropy_quantile < 1.0 and args.gradient_accumulation_steps > 1:
+        raise ValueError("GRPOConfig.entropy_coef != 0 with top_entropy_quantile < 1 and gradient_accumulation_steps "
+                         f"={args.gradient_accumulation_steps} is not supported by FusedGRPOTrainer: fused-canon "
+                         "normalises the masked bonus by this micro-batch's kept tokens, TRL also by the steps")
+    epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
+    if loss_type == "cispo":
+        loss_type_fields = dict(loss_mode="cispo", cispo_bound="absolute", clip_ratio_high=epsilon_high,
+                                loss_agg_mode="token-mean")
+    elif loss_type == "sapo":
+        loss_type_fields = dict(loss_mode="sapo", loss_agg_mode=_AGGREGATION[loss_type])
+    else:
+        loss_type_fields = dict(loss_agg_mode=_AGGREGATION[loss_type])
+        if loss_type == "dr_grpo":
+            loss_type_fields["loss_scale_factor"] = float(args.max_completion_length)
+    options = [("loss_type", loss_type_fields)]
+    if loss_type not in ("cispo", "sapo"):
+        options.append(("importance_sampling_level", dict(loss_mode="gspo" if sequence_ratio else "vanilla")))
+    if loss_type != "cispo":
+        options += [("epsilon", dict(clip_ratio_low=args.epsilon)), ("epsilon_high", dict(clip_ratio_high=epsilon_high))]
+    if loss_type == "sapo":
+        options += [("sapo_temperature_pos", dict(sapo_tau_pos=args.sapo_temperature_pos)),
+                    ("sapo_temperature_neg", dict(sapo_tau_neg=args.sapo_temperature_neg))]
+    if loss_type not in ("cispo", "sapo"):
+        options.append(("delta", dict(clip_ratio_c=args.delta, dual_clip="two_sided" if args.delta is not None
+                                      else "negative")))
+    kl = dict(kl_coef=args.beta) if args.beta == 0 else dict(kl_coef=args.beta, kl_type="k3", kl_k3_clamp=False)
+    options += [("beta", kl),
+                ("use_bias_correction_kl", dict(kl_bias_correction=bool(args.use_bias_correction_kl and args.beta))),
+                ("top_entropy_quantile", dict(top_entropy_quantile=args.top_entropy_quantile)),
+                ("entropy_coef", dict(entropy_coeff=args.entropy_coef, entropy_agg_mode="token-mean")),
+                ("temperature", dict(temperature=args.temperature))]
+    return options
+
+
+def loss_config_from_grpo_config(args, advantage: Optional[AdvantageConfig] = None) -> LossConfig:
+    """The LossConfig that computes TRL's loss for ``args`` (a ``GRPOConfig``), with ``advantage`` (default:
+    ``AdvantageConfig()``, GRPO) for the advantages. ``FusedGRPOTrainer`` uses it when no ``loss_config`` is
+    given. TRL has no verl dual clip: ``clip_ratio_c`` is ``delta`` (two-sided) or None."""
+    fields = {}
+    for _, option_fields in _grpo_loss_options(args):
+        fields.update(option_fields)
+    return LossConfig(advantage=advantage or AdvantageConfig(), **fields)
+
+
+_TRL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
 
 
 def _add_last_hidden_state_forward(model: torch.nn.Module) -> None:
@@ -75,34 +158,42 @@ class FusedGRPOTrainer(GRPOTrainer):
 
     def __init__(self, *args, loss_config: Optional[LossConfig] = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.loss_config = loss_config or LossConfig()
-        if not isinstance(self.loss_config, LossConfig):
-            raise TypeError(f"loss_config must be a fused_canon.LossConfig, got {type(self.loss_config).__name__}")
-        self._check_options()
+        if loss_config is not None and not isinstance(loss_config, LossConfig):
+            raise TypeError(f"loss_config must be a fused_canon.LossConfig, got {type(loss_config).__name__}")
+        self._check_options(loss_config)
+        self.loss_config = loss_config or loss_config_from_grpo_config(self.args)
         _add_last_hidden_state_forward(self.model)
         self._rewards_per_func = None
 
-    def _check_options(self) -> None:
-        args, config = self.args, self.loss_config
-        if config.temperature != args.temperature:
-            raise ValueError(f"loss_config.temperature={config.temperature} must equal GRPOConfig.temperature="
-                             f"{args.temperature}: the loss scores the tokens at the temperature they were sampled at")
-        if config.kl_coef != args.beta:
-            raise ValueError(f"loss_config.kl_coef={config.kl_coef} must equal GRPOConfig.beta={args.beta} "
-                             "(TRL computes reference log-probs only when beta != 0)")
+    def _check_options(self, loss_config: Optional[LossConfig]) -> None:
+        """Refuse what FusedGRPOTrainer would otherwise compute differently from TRL, naming the option.
+
+        Without ``loss_config`` the loss comes from GRPOConfig (``loss_config_from_grpo_config``). With it,
+        ``loss_config`` defines the loss, and every TRL loss option set to a non-default value must agree
+        with it: a disagreement is an error, never a silently ignored option."""
+        args = self.args
         for name, default, why in UNSUPPORTED_OPTIONS:
             if getattr(args, name, default) != default:
                 raise ValueError(f"GRPOConfig.{name}={getattr(args, name)!r} is not supported by FusedGRPOTrainer "
                                  f"({why}); allowed: {default!r}")
-        if args.beta != 0 and args.use_bias_correction_kl:
-            raise ValueError("GRPOConfig.use_bias_correction_kl=True (TRL's default) weights the KL term by the "
-                             "importance ratio, which LossConfig does not; set use_bias_correction_kl=False")
-        if args.use_vllm and args.vllm_importance_sampling_correction:
-            raise ValueError("GRPOConfig.vllm_importance_sampling_correction=True is not supported by FusedGRPOTrainer "
-                             "(vLLM importance-sampling weights); set it to False")
         if self.aux_loss_enabled:
             raise ValueError("FusedGRPOTrainer does not add the MoE router auxiliary loss")
-        if config.advantage.estimator == "canon" and config.advantage.canon_metric == "custom":
+        options = _grpo_loss_options(args)  # raises for what LossConfig cannot compute
+        if loss_config is None:
+            return
+        # Checked at any value: TRL samples at its temperature, computes the reference log-probs only when
+        # beta != 0, and then weights the KL by the ratio by default (use_bias_correction_kl=True).
+        always = {"temperature", "beta"} | ({"use_bias_correction_kl"} if args.beta != 0 else set())
+        for name, fields in options:
+            if getattr(args, name) == _TRL_DEFAULTS[name] and name not in always:
+                continue
+            for field_name, value in fields.items():
+                if getattr(loss_config, field_name) != value:
+                    raise ValueError(
+                        f"GRPOConfig.{name}={getattr(args, name)!r} means LossConfig({field_name}={value!r}), but "
+                        f"loss_config.{field_name}={getattr(loss_config, field_name)!r}: make them agree, or leave "
+                        "loss_config out and FusedGRPOTrainer derives it from GRPOConfig")
+        if loss_config.advantage.estimator == "canon" and loss_config.advantage.canon_metric == "custom":
             raise ValueError("canon_metric='custom' needs a per-response metric that TRL does not produce")
 
     # -- advantages ---------------------------------------------------------------------------
@@ -160,16 +251,20 @@ class FusedGRPOTrainer(GRPOTrainer):
 
         TRL's accounting: ``num_items_in_batch`` counts the completion tokens of the whole generation
         batch over all processes, and one optimizer step (the accumulation window) sees
-        ``gradient_accumulation_steps / steps_per_generation`` of it. fused-canon divides the
-        micro-batch's sum by these counts, so the losses of all micro-batches and processes add up to
-        the global loss; DDP *averages* gradients over the P processes, so each process passes 1/P of
-        the global counts (TRL's dapo normalizer is the same)."""
-        processes = self.accelerator.num_processes
-        num_tokens = float(inputs["num_items_in_batch"]) / processes
-        num_seqs = float(inputs["completion_ids"].size(0))
-        if mode == "train":
-            num_tokens *= self.current_gradient_accumulation_steps / self.args.steps_per_generation
-            num_seqs *= self.current_gradient_accumulation_steps
+        ``gradient_accumulation_steps / steps_per_generation`` of it; dapo and cispo divide by that
+        count. bnpo, and the token-mean entropy bonus of every loss type, divide by the micro-batch's own
+        tokens, grpo, sapo, dr_grpo and luspo by its rows, each then divided by the accumulation steps.
+        fused-canon divides the micro-batch's sum by these counts, so the losses of all micro-batches and
+        processes add up to the global loss; DDP *averages* gradients over the P processes, so each
+        process passes 1/P of the global counts (TRL's dapo normalizer is the same)."""
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
+        num_seqs = float(inputs["completion_ids"].size(0)) * accumulation
+        if self.args.loss_type in ("dapo", "cispo"):
+            num_tokens = float(inputs["num_items_in_batch"]) / self.accelerator.num_processes
+            if mode == "train":
+                num_tokens *= self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        else:
+            num_tokens = float(self._response_mask(inputs).sum()) * accumulation
         return max(num_tokens, 1.0), num_seqs
 
     def _compute_loss(self, model, inputs):
@@ -181,12 +276,17 @@ class FusedGRPOTrainer(GRPOTrainer):
         completion_hidden = hidden[:, prompt_ids.size(1) - 1: -1]  # position t predicts token t + 1
         weight, bias = lm_head_of(self.accelerator.unwrap_model(model))
         num_tokens, num_seqs = self._normalizers(inputs, mode)
-        out = linear_policy_loss(completion_hidden.to(weight.dtype), weight, completion_ids,
-                                 self._response_mask(inputs).bool(), bias=bias, advantages=inputs["advantages"],
-                                 old_logprobs=inputs.get("old_per_token_logps"),
-                                 ref_logprobs=inputs.get("ref_per_token_logps"), config=self.loss_config,
-                                 step=self.state.global_step + 1, global_num_tokens=num_tokens,
-                                 global_num_seqs=num_seqs)
+        mask = self._response_mask(inputs).bool()
+        rollout_is_weights = None
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            # TRL's own vLLM IS ratio ([B, T] for token_* modes, [B, 1] for sequence_* ones), computed and
+            # truncated or masked by TRL in _generate_and_score_completions.
+            rollout_is_weights = inputs["importance_sampling_ratio"].expand(mask.shape)
+        out = linear_policy_loss(completion_hidden.to(weight.dtype), weight, completion_ids, mask, bias=bias,
+                                 advantages=inputs["advantages"], old_logprobs=inputs.get("old_per_token_logps"),
+                                 ref_logprobs=inputs.get("ref_per_token_logps"), rollout_is_weights=rollout_is_weights,
+                                 config=self.loss_config, step=self.state.global_step + 1,
+                                 global_num_tokens=num_tokens, global_num_seqs=num_seqs)
         self._log_fused_canon_metrics(out.metrics, mode)
         return out.loss
 
