@@ -25,6 +25,7 @@ CISPO_BOUNDS = ("relative", "absolute")
 # kl_type values: a KL estimator, or one with a "+" suffix (its value, the k2 gradient: docs/algorithms.md §1.10).
 KL_TYPE_CHOICES = KL_TYPES + tuple(f"{kind}+" for kind in KL_TYPES)
 DUAL_CLIPS = ("negative", "two_sided")
+GSPO_GRADIENTS = ("token", "sequence")
 ROLLOUT_IS_LEVELS = ("token", "sequence")
 ROLLOUT_IS_MODES = ("truncate", "mask")
 # AdvantageConfig.epsilon when left unset: 1e-6 (verl's std guard), except where verl's estimator has its own.
@@ -47,6 +48,8 @@ NON_NEGATIVE = dict(low=0.0)
 POSITIVE = dict(low=0.0, low_open=True)
 UNIT = dict(low=0.0, high=1.0)  # a weight or a fraction in [0, 1]
 ANY = {}
+# TRL floors vespo's rate at 1e-4; a smaller one is refused rather than silently raised.
+VESPO_RATE = dict(low=1e-4, why=" (vespo's gamma rate; TRL floors it at 1e-4)")
 
 
 @dataclass
@@ -199,12 +202,23 @@ class LossConfig:
     # cispo's bound (docs/algorithms.md §1.7): "relative" clips rho to [1 - clip_ratio_low, 1 + clip_ratio_high]
     # (verl); "absolute" caps it at clip_ratio_high itself, no lower bound (TRL's and Liger's epsilon_high).
     cispo_bound: str = "relative"
+    # vespo's gamma weight phi(w) = exp(lambda + k log w - lambda w) (docs/algorithms.md §1.7): the shape k and
+    # the rate lambda where A >= 0 (_pos) and where A < 0 (_neg); TRL's and Liger's defaults.
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
     # dro's quadratic penalty on log(pi / pi_old) (docs/algorithms.md §1.7); needed by loss_mode="dro".
     dro_beta: Optional[float] = None
     # The dual clip with c = clip_ratio_c (docs/algorithms.md §1.5): "negative" caps the loss of A < 0 tokens at
     # -A c (verl; vanilla only); "two_sided" caps rho at c in the unclipped branch of the PPO max for every
     # token (TRL's and Liger's delta; vanilla and gspo), so it caps the A > 0 side too.
     dual_clip: str = "negative"
+    # gspo's gradient path (docs/algorithms.md §1.6): "token" gives each token the gradient of its own log-prob
+    # at the sequence ratio's value (verl); "sequence" differentiates the row's mean log-ratio itself, so every
+    # token of a row gets the row's mean gradient (TRL's and Liger's importance_sampling_level="sequence").
+    # They differ only when a per-token factor (token-level rollout IS weights, the entropy mask) varies in a row.
+    gspo_gradient: str = "token"
     # TRL's use_bias_correction_kl (docs/algorithms.md §1.10): the KL term times the importance ratio
     # (gspo: the sequence ratio), with the gradient through both. Torch only.
     kl_bias_correction: bool = False
@@ -239,8 +253,10 @@ class LossConfig:
             "clip_ratio_low": NON_NEGATIVE, "clip_ratio_high": NON_NEGATIVE, "clip_cov_ratio": fraction,
             "clip_cov_lb": ANY, "clip_cov_ub": ANY, "kl_cov_ratio": fraction, "ppo_kl_coef": NON_NEGATIVE,
             "entropy_coeff": ANY, "kl_coef": NON_NEGATIVE, "temperature": POSITIVE, "sapo_tau_pos": POSITIVE,
-            "sapo_tau_neg": POSITIVE})
+            "sapo_tau_neg": POSITIVE, "vespo_k_pos": NON_NEGATIVE, "vespo_k_neg": NON_NEGATIVE,
+            "vespo_lambda_pos": VESPO_RATE, "vespo_lambda_neg": VESPO_RATE})
         check_choice("dual_clip", self.dual_clip, DUAL_CLIPS)
+        check_choice("gspo_gradient", self.gspo_gradient, GSPO_GRADIENTS)
         if self.dro_beta is not None:
             self.dro_beta = check_number("dro_beta", self.dro_beta, **POSITIVE, why=" (None: no dro)")
         if self.loss_mode == "dro" and self.dro_beta is None:

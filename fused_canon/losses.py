@@ -11,7 +11,7 @@ Each policy loss is one small function registered by name (``register_policy_los
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from math import inf
+from math import inf, log
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -198,7 +198,10 @@ def gspo(logp, old_logp, advantages, mask, config, *, step=0):
     (verl 0.9.1); no dual clip but the two-sided one (TRL's delta at importance_sampling_level="sequence")."""
     log_ratio = logp - old_logp
     seq_log_ratio = gspo_sequence_log_ratio(log_ratio, mask)
-    token_log_ratio = logp - logp.detach() + seq_log_ratio.detach()[:, None]
+    if config.gspo_gradient == "sequence":  # TRL's (B, 1) ratio: each token's gradient is its row's mean
+        token_log_ratio = seq_log_ratio[:, None].expand_as(logp)
+    else:  # verl's: the value of the sequence ratio, each token's own gradient path
+        token_log_ratio = logp - logp.detach() + seq_log_ratio.detach()[:, None]
     ratio = torch.exp(torch.clamp(token_log_ratio, max=GSPO_LOG_RATIO_MAX))
     unclipped, clipped = _clipped_pair(advantages, ratio, config)
     metrics = {"actor/pg_clipfrac": masked_mean((clipped > unclipped).float(), mask),
@@ -394,6 +397,45 @@ def dro(logp, old_logp, advantages, mask, config, *, step=0):
                      _unclipped_metrics(log_ratio, mask))
 
 
+VESPO_LOG_WEIGHT_MIN = log(1e-8)  # TRL's floor of log w (and of each rollout IS log-weight)
+
+
+def vespo_gamma_weight(log_ratio, advantages, mask, config: LossConfig,
+                       rollout_is_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """VESPO's detached gamma weight phi(w) = exp(lambda + k log w - lambda w) per token, [B, T] (§1.7):
+    log w = the row's sum of clamp(logp - old, +-20) plus its rollout IS log-weights (token level: the
+    row's sum of clamp(log w_t, log 1e-8, 20); rollout_is='sequence': the row's one log-weight), clamped
+    to [log 1e-8, 20]; (k, lambda) are the _pos pair where A >= 0, the _neg pair elsewhere."""
+    log_w = (torch.clamp(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP) * mask).sum(-1)
+    if rollout_is_weights is not None:
+        log_is = torch.clamp(torch.log(rollout_is_weights), VESPO_LOG_WEIGHT_MIN, LOG_RATIO_CLAMP) * mask
+        log_w = log_w + (gspo_sequence_log_ratio(log_is, mask) if config.rollout_is == "sequence" else log_is.sum(-1))
+    log_w = torch.clamp(log_w, VESPO_LOG_WEIGHT_MIN, LOG_RATIO_CLAMP)[:, None]
+    non_negative = advantages >= 0
+    k = torch.where(non_negative, config.vespo_k_pos, config.vespo_k_neg)
+    rate = torch.where(non_negative, config.vespo_lambda_pos, config.vespo_lambda_neg)
+    phi = torch.exp(rate + k * log_w - rate * torch.exp(log_w))
+    return torch.nan_to_num(phi, nan=0.0, posinf=0.0, neginf=0.0).detach()
+
+
+@register_policy_loss("vespo")
+def vespo(logp, old_logp, advantages, mask, config, *, step=0, rollout_is_weights=None):
+    """VESPO (TRL, Liger): -sg(phi(w)) A logp, phi the gamma weight of the row's sequence ratio w
+    (``vespo_gamma_weight``), which folds the rollout IS weights in (they do not multiply the token loss)."""
+    log_ratio = logp - old_logp
+    phi = vespo_gamma_weight(log_ratio.detach(), advantages, mask, config, rollout_is_weights)
+    metrics = _unclipped_metrics(log_ratio, mask)
+    tokens = mask.sum(-1)
+    row_phi = (phi * mask).sum(-1) / tokens.clamp(min=1)  # the mean over the rows with a valid token (TRL's metric)
+    metrics["actor/vespo_phi_seq_mean"] = row_phi.sum() / (tokens > 0).sum().clamp(min=1)
+    return TokenLoss(-phi * advantages * logp, metrics)
+
+
+# Losses that take the rollout IS weights themselves (keyword ``rollout_is_weights``) instead of having
+# them multiply their token loss.
+FOLDS_ROLLOUT_WEIGHTS = frozenset({"vespo"})
+
+
 # ---------------------------------------------------------------------------------------------
 # The whole objective
 # ---------------------------------------------------------------------------------------------
@@ -401,8 +443,9 @@ def dro(logp, old_logp, advantages, mask, config, *, step=0):
 def policy_token_weights(loss_mode: str, rollout_is_weights: Optional[torch.Tensor], valid: torch.Tensor):
     """The per-token factor of the policy term, [B, T] or None: the rollout IS weights (§1.12), which
     verl and TRL multiply into every loss's token loss after its clip, except geo_mean, whose sequence
-    objective verl weights by the geometric mean of its row's weights. Shared by both backends."""
-    if rollout_is_weights is None:
+    objective verl weights by the geometric mean of its row's weights, and vespo, which folds them into
+    its gamma weight (no factor). Shared by both backends."""
+    if rollout_is_weights is None or loss_mode in FOLDS_ROLLOUT_WEIGHTS:
         return None
     if loss_mode == "geo_mean":
         log_weights = (torch.log(rollout_is_weights + 1e-10) * valid).sum(-1) / (valid.sum(-1) + 1e-8)
@@ -448,8 +491,9 @@ def policy_objective(logp: torch.Tensor, entropy: Optional[torch.Tensor], mask: 
     check_ref_for_kl(config, ref_logp)
     valid = mask.to(logp.dtype)
     old = logp.detach() if old_logp is None else zero_padded(old_logp, mask, logp)
+    folded = {"rollout_is_weights": rollout_is_weights} if config.loss_mode in FOLDS_ROLLOUT_WEIGHTS else {}
     token_loss = POLICY_LOSSES[config.loss_mode](logp, old, zero_padded(advantages, mask, logp), valid, config,
-                                                 step=step)
+                                                 step=step, **folded)
     token_weight = policy_token_weights(config.loss_mode, rollout_is_weights, valid)
     high_entropy = top_entropy_mask(entropy, valid, config)
     if high_entropy is not None:
@@ -489,6 +533,9 @@ def policy_objective(logp: torch.Tensor, entropy: Optional[torch.Tensor], mask: 
 
 def triton_objective_limit(config: LossConfig) -> Optional[str]:
     """Why the Triton objective cannot run ``config``, or None: the options it leaves to torch."""
+    if config.loss_mode == "gspo" and config.gspo_gradient == "sequence":
+        return ("gspo_gradient='sequence' is torch only (each token's gradient is its row's mean, a reduction "
+                "over the row in the backward)")
     if config.kl_bias_correction:
         return "kl_bias_correction=True is torch only (gspo's sequence ratio couples a row's tokens)"
     if config.top_entropy_quantile < 1.0:

@@ -3,6 +3,7 @@
 backends. The differential tests against the installed peers themselves are in tests/peers/."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -293,3 +294,51 @@ def test_dro_example():
     with pytest.raises(ValueError, match="backend='triton' cannot run objective: loss_mode 'dro' has no Triton kernel"):
         fc.policy_loss_from_logprobs(torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool), advantages=torch.ones(1),
                                      config=config, backend="triton")
+
+
+def test_vespo_example():
+    """old = -1; row 0 A = +1, logp [-0.5, -1.0]: w = e^0.5, phi = e^(3 + 1 - 3 e^0.5) = 0.388227; row 1 A = -1,
+    logp [-1.5]: w = e^-0.5, phi = e^(2 - 1.5 - 2 e^-0.5) = 0.490141; token-sum loss -phi A logp summed = -0.152871."""
+    logp = t([[-0.5, -1.0], [-1.5, 0.0]])
+    mask = torch.tensor([[True, True], [True, False]])
+    config = fc.LossConfig(loss_mode="vespo", loss_agg_mode="token-sum")
+    out, grad = loss_and_grad(logp, mask, advantages=t([1.0, -1.0]), old_logprobs=torch.full((2, 2), -1.0,
+                              dtype=F64), config=config)
+    assert out.loss.item() == pytest.approx(-0.152871, abs=1e-6)
+    torch.testing.assert_close(grad * mask, t([[-0.388227, -0.388227], [0.490141, 0.0]]), rtol=0, atol=1e-6)
+    assert out.metrics["actor/vespo_phi_seq_mean"] == pytest.approx((0.388227 + 0.490141) / 2, abs=1e-6)
+    assert out.metrics["actor/pg_clipfrac"] == 0
+
+
+def test_vespo_folds_rollout_weights_into_phi():
+    """Token weights [0.5, 1] add log 0.5 to the row's log w instead of multiplying the token loss."""
+    logp, mask, old = t([[-0.5, -1.0]]), torch.ones(1, 2, dtype=torch.bool), torch.full((1, 2), -1.0, dtype=F64)
+    config = fc.LossConfig(loss_mode="vespo", loss_agg_mode="token-sum")
+    out, _ = loss_and_grad(logp, mask, advantages=t([1.0]), old_logprobs=old, config=config,
+                           rollout_is_weights=t([[0.5, 1.0]]))
+    log_w = 0.5 + math.log(0.5)
+    phi = math.exp(3 + 2 * log_w - 3 * math.exp(log_w))
+    assert out.loss.item() == pytest.approx(1.5 * phi, rel=1e-9)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("vespo_lambda_pos", 0.0, "vespo_lambda_pos must be >= 0.0001, got 0.0 (vespo's gamma rate; TRL floors it at 1e-4)"),
+    ("vespo_k_neg", -1.0, "vespo_k_neg must be >= 0, got -1.0"),
+    ("gspo_gradient", "mean", "gspo_gradient"),
+])
+def test_vespo_and_gspo_gradient_fields_are_checked(field, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fc.LossConfig(**{field: value})
+
+
+@pytest.mark.parametrize("gradient, expected", [("token", [-1.105171, -0.552585]),
+                                                ("sequence", [-0.828878, -0.828878])])
+def test_gspo_gradient_paths(gradient, expected):
+    """One row, A = +1, logp [-0.8, -1.0], old -1, token weights [1, 0.5], token-sum: s = e^0.1 = 1.105171,
+    loss -1.5 s; verl's path gives each token w_t times -s, TRL's sequence path the row's mean."""
+    config = fc.LossConfig(loss_mode="gspo", clip_ratio_high=0.28, loss_agg_mode="token-sum", gspo_gradient=gradient)
+    out, grad = loss_and_grad(t([[-0.8, -1.0]]), torch.ones(1, 2, dtype=torch.bool), advantages=t([1.0]),
+                              old_logprobs=torch.full((1, 2), -1.0, dtype=F64), config=config,
+                              rollout_is_weights=t([[1.0, 0.5]]))
+    assert out.loss.item() == pytest.approx(-1.657756, abs=1e-6)
+    torch.testing.assert_close(grad, t([expected]), rtol=0, atol=1e-6)

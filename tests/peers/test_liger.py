@@ -9,57 +9,20 @@ import pytest
 import torch
 
 import fused_canon as fc
-from fused_canon.backends import OBJECTIVE, triton_names
 from peers import compared, require, unsupported
+from peers.grpo_mapping import (B, EPS_HIGH, EPS_LOW, KL, LOSS_TYPES, T, batch, our_config, peer_is_ratio,
+                                skip_inapplicable, skip_unsupported_backend)
 
 require("liger_kernel")
 from liger_kernel.chunked_loss.grpo_loss import LigerFusedLinearGRPOFunction  # noqa: E402
 
 PEER = "Liger-Kernel 0.8.5"
-B, T = 5, 6
-EPS_LOW, EPS_HIGH = 0.2, 0.28
-
-
-def batch(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    logp = -torch.rand(B, T, generator=g) * 2 - 0.05
-    old = logp + 0.25 * torch.randn(B, T, generator=g)
-    ref = logp + 0.2 * torch.randn(B, T, generator=g)
-    rollout = old + 0.3 * torch.randn(B, T, generator=g)
-    lengths = torch.tensor([T, 3, 5, 1, 4])
-    mask = torch.arange(T)[None, :] < lengths[:, None]
-    adv = torch.randn(B, generator=g)
-    return logp, old, ref, rollout, adv, mask
-
-
-def our_config(loss_type, level, delta, beta, bias_kl, rollout):
-    """The LossConfig that computes Liger's (and TRL's) loss_type (docs/integrations.md) and its normalisers."""
-    base = dict(clip_ratio_low=EPS_LOW, clip_ratio_high=EPS_HIGH, clip_ratio_c=delta, dual_clip="two_sided",
-                kl_coef=beta, kl_type="k3", kl_k3_clamp=False, kl_bias_correction=bias_kl)
-    if rollout is not None:
-        base.update(rollout_is=rollout, rollout_is_threshold=2.0, rollout_is_log_ratio_clamp=None)
-    norm = {}
-    if loss_type in ("grpo", "sapo"):
-        base["loss_agg_mode"] = "seq-mean-token-mean"
-        norm["global_num_seqs"] = B  # Liger divides by all B rows
-    elif loss_type in ("bnpo", "dapo", "cispo"):
-        base["loss_agg_mode"] = "token-mean"
-    elif loss_type == "dr_grpo":
-        base.update(loss_agg_mode="seq-mean-token-sum-norm", loss_scale_factor=T)
-        norm["global_num_seqs"] = B
-    if loss_type == "cispo":
-        base.update(loss_mode="cispo", cispo_bound="absolute", clip_ratio_high=EPS_HIGH, clip_ratio_c=None)
-    elif loss_type == "sapo":
-        base.update(loss_mode="sapo", clip_ratio_c=None)
-    else:
-        base["loss_mode"] = "gspo" if level == "sequence" else "vanilla"
-    return fc.LossConfig(**base), norm
-
-
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
-NOT_YET = {"luspo": "loss_type='luspo' is not implemented in fused-canon yet",
-           "vespo": "loss_type='vespo' is not implemented in fused-canon yet"}
-KL = [(0.0, False), (0.04, False), (0.04, True)]
+# Liger's luspo aggregates (per_token_loss * L_i).sum() / (B * per_token_loss.shape[1]): right for a [B, 1]
+# token loss (sequence level, no KL, no token-level IS weight); a [B, T] one is summed over the padded
+# positions too and divided by T, where TRL 1.16 masks and does not divide (compared in test_trl.py).
+LIGER_LUSPO_DIFFERS = ("Liger 0.8.5's luspo with a [B, T] token loss (token level, KL or token IS weights) "
+                       "sums the padded positions and divides by T, unlike TRL 1.16 (fused-canon follows TRL, "
+                       "compared in test_trl.py)")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -69,23 +32,11 @@ KL = [(0.0, False), (0.04, False), (0.04, True)]
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_grpo_loss(request, loss_type, level, delta, beta, bias_kl, rollout, backend):
-    if loss_type in NOT_YET:
-        unsupported(request, PEER, NOT_YET[loss_type])
-    if level == "sequence" and loss_type in ("cispo", "sapo"):
-        pytest.skip("Liger (and TRL) refuse importance_sampling_level='sequence' for cispo and sapo")
-    if delta is not None and loss_type in ("cispo", "sapo"):
-        pytest.skip("delta does not apply to cispo and sapo (Liger, TRL)")
-    if level == "sequence" and rollout == "token":
-        unsupported(request, PEER, "a sequence-level ratio with token-level IS weights: Liger's and TRL's gradient "
-                                   "goes through the row's mean log-ratio, so every token gets the row's mean weight; "
-                                   "fused-canon's gspo keeps each token's own weight, as verl's (same loss value)")
+    skip_inapplicable(loss_type, level, delta)
+    if loss_type == "luspo" and (level == "token" or beta or rollout == "token"):
+        unsupported(request, PEER, LIGER_LUSPO_DIFFERS)
     config, norm = our_config(loss_type, level, delta, beta, bias_kl, rollout)
-    if backend == "triton":
-        if config.loss_mode not in triton_names(OBJECTIVE):
-            unsupported(request, PEER, f"{config.loss_mode}: torch only (no Triton objective kernel)")
-        reason = fc.losses.triton_objective_limit(config)
-        if reason is not None:
-            unsupported(request, PEER, reason)
+    skip_unsupported_backend(request, PEER, config, backend)
     compared(request, PEER)
     logp, old, ref, rollout_logp, adv, mask = batch(seed=4)
     valid = mask.float()
@@ -97,8 +48,8 @@ def test_grpo_loss(request, loss_type, level, delta, beta, bias_kl, rollout, bac
     theirs, their_metrics = LigerFusedLinearGRPOFunction.ppo_loss_fn(
         theirs_logp, valid, adv, valid, ref_per_token_logps=ref, old_per_token_logps=old, epsilon_low=EPS_LOW,
         epsilon_high=EPS_HIGH, beta=beta, loss_type=loss_type, max_completion_length=T,
-        importance_sampling_level=level, vllm_is_ratio=None if weights is None else weights[:, :1] if
-        rollout == "sequence" else weights, delta=delta, use_bias_correction_kl=bias_kl)
+        importance_sampling_level=level, vllm_is_ratio=peer_is_ratio(weights, mask, rollout), delta=delta,
+        use_bias_correction_kl=bias_kl)
     theirs.backward()
 
     ours_logp = logp.clone().requires_grad_(True)
