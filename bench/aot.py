@@ -78,7 +78,8 @@ _COMPILE_SCRIPT = textwrap.dedent(r"""
                     f.write(compiled.asm["ptx"])
                 report["compiled"].append({"label": label, "kernel": kernel.__name__, "module": name,
                                            "dtype": next(t for t in signature.values() if t.startswith("*")),
-                                           "ptx": ptx_path, "constexprs": {k: str(v) for k, v in constexprs.items()},
+                                           "ptx": ptx_path, "signature": signature,
+                                           "constexprs": {k: str(v) for k, v in constexprs.items()},
                                            "options": options, "no_spill": kernel.__name__ in no_spill,
                                            "shared_bytes": int(getattr(compiled.metadata, "shared", 0) or 0)})
             except Exception:
@@ -100,8 +101,8 @@ def nvidia_backend_available() -> bool:
 def compile_registered(cc: int, out_dir: str) -> Dict:
     """Build every ``AOT_SIGNATURES`` entry of ``fused_canon.kernels`` for sm_<cc>; PTX files go to ``out_dir``.
 
-    Returns ``{"modules", "unregistered", "compiled": [{label, kernel, module, dtype, ptx, constexprs,
-    options, no_spill, shared_bytes}], "errors"}``."""
+    Returns ``{"modules", "unregistered", "compiled": [{label, kernel, module, dtype, ptx, signature,
+    constexprs, options, no_spill, shared_bytes}], "errors"}``."""
     os.makedirs(out_dir, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(cc), out_dir], env=env,

@@ -41,7 +41,7 @@ gradient counts as 0), processes the valid rows in chunks of ``CHUNK_N`` rows
    ``logp`` and ``entropy`` (``1 - p_y = -expm1(logp)``, ``z_y - zbar = logp + entropy``), so
    that the gradient of a very peaked row keeps its relative precision.
 2. ``_linear_token_stats_dhidden_kernel``, grid ``(cdiv(CHUNK_N, G), cdiv(H, G))`` with
-   ``G = gemm_block_out`` (128) output tiles and V in ``gemm_block_k`` steps (64 for bf16
+   ``G = gemm_block_out`` (128) output tiles and V in ``gemm_block_k`` steps (64 for bf16 / fp16
    tensor-core operands, 32 for fp32 operands):
    ``grad_hidden[rows] = dlogits @ W``, the whole V reduction in one fp32 register accumulator,
    written straight into the ``row_index`` rows of ``grad_hidden`` (each row is owned by one
@@ -80,8 +80,10 @@ zbar, the two coefficients):
   accumulated in an fp32 ``[V]`` buffer.
 
 Numerics: all statistics and GEMM accumulators are fp32. ``tl.dot`` takes bf16 / fp16 operands
-directly on a GPU and fp32 operands with ``input_precision="ieee"`` (full fp32, no TF32:
-fp32 inputs ask for fp32 accuracy, at CUDA-core speed). Under the Triton CPU interpreter
+on tensor cores and fp32 operands with ``input_precision="ieee"`` (full fp32, no TF32:
+fp32 inputs ask for fp32 accuracy, at CUDA-core speed). For fp16 inputs the backward GEMMs read the
+fp32 workspace as fp16 tiles scaled by a power of two (per row for grad_hidden, per chunk for
+grad_weight; ``_fp16_operand_scales``, docs/design.md §4.2). Under the Triton CPU interpreter
 (CPU tensors, ``TRITON_INTERPRET=1``) bf16 tiles are cast to fp32 before ``tl.dot`` because the
 interpreter's bf16 arithmetic is wrong (docs/design.md §5.1). Padded vocabulary columns are
 ``-inf`` before any max or exp; all loads and stores are masked; row, vocabulary and workspace
@@ -302,6 +304,7 @@ def _linear_token_stats_dhidden_kernel(
     dlogits_ptr,  # [CHUNK_N, V] workspace, row-major
     weight_ptr,  # [V, H]
     row_index_ptr,  # int64 [N]
+    row_scale_ptr,  # fp32 [N]: powers of two, read only if SCALED_FP16
     grad_hidden_ptr,  # [R, H] out (hidden dtype), rows of this chunk written
     chunk_start,
     chunk_rows,
@@ -310,6 +313,7 @@ def _linear_token_stats_dhidden_kernel(
     stride_weight_row,
     stride_grad_hidden_row,
     UPCAST_DOT_INPUTS: tl.constexpr,
+    SCALED_FP16: tl.constexpr,  # fp32 workspace, fp16 weight: scaled fp16 tiles on tensor cores
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -320,6 +324,8 @@ def _linear_token_stats_dhidden_kernel(
     hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = hs < hidden_size
     dlogits_row_ptrs = dlogits_ptr + local_rows.to(tl.int64) * vocab_size
+    if SCALED_FP16:
+        row_scale = tl.load(row_scale_ptr + chunk_start + local_rows, mask=row_ok, other=1.0)
 
     acc = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
     for v_start in range(0, vocab_size, BLOCK_V):
@@ -331,7 +337,11 @@ def _linear_token_stats_dhidden_kernel(
         if UPCAST_DOT_INPUTS:
             g = g.to(tl.float32)
             w = w.to(tl.float32)
+        if SCALED_FP16:
+            g = (g * row_scale[:, None]).to(tl.float16)  # the one rounding of dlogits (docs/design.md §4.2)
         acc = tl.dot(g, w, acc, input_precision="ieee")
+    if SCALED_FP16:
+        acc = acc / row_scale[:, None]  # exact: a power of two
 
     out_ptrs = grad_hidden_ptr + rows[:, None] * stride_grad_hidden_row + hs[None, :]
     tl.store(out_ptrs, acc.to(grad_hidden_ptr.dtype.element_ty), mask=row_ok[:, None] & h_ok[None, :])
@@ -344,6 +354,7 @@ def _linear_token_stats_dweight_kernel(
     row_index_ptr,  # int64 [N]
     grad_weight_ptr,  # [V, H] out: fp32 accumulator, or the final gradient (weight dtype)
     grad_bias_ptr,  # fp32 [V] accumulator (unused when COMPUTE_BIAS is False)
+    chunk_scale_ptr,  # fp32 [1]: a power of two, read only if SCALED_FP16
     chunk_start,
     chunk_rows,
     vocab_size,
@@ -353,6 +364,7 @@ def _linear_token_stats_dweight_kernel(
     ACCUMULATE: tl.constexpr,  # add onto grad_weight (chunks after the first)
     COMPUTE_BIAS: tl.constexpr,
     UPCAST_DOT_INPUTS: tl.constexpr,
+    SCALED_FP16: tl.constexpr,  # fp32 workspace, fp16 hidden: scaled fp16 tiles on tensor cores
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -365,6 +377,8 @@ def _linear_token_stats_dweight_kernel(
 
     acc = tl.zeros([BLOCK_V, BLOCK_H], dtype=tl.float32)
     bias_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+    if SCALED_FP16:
+        chunk_scale = tl.load(chunk_scale_ptr)
     for n_start in range(0, chunk_rows, BLOCK_N):
         local_rows = n_start + tl.arange(0, BLOCK_N)
         row_ok = local_rows < chunk_rows
@@ -376,10 +390,14 @@ def _linear_token_stats_dweight_kernel(
         if UPCAST_DOT_INPUTS:
             g = g.to(tl.float32)
             x = x.to(tl.float32)
-        acc = tl.dot(tl.trans(g), x, acc, input_precision="ieee")
         if COMPUTE_BIAS:
             bias_acc += tl.sum(g.to(tl.float32), axis=0)
+        if SCALED_FP16:
+            g = (g * chunk_scale).to(tl.float16)  # the one rounding of dlogits (docs/design.md §4.2)
+        acc = tl.dot(tl.trans(g), x, acc, input_precision="ieee")
 
+    if SCALED_FP16:
+        acc = acc / chunk_scale  # exact: a power of two
     out_offsets = cols.to(tl.int64)[:, None] * stride_grad_weight_row + hs[None, :]
     out_mask = col_ok[:, None] & h_ok[None, :]
     if ACCUMULATE:
@@ -476,6 +494,21 @@ def _workspace_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     # bf16 keeps fp32's exponent range, so tensor-core GEMMs on bf16 dlogits lose only mantissa;
     # fp16 would flush the many tiny entries p_k * c / T to zero, so fp16 (and fp32) use fp32.
     return torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float32
+
+
+# dlogits scaled into fp16 peak at 2**14 (2 binades below fp16's largest, 65,504, for the fp32 rounding of
+# the bound) and keep 38 binades above fp16's smallest subnormal 2**-24 (docs/design.md §4.2).
+_FP16_OPERAND_PEAK_EXPONENT = 14.0
+
+
+def _fp16_operand_scales(coef_logp, coef_entropy, entropy, inv_temperature):
+    """Per valid row a power of two s with s * |dlogits_k| <= 2**14 for every k (fp32 [N]): from the bound
+    |dL/dlogits_k| <= (|c_logp| + |c_ent| (1/e + H)) / T (p_k <= 1, p_k |log p_k| <= 1/e, z_k - zbar =
+    log p_k + H). A row whose bound is 0 gets the largest scale (it then never sets a chunk's minimum);
+    a non-finite one 1."""
+    bound = (coef_logp.abs() + coef_entropy.abs() * (math.exp(-1.0) + entropy)) * inv_temperature
+    exponent = torch.floor(_FP16_OPERAND_PEAK_EXPONENT - torch.log2(bound))
+    return torch.exp2(exponent.nan_to_num(nan=0.0, posinf=126.0, neginf=-126.0).clamp(-126.0, 126.0))
 
 
 def _chunk_rows(n_valid: int, vocab_size: int, workspace_dtype: torch.dtype, blocks: LinearTokenStatsBlocks) -> int:
@@ -606,9 +639,11 @@ def _backward(hidden, weight, bias, targets, row_index, logp, entropy, lse, zbar
     chunk_rows = _chunk_rows(n_valid, vocab_size, workspace_dtype, blocks)
     num_chunks = triton.cdiv(n_valid, chunk_rows)
     dlogits = torch.empty((chunk_rows, vocab_size), dtype=workspace_dtype, device=device)
-    # tl.dot needs equal operand dtypes; fp32 workspace x fp16 weights computes in fp32.
-    upcast_forward = interpreter and hidden.dtype == torch.bfloat16
-    upcast_gemm = workspace_dtype != weight.dtype or upcast_forward
+    upcast = interpreter and hidden.dtype == torch.bfloat16
+    # tl.dot needs equal operand dtypes: the fp32 workspace of fp16 inputs enters the GEMMs as scaled
+    # fp16 tiles (tensor cores), the scales from the rows' own statistics.
+    scaled_fp16 = workspace_dtype != weight.dtype
+    row_scale = _fp16_operand_scales(coef_logp, coef_entropy, entropy, inv_temperature) if scaled_fp16 else logp
 
     need_weight_kernel = need_weight or need_bias
     weight_out = bias_out = None
@@ -621,8 +656,8 @@ def _backward(hidden, weight, bias, targets, row_index, logp, entropy, lse, zbar
             bias_out = torch.zeros(vocab_size, dtype=torch.float32, device=device)
 
     dlogits_args = dict(BLOCK_N=blocks.block_n, BLOCK_V=blocks.block_v, BLOCK_H=blocks.block_h,
-                        **_launch_options(blocks, torch.float32 if upcast_forward else hidden.dtype))
-    out_block, k_block, gemm_options = _gemm_tiles(blocks, torch.float32 if upcast_gemm else hidden.dtype)
+                        **_launch_options(blocks, torch.float32 if upcast else hidden.dtype))
+    out_block, k_block, gemm_options = _gemm_tiles(blocks, torch.float32 if upcast else hidden.dtype)
     dhidden_args = dict(BLOCK_N=out_block, BLOCK_V=k_block, BLOCK_H=out_block, **gemm_options)
     dweight_args = dict(BLOCK_N=k_block, BLOCK_V=out_block, BLOCK_H=out_block, **gemm_options)
     for chunk in range(num_chunks):
@@ -633,7 +668,7 @@ def _backward(hidden, weight, bias, targets, row_index, logp, entropy, lse, zbar
             hidden, weight, bias if bias is not None else weight, targets, row_index,
             lse, zbar, logp, entropy, coef_logp, coef_entropy, dlogits,
             chunk_start, rows_here, vocab_size, hidden_size, hidden.stride(0), weight.stride(0),
-            inv_temperature, HAS_BIAS=bias is not None, UPCAST_DOT_INPUTS=upcast_forward, **dlogits_args,
+            inv_temperature, HAS_BIAS=bias is not None, UPCAST_DOT_INPUTS=upcast, **dlogits_args,
         )
         # Grid axis 0 varies fastest in launch order, so programs that run at the same time share
         # an operand stream in L2: the row blocks of one H block (the same W columns) for
@@ -641,16 +676,19 @@ def _backward(hidden, weight, bias, targets, row_index, logp, entropy, lse, zbar
         if need_hidden:
             grid = (triton.cdiv(rows_here, out_block), triton.cdiv(hidden_size, out_block))
             _linear_token_stats_dhidden_kernel[grid](
-                dlogits, weight, row_index, grad_hidden,
+                dlogits, weight, row_index, row_scale, grad_hidden,
                 chunk_start, rows_here, vocab_size, hidden_size, weight.stride(0), grad_hidden.stride(0),
-                UPCAST_DOT_INPUTS=upcast_gemm, **dhidden_args,
+                UPCAST_DOT_INPUTS=upcast, SCALED_FP16=scaled_fp16, **dhidden_args,
             )
         if need_weight_kernel:
+            # One scale for the chunk (its rows are the reduction): the largest row bound sets it.
+            chunk_scale = row_scale[chunk_start:chunk_start + rows_here].amin().reshape(1) if scaled_fp16 else logp
             grid = (triton.cdiv(hidden_size, out_block), triton.cdiv(vocab_size, out_block))
             _linear_token_stats_dweight_kernel[grid](
-                dlogits, hidden, row_index, weight_out, bias_out if need_bias else weight_out,
+                dlogits, hidden, row_index, weight_out, bias_out if need_bias else weight_out, chunk_scale,
                 chunk_start, rows_here, vocab_size, hidden_size, hidden.stride(0), weight_out.stride(0),
-                ACCUMULATE=chunk > 0, COMPUTE_BIAS=need_bias, UPCAST_DOT_INPUTS=upcast_gemm, **dweight_args,
+                ACCUMULATE=chunk > 0, COMPUTE_BIAS=need_bias, UPCAST_DOT_INPUTS=upcast,
+                SCALED_FP16=scaled_fp16, **dweight_args,
             )
     del dlogits
     if need_weight:
@@ -754,14 +792,16 @@ def _aot_entries(dtype: torch.dtype):
     """The four kernels as a GPU launches them for `dtype` inputs (bias present, later chunk)."""
     ty = _TRITON_TYPE[dtype]
     workspace = _workspace_dtype(dtype)
-    gemm_dot = torch.float32 if workspace != dtype else dtype  # see _backward's upcast rule
+    gemm_dot = torch.float32 if dtype == torch.float32 else dtype  # fp16: scaled fp16 tiles (_backward)
     stats = {"hidden_ptr": f"*{ty}", "weight_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "targets_ptr": "*i64",
              "row_index_ptr": "*i64", "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32",
              "zbar_ptr": "*fp32", "certainty_ptr": "*fp32", "target_logit_ptr": "*fp32",
              "sum_pi_squared_ptr": "*fp32", "coef_logp_ptr": "*fp32", "coef_entropy_ptr": "*fp32",
-             "dlogits_ptr": f"*{_TRITON_TYPE[workspace]}"}
+             "dlogits_ptr": f"*{_TRITON_TYPE[workspace]}",
+             "row_scale_ptr": "*fp32", "chunk_scale_ptr": "*fp32"}
     gemm_pointers = {"dlogits_ptr": stats["dlogits_ptr"], "weight_ptr": f"*{ty}", "hidden_ptr": f"*{ty}",
-            "row_index_ptr": "*i64", "grad_hidden_ptr": f"*{ty}", "grad_weight_ptr": "*fp32", "grad_bias_ptr": "*fp32"}
+            "row_index_ptr": "*i64", "grad_hidden_ptr": f"*{ty}", "grad_weight_ptr": "*fp32", "grad_bias_ptr": "*fp32",
+            "row_scale_ptr": "*fp32", "chunk_scale_ptr": "*fp32"}
     b = _AOT_BLOCKS
     tile_blocks = (b.block_n, b.block_v, b.block_h)  # (BLOCK_N, BLOCK_V, BLOCK_H) as _backward passes them
     tile_options = _launch_options(b, dtype)
@@ -776,9 +816,9 @@ def _aot_entries(dtype: torch.dtype):
         _aot_entry(_linear_token_stats_dlogits_kernel, stats, tile_options, tile_blocks, HAS_BIAS=True,
                    UPCAST_DOT_INPUTS=False),
         _aot_entry(_linear_token_stats_dhidden_kernel, gemm_pointers, gemm_options, dhidden_blocks,
-                   UPCAST_DOT_INPUTS=gemm_dot != dtype),
+                   UPCAST_DOT_INPUTS=False, SCALED_FP16=workspace != dtype),
         _aot_entry(_linear_token_stats_dweight_kernel, gemm_pointers, gemm_options, dweight_blocks, ACCUMULATE=True,
-                   COMPUTE_BIAS=True, UPCAST_DOT_INPUTS=gemm_dot != dtype),
+                   COMPUTE_BIAS=True, UPCAST_DOT_INPUTS=False, SCALED_FP16=workspace != dtype),
     ]
 
 

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from fused_canon.bench.aot import compile_registered, nvidia_backend_available, ptxas_info
+from fused_canon.bench.aot import compile_registered, nvidia_backend_available, ptxas_info, tensor_core_instructions
 
 pytestmark = pytest.mark.skipif(not nvidia_backend_available(), reason="triton's nvidia backend is not installed")
 
@@ -66,3 +66,28 @@ def test_logits_streaming_kernels_move_16_bytes_per_access(cc, aot_dir):
         assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", ptx), f"{c['label']} ({c['dtype']}): no 16-byte loads"
         if c["kernel"] == "_token_stats_bwd_kernel":
             assert re.search(r"st\.global(\.\w+)*\.v4\.b32", ptx), f"{c['label']} ({c['dtype']}): no 16-byte stores"
+
+
+@pytest.mark.parametrize("cc", [80, 90])
+def test_lm_head_gemms_use_tensor_cores_for_16_bit_inputs(cc, aot_dir):
+    """Every GEMM of the LM-head path (forward logits tiles, backward recompute, grad_hidden, grad_weight) runs
+    on tensor cores for bf16 and fp16 inputs: wgmma on sm_90, mma.sync on sm_80. fp16's backward GEMMs once
+    compiled to fp32 FMAs (an fp32 workspace times fp16 operands)."""
+    out = os.path.join(aot_dir, f"sm{cc}")
+    os.makedirs(out, exist_ok=True)
+    report = compile_registered(cc, out)
+    lm_head = [c for c in report["compiled"] if c["module"] == "fused_canon.kernels.linear_token_stats"]
+    by_input = {}
+    for c in lm_head:
+        input_type = c["signature"].get("weight_ptr") or c["signature"].get("hidden_ptr")
+        if input_type is None:  # the split forward's merge: no GEMM
+            continue
+        by_input.setdefault(input_type, set()).add(c["kernel"])
+        if input_type not in ("*bf16", "*fp16"):
+            continue
+        matrix = tensor_core_instructions(open(c["ptx"]).read())
+        instruction = "wgmma" if cc == 90 else "mma"
+        assert matrix[instruction] > 0, f"{c['label']} ({input_type} inputs): no {instruction} on sm_{cc}: {matrix}"
+    gemms = {"_linear_token_stats_fwd_kernel", "_linear_token_stats_dlogits_kernel",
+             "_linear_token_stats_dhidden_kernel", "_linear_token_stats_dweight_kernel"}
+    assert by_input.get("*bf16") == gemms and by_input.get("*fp16") == gemms, by_input
