@@ -154,7 +154,7 @@ def test_mapped_loss_type_equals_stock_grpo_trainer(tmp_path, loss_type, beta):
     assert_same_loss_and_grads(stock, ours, fixed_batch(stock))
 
 
-LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo", "cispo", "sapo", "luspo")
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo", "cispo", "sapo", "luspo", "vespo")
 # TRL options on top of a loss_type, with the vLLM IS ratio (mode, shape) that the batch carries, if any.
 OPTIONS = {
     "plain": {},
@@ -167,22 +167,31 @@ OPTIONS = {
     "entropy-bonus+quantile": dict(entropy_coef=0.05, top_entropy_quantile=0.5),
     "vllm-token-truncate": dict(vllm_importance_sampling_mode="token_truncate"),
     "vllm-sequence-mask": dict(vllm_importance_sampling_mode="sequence_mask"),
+    "sequence-level+entropy-quantile": dict(importance_sampling_level="sequence", top_entropy_quantile=0.5),
+    "sequence-level+vllm-token": dict(importance_sampling_level="sequence",
+                                      vllm_importance_sampling_mode="token_truncate"),
 }
 # Combinations FusedGRPOTrainer refuses (test_refused_combinations): not in the grid.
-REFUSED = {("cispo", "sequence-level"), ("sapo", "sequence-level"), ("dapo", "entropy-bonus"),
-           ("cispo", "entropy-bonus"), ("dapo", "entropy-bonus+quantile"), ("cispo", "entropy-bonus+quantile"),
-           ("cispo", "delta"), ("sapo", "delta")}
-GRID = [(loss_type, option) for loss_type in LOSS_TYPES for option in sorted(OPTIONS)
-        if (loss_type, option) not in REFUSED]
+def refused(loss_type, option):
+    """What FusedGRPOTrainer refuses (or TRL has no form of): test_refused_combinations, not in the grid."""
+    return (loss_type in ("cispo", "sapo", "vespo") and (option.startswith("sequence") or option == "delta")) or \
+        (loss_type in ("dapo", "cispo", "vespo") and option.startswith("entropy-bonus"))
 
 
-def with_vllm_ratio(trainers, inputs, mode):
-    """TRL's vLLM IS correction on a batch without vLLM: the trainers apply the ratio the batch carries."""
-    for t in trainers:
-        t.use_vllm, t.vllm_importance_sampling_correction = True, True
+GRID = [(loss_type, option) for loss_type in LOSS_TYPES for option in sorted(OPTIONS) if not refused(loss_type, option)]
+
+
+def with_vllm_ratio(stock, ours, inputs, mode):
+    """TRL's vLLM IS correction on a batch without vLLM: both trainers as if built with use_vllm=True (ours
+    derives its config again), and the batch carries a ratio as TRL computes it (1 at padding)."""
+    for t in (stock, ours):
+        t.use_vllm = t.args.use_vllm = True
+        t.vllm_importance_sampling_correction = True
+    ours.loss_config = loss_config_from_grpo_config(ours.args)
     g = torch.Generator().manual_seed(5)
-    shape = (4, 6) if mode.startswith("token") else (4, 1)
-    ratio = torch.exp(0.4 * torch.randn(shape, generator=g))
+    mask = inputs["completion_mask"].bool()
+    ratio = torch.exp(0.4 * torch.randn(mask.shape, generator=g))
+    ratio = torch.where(mask, ratio, torch.ones_like(ratio)) if mode.startswith("token") else ratio[:, :1]
     inputs["importance_sampling_ratio"] = ratio.clamp(max=1.3) if mode.endswith("truncate") else \
         ratio.masked_fill(ratio > 1.3, 0.0)
     assert (inputs["importance_sampling_ratio"] != 1).any()
@@ -197,7 +206,7 @@ def test_trl_options_without_loss_config_equal_stock_grpo_trainer(tmp_path, loss
     ours = trainer(FusedGRPOTrainer, tmp_path, overrides)
     inputs = fixed_batch(stock)
     if "vllm_importance_sampling_mode" in overrides:
-        with_vllm_ratio([stock, ours], inputs, overrides["vllm_importance_sampling_mode"])
+        with_vllm_ratio(stock, ours, inputs, overrides["vllm_importance_sampling_mode"])
     assert_same_loss_and_grads(stock, ours, inputs)
 
 
@@ -215,9 +224,9 @@ def test_derived_loss_config_is_the_documented_mapping():
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (dict(loss_type="vespo"), "loss_type='vespo'"),
-    (dict(loss_type="cispo", importance_sampling_level="sequence"), "importance_sampling_level='sequence'"),
-    (dict(importance_sampling_level="sequence", top_entropy_quantile=0.5), "per-token weights"),
+    (dict(loss_type="ppo"), "loss_type='ppo'"),
+    (dict(loss_type="vespo", importance_sampling_level="sequence"), "importance_sampling_level='sequence'"),
+    (dict(loss_type="vespo", entropy_coef=0.05), "entropy_coef=0.05 with loss_type='vespo'"),
     (dict(entropy_coef=0.05), "entropy_coef=0.05 with loss_type='dapo'"),
     (dict(loss_type="grpo", entropy_coef=0.05, top_entropy_quantile=0.5, gradient_accumulation_steps=2),
      "gradient_accumulation_steps"),

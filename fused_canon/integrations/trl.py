@@ -57,10 +57,14 @@ UNSUPPORTED_OPTIONS = (
 )
 
 # TRL's loss_type -> the loss_agg_mode that computes its aggregation (docs/integrations.md's table; the
-# counts it divides by: FusedGRPOTrainer._normalizers). vespo is not among them: no LossConfig computes it.
+# counts it divides by: FusedGRPOTrainer._normalizers).
 _AGGREGATION = {"grpo": "seq-mean-token-mean", "sapo": "seq-mean-token-mean", "bnpo": "token-mean",
-                "dapo": "token-mean", "cispo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
-                "luspo": "seq-mean-token-sum"}
+                "dapo": "token-mean", "cispo": "token-mean", "vespo": "token-mean",
+                "dr_grpo": "seq-mean-token-sum-norm", "luspo": "seq-mean-token-sum"}
+# Loss types without TRL's PPO clip: no sequence-level ratio (TRL refuses it), no delta.
+_TOKEN_LEVEL_ONLY = ("cispo", "sapo", "vespo")
+# Loss types that TRL divides by the accumulation window's share of the generation batch's tokens.
+_WINDOW_TOKEN_MEAN = ("dapo", "cispo", "vespo")
 
 
 def _grpo_loss_options(args) -> list:
@@ -73,20 +77,13 @@ def _grpo_loss_options(args) -> list:
     if level not in ("token", "sequence"):
         raise ValueError(f"GRPOConfig.importance_sampling_level={level!r}: allowed 'token' or 'sequence'")
     sequence_ratio = level == "sequence"
-    if sequence_ratio and loss_type in ("cispo", "sapo"):
-        raise ValueError(f"GRPOConfig.importance_sampling_level='sequence' with loss_type={loss_type!r} is not "
-                         "supported by FusedGRPOTrainer (fused-canon's sequence ratio is gspo's clipped one)")
-    token_weights = args.top_entropy_quantile < 1.0 or (
-        args.use_vllm and args.vllm_importance_sampling_correction
-        and args.vllm_importance_sampling_mode.startswith("token"))
-    if sequence_ratio and token_weights:
-        raise ValueError("GRPOConfig.importance_sampling_level='sequence' with per-token weights (top_entropy_quantile "
-                         "< 1 or a token_* vllm_importance_sampling_mode) is not supported by FusedGRPOTrainer: TRL's "
-                         "gradient gives each token its row's mean weight, gspo each token its own")
-    if args.delta is not None and loss_type in ("cispo", "sapo"):
+    if sequence_ratio and loss_type in _TOKEN_LEVEL_ONLY:
+        raise ValueError(f"GRPOConfig.importance_sampling_level='sequence' with loss_type={loss_type!r}: TRL has "
+                         "no sequence-level form of it; allowed: 'token'")
+    if args.delta is not None and loss_type in _TOKEN_LEVEL_ONLY:
         raise ValueError(f"GRPOConfig.delta={args.delta} with loss_type={loss_type!r}: TRL applies delta to the PPO "
                          "clip only (grpo, bnpo, dapo, dr_grpo, luspo), so it has no effect here; leave it None")
-    if args.entropy_coef != 0 and loss_type in ("dapo", "cispo"):
+    if args.entropy_coef != 0 and loss_type in _WINDOW_TOKEN_MEAN:
         raise ValueError(f"GRPOConfig.entropy_coef={args.entropy_coef} with loss_type={loss_type!r} is not supported "
                          "by FusedGRPOTrainer: TRL normalises the bonus by the micro-batch's tokens and this policy "
                          "term by the generation batch's, and fused-canon's loss has one token count")
@@ -100,19 +97,30 @@ def _grpo_loss_options(args) -> list:
                                 loss_agg_mode="token-mean")
     elif loss_type == "sapo":
         loss_type_fields = dict(loss_mode="sapo", loss_agg_mode=_AGGREGATION[loss_type])
+    elif loss_type == "vespo":
+        loss_type_fields = dict(loss_mode="vespo", loss_agg_mode=_AGGREGATION[loss_type])
     else:
         loss_type_fields = dict(loss_agg_mode=_AGGREGATION[loss_type])
         if loss_type == "dr_grpo":
             loss_type_fields["loss_scale_factor"] = float(args.max_completion_length)
     options = [("loss_type", loss_type_fields)]
-    if loss_type not in ("cispo", "sapo"):
-        options.append(("importance_sampling_level", dict(loss_mode="gspo" if sequence_ratio else "vanilla")))
+    if loss_type not in _TOKEN_LEVEL_ONLY:
+        level_fields = dict(loss_mode="gspo" if sequence_ratio else "vanilla")
+        token_weights = args.top_entropy_quantile < 1.0 or (
+            args.use_vllm and args.vllm_importance_sampling_correction
+            and args.vllm_importance_sampling_mode.startswith("token"))
+        if sequence_ratio and token_weights:  # TRL's (B, 1) ratio gives each token its row's mean weight
+            level_fields["gspo_gradient"] = "sequence"
+        options.append(("importance_sampling_level", level_fields))
     if loss_type != "cispo":
         options += [("epsilon", dict(clip_ratio_low=args.epsilon)), ("epsilon_high", dict(clip_ratio_high=epsilon_high))]
     if loss_type == "sapo":
         options += [("sapo_temperature_pos", dict(sapo_tau_pos=args.sapo_temperature_pos)),
                     ("sapo_temperature_neg", dict(sapo_tau_neg=args.sapo_temperature_neg))]
-    if loss_type not in ("cispo", "sapo"):
+    if loss_type == "vespo":
+        options += [(f"vespo_{name}", {f"vespo_{name}": getattr(args, f"vespo_{name}")})
+                    for name in ("k_pos", "lambda_pos", "k_neg", "lambda_neg")]
+    if loss_type not in _TOKEN_LEVEL_ONLY:
         options.append(("delta", dict(clip_ratio_c=args.delta, dual_clip="two_sided" if args.delta is not None
                                       else "negative")))
     kl = dict(kl_coef=args.beta) if args.beta == 0 else dict(kl_coef=args.beta, kl_type="k3", kl_k3_clamp=False)
@@ -121,6 +129,10 @@ def _grpo_loss_options(args) -> list:
                 ("top_entropy_quantile", dict(top_entropy_quantile=args.top_entropy_quantile)),
                 ("entropy_coef", dict(entropy_coeff=args.entropy_coef, entropy_agg_mode="token-mean")),
                 ("temperature", dict(temperature=args.temperature))]
+    if args.use_vllm and args.vllm_importance_sampling_correction:
+        # The weights are TRL's own ratio (rollout_is_weights); the level tells vespo whether a row holds one.
+        level = "token" if args.vllm_importance_sampling_mode.startswith("token") else "sequence"
+        options.append(("vllm_importance_sampling_mode", dict(rollout_is=level)))
     return options
 
 
@@ -251,7 +263,7 @@ class FusedGRPOTrainer(GRPOTrainer):
 
         TRL's accounting: ``num_items_in_batch`` counts the completion tokens of the whole generation
         batch over all processes, and one optimizer step (the accumulation window) sees
-        ``gradient_accumulation_steps / steps_per_generation`` of it; dapo and cispo divide by that
+        ``gradient_accumulation_steps / steps_per_generation`` of it; dapo, cispo and vespo divide by that
         count. bnpo, and the token-mean entropy bonus of every loss type, divide by the micro-batch's own
         tokens, grpo, sapo, dr_grpo and luspo by its rows, each then divided by the accumulation steps.
         fused-canon divides the micro-batch's sum by these counts, so the losses of all micro-batches and
@@ -259,7 +271,7 @@ class FusedGRPOTrainer(GRPOTrainer):
         process passes 1/P of the global counts (TRL's dapo normalizer is the same)."""
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
         num_seqs = float(inputs["completion_ids"].size(0)) * accumulation
-        if self.args.loss_type in ("dapo", "cispo"):
+        if self.args.loss_type in _WINDOW_TOKEN_MEAN:
             num_tokens = float(inputs["num_items_in_batch"]) / self.accelerator.num_processes
             if mode == "train":
                 num_tokens *= self.current_gradient_accumulation_steps / self.args.steps_per_generation
