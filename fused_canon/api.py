@@ -24,7 +24,7 @@ import torch
 from .backends import LINEAR_TOKEN_STATS, OBJECTIVE, TOKEN_STATS, check_backend, select
 from .config import LossConfig
 from .estimators import ADVANTAGE_INPUTS, advantages_and_choice, declared_inputs
-from .losses import Normalizers
+from .losses import Normalizers, check_unreduced
 from .rollout_correction import check_rollout_is_weights, rollout_offpolicy_metrics
 from .rollout_correction import rollout_is_weights as rollout_is_weights_of
 from .statistics import EXTRA_SIGNALS
@@ -41,7 +41,9 @@ SIGNALS = ("logprobs", "entropy") + EXTRA_SIGNALS
 
 @dataclass
 class LossOutput:
-    loss: torch.Tensor  # scalar, differentiable w.r.t. the inputs
+    # scalar, differentiable w.r.t. the inputs; with reduce=False the per-token loss [B, T] (0 at padding) whose
+    # aggregation with loss_agg_mode is that scalar (docs/algorithms.md §1.8)
+    loss: torch.Tensor
     logprobs: torch.Tensor  # [B, T], detached, 0 at padded positions (fp32; the caller's dtype from logprobs)
     entropy: Optional[torch.Tensor]  # [B, T] like logprobs; None when policy_loss_from_logprobs got no entropy
     advantages: torch.Tensor  # [B] (or [B, T] for token-level ones), detached; from rewards: fp32 (fp64 rewards: fp64)
@@ -144,10 +146,13 @@ def _check_normalizer(name: str, value, unit: str) -> Optional[float]:
                         why=f" (a Python number: the {unit} of all micro-batches on all ranks)")
 
 
-def _check_common(mask, shape, device, config, step, global_num_tokens, global_num_seqs):
+def _check_common(mask, shape, device, config, step, global_num_tokens, global_num_seqs, reduce):
     if not isinstance(config, LossConfig):
         raise TypeError(f"config must be a fused_canon.LossConfig, got {type(config).__name__}")
     check_step(step)
+    check_bool("reduce", reduce)
+    if not reduce:
+        check_unreduced(config)
     _check_normalizer("global_num_tokens", global_num_tokens, "valid tokens")
     _check_normalizer("global_num_seqs", global_num_seqs, "sequences with a valid token")
     return check_mask(mask, shape, device)
@@ -205,7 +210,8 @@ def _rollout_correction(logp, mask, old_logprobs, rollout_logprobs, rollout_is_w
 
 def _loss_from_logprobs(logp, entropy, mask, row_index, *, backend, rewards, group_ids, advantages, old_logprobs,
                         ref_logprobs, rollout_logprobs, rollout_is_weights, metric, config, step, global_num_tokens,
-                        global_num_seqs, backends, checks, advantage_inputs=None, pass_inputs=None) -> LossOutput:
+                        global_num_seqs, backends, checks, advantage_inputs=None, pass_inputs=None,
+                        reduce=True) -> LossOutput:
     """Stage 2, shared by every entry point: ``logp`` / ``entropy`` [B, T] with zeros at padded positions
     (``entropy`` may be None), ``row_index`` the valid rows of ``mask``; ``backends`` what ran so far;
     ``checks`` the value checks so far, read with the metrics (docs/design.md §4.1); ``pass_inputs`` the
@@ -255,10 +261,10 @@ def _loss_from_logprobs(logp, entropy, mask, row_index, *, backend, rewards, gro
     old = check_per_token("old_logprobs", old_logprobs, shape, device, mask, checks)
     ref = check_per_token("ref_logprobs", ref_logprobs, shape, device, mask, checks)
     norm = Normalizers(global_num_tokens, global_num_seqs, config.loss_scale_factor)
-    objective = select(OBJECTIVE, backend, logp, name=config.loss_mode, config=config)
+    objective = select(OBJECTIVE, backend, logp, name=config.loss_mode, config=config, reduce=reduce)
     backends[OBJECTIVE] = objective.describe()
     loss, metrics = objective.fn(logp, entropy, mask, token_advantages, old, ref, config, norm, step=step,
-                                 rollout_is_weights=rollout_weights)
+                                 rollout_is_weights=rollout_weights, reduce=reduce)
     metrics.update(rollout_metrics)
 
     valid_advantages = token_advantages.detach().reshape(-1).index_select(0, row_index)  # in mask order
@@ -287,7 +293,8 @@ def policy_loss_from_logprobs(logprobs: torch.Tensor, mask: torch.Tensor, *, ent
                               config: Optional[LossConfig] = None, step: int = 0,
                               global_num_tokens: Optional[float] = None, global_num_seqs: Optional[float] = None,
                               backend: str = "auto",
-                              advantage_inputs: Optional[Dict[str, torch.Tensor]] = None) -> LossOutput:
+                              advantage_inputs: Optional[Dict[str, torch.Tensor]] = None,
+                              reduce: bool = True) -> LossOutput:
     """``policy_loss`` from per-token log-probs the caller computed itself (TRL's or verl's own pass).
 
     ``logprobs [B, T]`` (float, differentiable: the gradient flows back into them) are the log-probs of
@@ -306,7 +313,7 @@ def policy_loss_from_logprobs(logprobs: torch.Tensor, mask: torch.Tensor, *, ent
     if not logprobs.is_floating_point():
         raise TypeError(f"logprobs must be a floating tensor, got {logprobs.dtype}")
     shape, device = logprobs.shape, logprobs.device
-    mask = _check_common(mask, shape, device, config, step, global_num_tokens, global_num_seqs)
+    mask = _check_common(mask, shape, device, config, step, global_num_tokens, global_num_seqs, reduce)
     checks = PendingChecks()
     check_per_token("logprobs", logprobs, shape, device, mask, checks)
     if entropy is not None:
@@ -323,7 +330,7 @@ def policy_loss_from_logprobs(logprobs: torch.Tensor, mask: torch.Tensor, *, ent
                                ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
                                rollout_is_weights=rollout_is_weights, metric=metric, config=config, step=step,
                                global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs, backends={},
-                               checks=checks, advantage_inputs=advantage_inputs)
+                               checks=checks, advantage_inputs=advantage_inputs, reduce=reduce)
 
 
 def policy_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *,
@@ -334,7 +341,7 @@ def policy_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                 config: Optional[LossConfig] = None, step: int = 0,
                 global_num_tokens: Optional[float] = None, global_num_seqs: Optional[float] = None,
                 backend: str = "auto", inplace_backward: bool = False,
-                advantage_inputs: Optional[Dict[str, torch.Tensor]] = None) -> LossOutput:
+                advantage_inputs: Optional[Dict[str, torch.Tensor]] = None, reduce: bool = True) -> LossOutput:
     """Clipped policy-gradient loss from ``logits [B, T, V]`` of the sampled ``targets [B, T]``.
 
     Give ``advantages`` ([B] or [B, T]) or ``rewards [B]`` + ``group_ids [B]`` (the estimator of
@@ -344,8 +351,9 @@ def policy_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
     ``inplace_backward=True`` (Triton only) writes dlogits over the logits buffer: only when nothing
     else uses these logits afterwards, and it saves the ``[B, T, V]`` gradient only for logits computed
     in the graph (an LM head's output): the gradient of a leaf tensor is copied by autograd anyway.
-    ``LossOutput.backends`` says what ran for each stage. A NaN or +inf logit in a valid row, or a
-    -inf logit at a valid target, raises a ValueError naming the first such (batch, position).
+    ``reduce=False`` (Liger's) returns the per-token loss [B, T] as ``LossOutput.loss`` (objective in torch;
+    docs/algorithms.md §1.8). ``LossOutput.backends`` says what ran for each stage. A NaN or +inf logit in a
+    valid row, or a -inf logit at a valid target, raises a ValueError naming the first such (batch, position).
 
     With ``rewards``, the estimator gets what it declares (``fc.ESTIMATOR_INPUTS``) from this call: the
     mask, ``targets`` as token ids (ktae), ``old_logprobs`` (else this pass's own, on-policy), and the
@@ -357,7 +365,8 @@ def policy_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
     config = LossConfig() if config is None else config
     if not torch.is_tensor(logits) or logits.dim() != 3:
         raise ValueError(f"logits must be [B, T, V], got {getattr(logits, 'shape', type(logits))}")
-    mask = _check_common(mask, logits.shape[:2], logits.device, config, step, global_num_tokens, global_num_seqs)
+    mask = _check_common(mask, logits.shape[:2], logits.device, config, step, global_num_tokens, global_num_seqs,
+                         reduce)
     check_bool("inplace_backward", inplace_backward)
     check_logits_and_targets(logits, targets, mask)
     stats = select(TOKEN_STATS, backend, logits)
@@ -374,7 +383,8 @@ def policy_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                                step=step, global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
                                backends={TOKEN_STATS: stats.describe()}, checks=checks,
                                advantage_inputs=advantage_inputs,
-                               pass_inputs=dict(token_ids=targets, **_pass_signals(outputs, row_index, mask.shape)))
+                               pass_inputs=dict(token_ids=targets, **_pass_signals(outputs, row_index, mask.shape)),
+                               reduce=reduce)
 
 
 def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *,
@@ -384,7 +394,8 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
                        rollout_logprobs: Optional[torch.Tensor] = None, rollout_is_weights: Optional[torch.Tensor] = None,
                        metric: Optional[torch.Tensor] = None, config: Optional[LossConfig] = None, step: int = 0,
                        global_num_tokens: Optional[float] = None, global_num_seqs: Optional[float] = None,
-                       backend: str = "auto", advantage_inputs: Optional[Dict[str, torch.Tensor]] = None) -> LossOutput:
+                       backend: str = "auto", advantage_inputs: Optional[Dict[str, torch.Tensor]] = None,
+                       reduce: bool = True) -> LossOutput:
     """``policy_loss`` from the last hidden states ``hidden [B, T, H]`` and the LM head ``weight [V, H]``
     (+ ``bias [V]``), without materialising the [B, T, V] logits (logits = hidden @ weight.T + bias).
     Same keywords and output as ``policy_loss``; the loss is differentiable w.r.t. hidden, weight, bias.
@@ -394,7 +405,7 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     if not torch.is_tensor(hidden) or hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, T, H], got {getattr(hidden, 'shape', type(hidden))}")
     device = hidden.device
-    mask = _check_common(mask, hidden.shape[:2], device, config, step, global_num_tokens, global_num_seqs)
+    mask = _check_common(mask, hidden.shape[:2], device, config, step, global_num_tokens, global_num_seqs, reduce)
     check_tensor("weight", weight, device=device)
     if hidden.dtype not in FLOAT_DTYPES or weight.dtype != hidden.dtype:
         raise TypeError(f"hidden and weight must share one float dtype, got {hidden.dtype} and {weight.dtype}")
@@ -423,7 +434,8 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
                                step=step, global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
                                backends={LINEAR_TOKEN_STATS: stats.describe()}, checks=checks,
                                advantage_inputs=advantage_inputs,
-                               pass_inputs=dict(token_ids=targets, **_pass_signals(outputs, row_index, mask.shape)))
+                               pass_inputs=dict(token_ids=targets, **_pass_signals(outputs, row_index, mask.shape)),
+                               reduce=reduce)
 
 
 class FusedPolicyLoss(torch.nn.Module):

@@ -21,7 +21,7 @@ from .config import LossConfig, seeded_generator
 __all__ = ["kl_penalty", "agg_loss", "masked_mean", "register_policy_loss", "POLICY_LOSSES", "TokenLoss",
            "policy_objective", "clip_cov_selection", "kl_cov_selection", "token_covariance", "aggregation_weights",
            "zero_padded", "gspo_sequence_log_ratio", "check_ref_for_kl", "policy_token_weights", "top_entropy_mask",
-           "kl_importance_ratio", "triton_objective_limit",
+           "kl_importance_ratio", "triton_objective_limit", "check_unreduced",
            "triton_policy_objective"]
 
 LOG_RATIO_CLAMP = 20.0  # verl clamps log(pi/pi_old) to ±20 in vanilla, cispo (and k3's d)
@@ -478,8 +478,13 @@ def kl_importance_ratio(logp, old, valid, config: LossConfig) -> torch.Tensor:
 
 def policy_objective(logp: torch.Tensor, entropy: Optional[torch.Tensor], mask: torch.Tensor, advantages: torch.Tensor,
                      old_logp: Optional[torch.Tensor], ref_logp: Optional[torch.Tensor], config: LossConfig,
-                     norm: Normalizers, step: int = 0, rollout_is_weights: Optional[torch.Tensor] = None):
+                     norm: Normalizers, step: int = 0, rollout_is_weights: Optional[torch.Tensor] = None,
+                     reduce: bool = True):
     """loss = agg(w policy loss) - entropy_coeff agg(H) + kl_coef agg(KL); returns (loss, metrics).
+
+    ``reduce=False`` returns instead the per-token loss [B, T] before the aggregation,
+    w l - entropy_coeff H + kl_coef KL (0 at padding), whose aggregation with loss_agg_mode is the loss
+    (``check_unreduced``); the metrics are those of the reduced loss.
 
     ``logp`` and ``entropy`` are [B, T] with zeros at padded positions; gradients flow through both
     (through entropy only when entropy_coeff != 0). Advantages, old and ref log-probs are constants.
@@ -503,7 +508,7 @@ def policy_objective(logp: torch.Tensor, entropy: Optional[torch.Tensor], mask: 
 
     metrics = dict(token_loss.metrics)
     metrics["actor/pg_loss"] = pg_loss.detach()
-    loss = pg_loss
+    loss, per_token = pg_loss, values
     if entropy is not None:
         # Under top_entropy_quantile the bonus acts on the kept tokens, normalised by their own count (TRL).
         entropy_valid, entropy_norm = (valid, norm) if high_entropy is None else \
@@ -512,6 +517,7 @@ def policy_objective(logp: torch.Tensor, entropy: Optional[torch.Tensor], mask: 
                                 config.entropy_agg_mode or config.loss_agg_mode, entropy_norm)
         if config.entropy_coeff != 0:
             loss = pg_loss - config.entropy_coeff * entropy_term
+            per_token = per_token - config.entropy_coeff * entropy
         metrics["actor/entropy"] = entropy_term.detach()
     elif config.entropy_coeff != 0:
         raise ValueError(f"entropy_coeff={config.entropy_coeff} needs the per-token entropy")
@@ -524,15 +530,33 @@ def policy_objective(logp: torch.Tensor, entropy: Optional[torch.Tensor], mask: 
         metrics["actor/kl_coef"] = torch.tensor(config.kl_coef)
         if config.kl_coef != 0:
             loss = loss + config.kl_coef * kl_loss
-    return loss, metrics
+            per_token = per_token + config.kl_coef * kl_values
+    return (loss if reduce else per_token * valid), metrics
+
+
+def check_unreduced(config: LossConfig) -> None:
+    """``reduce=False`` needs every term aggregated alike, so that the per-token loss aggregates to the loss:
+    the entropy bonus must use loss_agg_mode over the same tokens (docs/algorithms.md §1.8)."""
+    if config.entropy_coeff == 0:
+        return
+    if config.entropy_agg_mode not in (None, config.loss_agg_mode):
+        raise ValueError(f"reduce=False with entropy_coeff={config.entropy_coeff} needs entropy_agg_mode None or "
+                         f"loss_agg_mode={config.loss_agg_mode!r}, got {config.entropy_agg_mode!r}: the per-token "
+                         "loss is aggregated with one mode")
+    if config.top_entropy_quantile < 1.0:
+        raise ValueError(f"reduce=False with entropy_coeff={config.entropy_coeff} and top_entropy_quantile="
+                         f"{config.top_entropy_quantile}: the entropy bonus is normalised by the kept tokens' own "
+                         "count, so no per-token loss aggregates to the loss; set entropy_coeff=0 or reduce=True")
 
 
 # ---------------------------------------------------------------------------------------------
 # The Triton launch of the built-in losses (kernels/objective.py; backends.py decides when)
 # ---------------------------------------------------------------------------------------------
 
-def triton_objective_limit(config: LossConfig) -> Optional[str]:
+def triton_objective_limit(config: LossConfig, reduce: bool = True) -> Optional[str]:
     """Why the Triton objective cannot run ``config``, or None: the options it leaves to torch."""
+    if not reduce:
+        return "reduce=False is torch only (the kernel sums the token losses as it computes them)"
     if config.loss_mode == "gspo" and config.gspo_gradient == "sequence":
         return ("gspo_gradient='sequence' is torch only (each token's gradient is its row's mean, a reduction "
                 "over the row in the backward)")
@@ -550,7 +574,7 @@ def triton_objective_limit(config: LossConfig) -> Optional[str]:
 def triton_policy_objective(logp: torch.Tensor, entropy: Optional[torch.Tensor], mask: torch.Tensor,
                             advantages: torch.Tensor, old_logp: Optional[torch.Tensor],
                             ref_logp: Optional[torch.Tensor], config: LossConfig, norm: Normalizers, step: int = 0,
-                            rollout_is_weights: Optional[torch.Tensor] = None, *, loss_mode):
+                            rollout_is_weights: Optional[torch.Tensor] = None, reduce: bool = True, *, loss_mode):
     """``policy_objective`` in one Triton kernel for a built-in loss: same arguments, same ``(loss, metrics)``.
 
     ``loss_mode`` is the kernel's constant for ``config.loss_mode`` (the dispatch table binds it). logp
@@ -562,6 +586,8 @@ def triton_policy_objective(logp: torch.Tensor, entropy: Optional[torch.Tensor],
     """
     from .kernels import objective as kernel
 
+    if not reduce:
+        raise ValueError(triton_objective_limit(config, reduce))
     check_ref_for_kl(config, ref_logp)
     base_kl_type = config.kl_type[:-1] if config.kl_type.endswith("+") else config.kl_type
     kl_types = {"k1": kernel.KL_K1, "kl": kernel.KL_K1, "abs": kernel.KL_ABS, "k2": kernel.KL_K2,

@@ -63,3 +63,43 @@ def test_grpo_loss(request, loss_type, level, delta, beta, bias_kl, rollout, bac
     assert out.metrics["actor/pg_clipfrac"] == pytest.approx(clip_fraction, abs=1e-6)
     if beta and config.loss_agg_mode == "token-mean":
         assert out.metrics["actor/kl_loss"] == pytest.approx(their_metrics[0].item(), rel=1e-5, abs=1e-6)
+
+
+V = 13
+UNREDUCED_TYPES = ("dapo", "cispo", "sapo", "vespo")  # the per-token losses; reduce=False leaves out the aggregation
+
+
+@pytest.mark.parametrize("rollout", [None, "token", "sequence"], ids=lambda r: f"is-{r}")
+@pytest.mark.parametrize("beta, bias_kl", KL, ids=lambda x: str(x))
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", UNREDUCED_TYPES)
+def test_unreduced_loss(request, loss_type, level, beta, bias_kl, rollout):
+    """reduce=False against Liger's Triton GRPO loss (``triton_grpo_loss(reduce=False)``, on logits): the
+    per-token loss and the gradient of its sum w.r.t. the logits (docs/algorithms.md §1.8)."""
+    from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+    skip_inapplicable(loss_type, level, None)
+    config, _ = our_config(loss_type, level, None, beta, bias_kl, rollout)
+    compared(request, PEER)
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(B, T + 1, V, generator=g)  # Liger's logits hold one position past the completion
+    targets = torch.randint(0, V, (B, T), generator=g)
+    _, old, ref, rollout_logp, adv, mask = batch(seed=5)
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, targets[..., None])[..., 0]
+    old, ref, rollout_logp = (x - x.detach().mean() + logp.mean() for x in (old, ref, rollout_logp))
+    weights = None if rollout is None else fc.rollout_is_weights(old, rollout_logp, mask, config)[0]
+
+    theirs_logits = logits.clone().requires_grad_(True)
+    theirs = triton_grpo_loss(theirs_logits, old, ref, targets, adv, completion_mask=mask.int(), temperature=1.0,
+                              beta=beta, eps_low=EPS_LOW, eps_high=EPS_HIGH, inplace=False, loss_type=loss_type,
+                              importance_sampling_level=level, reduce=False,
+                              vllm_is_ratio=peer_is_ratio(weights, mask, rollout), use_bias_correction_kl=bias_kl)[0]
+    theirs.sum().backward()
+
+    ours_logits = logits[:, :-1].clone().requires_grad_(True)
+    out = fc.policy_loss(ours_logits, targets, mask, advantages=adv, old_logprobs=old,
+                         ref_logprobs=ref if beta else None, rollout_is_weights=weights, config=config,
+                         backend="torch", reduce=False)
+    out.loss.sum().backward()
+    torch.testing.assert_close(out.loss, theirs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours_logits.grad, theirs_logits.grad[:, :-1], rtol=1e-5, atol=1e-6)
