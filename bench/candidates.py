@@ -252,8 +252,9 @@ def _ours_workspace(path: str) -> Callable[[Shape, int], int]:
             return 64 * shape.n_rows * FP32 + 2 ** 30
         if path == POLICY_LOSS_FWD_BWD:
             return _logits_rows(shape) * elt + 2 ** 30  # dlogits
-        # dW (fp32 accumulator and the bf16 result), dhidden in fp32 and bf16, a bounded workspace
-        return shape.vocab * shape.hidden * (FP32 + elt) + shape.n_rows * shape.hidden * (FP32 + elt) + 2 ** 31
+        # dW (written once, in the input dtype), dhidden in fp32 (the sum over vocabulary chunks) and in the
+        # input dtype, a bounded workspace
+        return shape.vocab * shape.hidden * elt + shape.n_rows * shape.hidden * (FP32 + elt) + 2 ** 31
     return estimate
 
 

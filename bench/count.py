@@ -406,10 +406,10 @@ def format_count_table(doc: Dict[str, object]) -> str:
     gemms = [(row, k) for row in doc["rows"] if row["counts"] for k in row["counts"]["kernels"] if k["flops"]]
     if gemms:
         out.append("")
-        out.append("GEMM kernels (tl.dot FLOPs, padded tiles included) per requested byte:")
+        out.append("GEMM kernels (tl.dot FLOPs, padded tiles included) per requested byte, with their programs:")
         for row, k in gemms:
             out.append(f"  {row['path']:27s} {row['impl']:22s} {k['kernel']:36s} {k['phase']:8s} "
-                       f"{k['flops'] / 1e6:9.2f} MFLOP  {k['flop_per_byte']:.2f} FLOP/B")
+                       f"{k['flops'] / 1e6:9.2f} MFLOP  {k['flop_per_byte']:6.2f} FLOP/B  {k['programs']:6d} programs")
     builds = doc.get("sm90")
     if builds:
         out.append("")

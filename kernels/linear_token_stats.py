@@ -30,54 +30,54 @@ so that log-sum-exp and entropy of a very peaked row keep full relative precisio
 ``u = sum_k exp(z_k - m) (z_k - m)`` and the target logit. Per valid row it writes
 ``logp, entropy`` (returned) and ``lse, zbar = sum_k p_k z_k`` (saved for the backward).
 
-Backward, given ``c_logp = dL/dlogp`` and ``c_ent = dL/dentropy`` per valid row (a None
-gradient counts as 0), processes the valid rows in chunks of ``CHUNK_N`` rows
-(``LinearTokenStatsBlocks.backward_chunk_rows``):
+Forward grid ``(cdiv(N, BLOCK_N), S)``: with ``S > 1`` vocabulary splits (``vocab_splits``; by
+default enough to fill the GPU's SMs, docs/algorithms.md §8.5) each program summarises its rows over
+one contiguous range of whole BLOCK_V tiles and ``_linear_token_stats_merge_kernel`` merges the S
+summaries of each row, in range order.
 
-1. ``_linear_token_stats_dlogits_kernel``, grid ``(cdiv(CHUNK_N, BLOCK_N), cdiv(V, BLOCK_V))``:
+Backward, given ``c_logp = dL/dlogp`` and ``c_ent = dL/dentropy`` per valid row (a None
+gradient counts as 0), processes the vocabulary in chunks of ``CHUNK_V`` columns
+(``LinearTokenStatsBlocks.backward_chunk_vocab``), every valid row in each:
+
+1. ``_linear_token_stats_dlogits_kernel``, grid ``(cdiv(N, rows), cdiv(CHUNK_V, BLOCK_V))`` (rows:
+   ``dlogits_block_n``, 128, for bf16 / fp16 operands, ``block_n`` for fp32):
    recomputes each logits tile and writes ``dlogits = dL/d(hidden @ W.T + b)`` (docs/algorithms.md §8.3)
    ``= (1/T) (-p_k [c_logp + c_ent (z_k - zbar)] + c_logp delta_{k,y})`` with ``p = exp(z - lse)``
-   into a ``[CHUNK_N, V]`` workspace. The target column is formed from the saved per-row
+   into an ``[N, CHUNK_V]`` workspace. The target column is formed from the saved per-row
    ``logp`` and ``entropy`` (``1 - p_y = -expm1(logp)``, ``z_y - zbar = logp + entropy``), so
    that the gradient of a very peaked row keeps its relative precision.
-2. ``_linear_token_stats_dhidden_kernel``, grid ``(cdiv(CHUNK_N, G), cdiv(H, G))`` with
-   ``G = gemm_block_out`` (128) output tiles and V in ``gemm_block_k`` steps (64 for bf16 / fp16
-   tensor-core operands, 32 for fp32 operands):
-   ``grad_hidden[rows] = dlogits @ W``, the whole V reduction in one fp32 register accumulator,
-   written straight into the ``row_index`` rows of ``grad_hidden`` (each row is owned by one
-   program, so no accumulation across chunks is needed).
-3. ``_linear_token_stats_dweight_kernel``, grid ``(cdiv(H, G), cdiv(V, G))``, rows in
-   ``gemm_block_k`` steps:
-   ``grad_weight (+)= dlogits.T @ hidden[rows]`` and ``grad_bias (+)= dlogits.sum(0)``,
-   fp32 accumulation; from the second chunk on it adds onto the previous chunks' result.
+2. ``_linear_token_stats_dhidden_kernel``, grid ``(cdiv(N, G), cdiv(H, G))`` with
+   ``G = gemm_block_out`` (128) output tiles and the chunk's columns in ``gemm_block_k`` steps (64 for
+   bf16 / fp16 tensor-core operands, 32 for fp32 operands):
+   ``grad_hidden[rows] (+)= dlogits @ W[chunk]``, fp32 accumulation; between chunks the sum lives in
+   an fp32 ``[N, H]`` buffer, and the last chunk writes the ``row_index`` rows of ``grad_hidden``.
+3. ``_linear_token_stats_dweight_kernel``, grid ``(cdiv(H, G), cdiv(CHUNK_V, G))``, every valid row
+   in ``gemm_block_k`` steps: ``grad_weight[chunk] = dlogits.T @ hidden[rows]`` and
+   ``grad_bias[chunk] = dlogits.sum(0)``, complete in one program's fp32 registers and written once,
+   in the weight dtype (no grad_weight accumulator).
 
 No atomics anywhere: every output element is written by exactly one program per chunk, in a
 fixed order, so forward and backward are **deterministic** (bitwise reproducible for a given
-block configuration and chunk size).
+block configuration, split count and chunk size).
 
 Cost: forward ``2 N H V`` FLOPs; backward ``6 N H V`` (``2NHV`` logits recompute + ``2NHV``
 for grad_hidden + ``2NHV`` for grad_weight), so ``8 N H V`` for forward + backward.
-Memory traffic (estimated, not measured: no GPU was available when this was written): the
-forward and dlogits kernels sweep all of W once per BLOCK_N rows; programs that run at the
-same time start at the same vocabulary tile, so they mostly share W tiles through L2 (about
-``cdiv(N, BLOCK_N) / #SMs`` sweeps of W from DRAM). Per backward chunk, grad_hidden streams W
-once per 128-row block (shared in L2 by the row blocks running together), grad_weight reads
-the workspace once and ``hidden[chunk]`` (L2-resident: CHUNK_N * H * 2 bytes), and reads and
-writes the fp32 grad_weight accumulator: ``8 V H`` bytes, 5 GB per chunk at V = 151,936,
-H = 4,096 (about 1.7 ms on an H100), which is why chunks are large.
+Memory traffic of the accumulators (docs/design.md §4.2): grad_weight is written once (2 V H bytes
+in bf16); grad_hidden's fp32 partial sum is written by the first chunk, read and written by the
+middle ones and read by the last: ``8 N H`` bytes per chunk boundary, 0.54 GB at N = 16,384,
+H = 4,096 (a row chunking instead read and wrote an fp32 grad_weight, ``8 V H`` = 5 GB per chunk
+boundary at V = 151,936). Operand re-reads are L2-dependent and were not measured (no GPU).
 
 Memory (besides the inputs, the three gradients and O(N) fp32 vectors: logp, entropy, lse,
-zbar, the two coefficients):
+zbar, the two coefficients, the fp16 operand scales; with S > 1 splits ``4 S N`` or ``6 S N`` fp32):
 
-* workspace ``dlogits [CHUNK_N, V]``: bf16 for bf16 inputs (tensor-core GEMMs; 2 bytes/elem),
+* workspace ``dlogits [N, CHUNK_V]``: bf16 for bf16 inputs (tensor-core GEMMs; 2 bytes/elem),
   fp32 for fp16 and fp32 inputs (fp16 would flush small gradients ``p_k / (T N)`` to zero).
-  ``CHUNK_N`` defaults to the most rows (a multiple of BLOCK_N, at most N) that fit in
-  ``DEFAULT_WORKSPACE_BYTES`` = 512 MiB, e.g. 1,728 rows at V = 151,936 in bf16.
-* for bf16 / fp16 weights processed in more than one chunk: an fp32 ``grad_weight``
-  accumulator of ``V * H * 4`` bytes (2.3 GiB at V = 151,936, H = 4,096), cast to the weight
-  dtype at the end (the cast briefly holds both). fp32 weights accumulate in ``grad_weight``
-  itself; a single chunk writes ``grad_weight`` in the weight dtype directly. ``grad_bias`` is
-  accumulated in an fp32 ``[V]`` buffer.
+  ``CHUNK_V`` defaults to the most whole tiles of columns (at least one) that fit in
+  ``DEFAULT_WORKSPACE_BYTES`` = 512 MiB, e.g. 16,384 columns at N = 16,384 in bf16 (10 chunks at
+  V = 151,936), 65,536 at N = 4,096 (3 chunks).
+* with more than one chunk, the fp32 grad_hidden partial sum: ``4 N H`` bytes (268 MB at
+  N = 16,384, H = 4,096).
 
 Numerics: all statistics and GEMM accumulators are fp32. ``tl.dot`` takes bf16 / fp16 operands
 on tensor cores and fp32 operands with ``input_precision="ieee"`` (full fp32, no TF32:
@@ -176,8 +176,11 @@ def _linear_token_stats_fwd_kernel(
     certainty_ptr,  # fp32 [N] out, written only if EXTRA_STATS: lse - mean_v(z)
     target_logit_ptr,  # fp32 [N] out, written only if EXTRA_STATS: the raw (untempered) target logit
     sum_pi_squared_ptr,  # fp32 [N] out, written only if EXTRA_STATS: sum_v p_v^2
+    partials_ptr,  # fp32 [6, SPLITS, N] out, written only if SPLIT: each split's summary of its rows
+    field_stride,  # SPLITS * N: the distance of two fields in partials
     n_valid,
     vocab_size,
+    split_width,  # vocabulary columns per split (a multiple of BLOCK_V); >= V without a split
     hidden_size,
     stride_hidden_row,
     stride_weight_row,
@@ -185,6 +188,7 @@ def _linear_token_stats_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     UPCAST_DOT_INPUTS: tl.constexpr,
     EXTRA_STATS: tl.constexpr,
+    SPLIT: tl.constexpr,  # the vocabulary is split across grid axis 1: store partials for the merge kernel
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -201,7 +205,9 @@ def _linear_token_stats_fwd_kernel(
     z_target = tl.zeros([BLOCK_N], dtype=tl.float32)
     z_sum = tl.zeros([BLOCK_N], dtype=tl.float32)  # sum_v z (self-certainty)
     squares = tl.zeros([BLOCK_N], dtype=tl.float32)  # sum_v exp(2 (z - m)) (sum p^2 = squares / s^2)
-    for v_start in range(0, vocab_size, BLOCK_V):
+    split_start = tl.program_id(1) * split_width
+    split_end = tl.minimum(split_start + split_width, vocab_size)
+    for v_start in range(split_start, split_end, BLOCK_V):
         cols = v_start + tl.arange(0, BLOCK_V)
         col_ok = cols < vocab_size
         z = _logits_tile(hidden_row_ptrs, slot_ok, weight_ptr, bias_ptr, cols, col_ok, hidden_size,
@@ -225,6 +231,32 @@ def _linear_token_stats_fwd_kernel(
             squares = merge_sums_of_squares(squares, m_before, tl.sum(tile_e * tile_e, axis=1), tile_m, m,
                                             MAY_BE_EMPTY=HAS_BIAS)
 
+    if SPLIT:
+        # Layout [field, split, row]: one field of every split and row is field_stride = SPLITS * N apart.
+        field_ptrs = partials_ptr + tl.program_id(1) * n_valid + slots
+        tl.store(field_ptrs, m, mask=slot_ok)
+        field_ptrs += field_stride
+        tl.store(field_ptrs, rest, mask=slot_ok)
+        field_ptrs += field_stride
+        tl.store(field_ptrs, u, mask=slot_ok)
+        field_ptrs += field_stride
+        tl.store(field_ptrs, z_target, mask=slot_ok)
+        if EXTRA_STATS:
+            field_ptrs += field_stride
+            tl.store(field_ptrs, z_sum, mask=slot_ok)
+            field_ptrs += field_stride
+            tl.store(field_ptrs, squares, mask=slot_ok)
+    else:
+        _store_row_results(slots, slot_ok, m, rest, u, z_target, z_sum, squares, logp_ptr, entropy_ptr, lse_ptr,
+                           zbar_ptr, certainty_ptr, target_logit_ptr, sum_pi_squared_ptr, vocab_size,
+                           inv_temperature, EXTRA_STATS)
+
+
+@triton.jit
+def _store_row_results(slots, slot_ok, m, rest, u, z_target, z_sum, squares, logp_ptr, entropy_ptr, lse_ptr,
+                       zbar_ptr, certainty_ptr, target_logit_ptr, sum_pi_squared_ptr, vocab_size, inv_temperature,
+                       EXTRA_STATS: tl.constexpr):
+    """The forward's outputs of whole rows from their summary, target logit and (EXTRA_STATS) sums."""
     logp, entropy, lse, zbar = row_statistics(m, rest, u, z_target)
     tl.store(logp_ptr + slots, logp, mask=slot_ok)
     tl.store(entropy_ptr + slots, entropy, mask=slot_ok)
@@ -236,8 +268,57 @@ def _linear_token_stats_fwd_kernel(
         tl.store(sum_pi_squared_ptr + slots, sum_of_squared_probs(squares, rest), mask=slot_ok)
 
 
+@triton.jit
+def _linear_token_stats_merge_kernel(
+    partials_ptr,  # fp32 [6, SPLITS, N] from the forward kernel
+    logp_ptr,
+    entropy_ptr,
+    lse_ptr,
+    zbar_ptr,
+    certainty_ptr,
+    target_logit_ptr,
+    sum_pi_squared_ptr,  # as in the forward kernel
+    field_stride,  # SPLITS * N
+    n_valid,
+    num_splits,
+    vocab_size,
+    inv_temperature,
+    EXTRA_STATS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Whole rows from the splits' summaries (docs/algorithms.md §8.5), in split order."""
+    slots = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    slot_ok = slots < n_valid
+    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    rest = tl.zeros([BLOCK_N], dtype=tl.float32)
+    u = tl.zeros([BLOCK_N], dtype=tl.float32)
+    z_target = tl.zeros([BLOCK_N], dtype=tl.float32)
+    z_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    squares = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for split in range(0, num_splits):
+        field_ptrs = partials_ptr + split * n_valid + slots
+        split_m = tl.load(field_ptrs, mask=slot_ok, other=float("-inf"))
+        field_ptrs += field_stride
+        split_rest = tl.load(field_ptrs, mask=slot_ok, other=0.0)
+        field_ptrs += field_stride
+        split_u = tl.load(field_ptrs, mask=slot_ok, other=0.0)
+        field_ptrs += field_stride
+        z_target += tl.load(field_ptrs, mask=slot_ok, other=0.0)  # 0 but in the target's split
+        m_before = m
+        m, rest, u = merge_summaries(m, rest, u, split_m, split_rest, split_u)
+        if EXTRA_STATS:
+            field_ptrs += field_stride
+            z_sum += tl.load(field_ptrs, mask=slot_ok, other=0.0)
+            field_ptrs += field_stride
+            squares = merge_sums_of_squares(squares, m_before, tl.load(field_ptrs, mask=slot_ok, other=0.0),
+                                            split_m, m, MAY_BE_EMPTY=True)
+    _store_row_results(slots, slot_ok, m, rest, u, z_target, z_sum, squares, logp_ptr, entropy_ptr, lse_ptr,
+                       zbar_ptr, certainty_ptr, target_logit_ptr, sum_pi_squared_ptr, vocab_size, inv_temperature,
+                       EXTRA_STATS)
+
+
 # ----------------------------------------------------------------------------------------------
-# Backward kernels (one chunk of CHUNK_N valid rows at a time)
+# Backward kernels (one chunk of CHUNK_V vocabulary columns, every valid row, at a time)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -254,13 +335,14 @@ def _linear_token_stats_dlogits_kernel(
     entropy_ptr,  # fp32 [N] from the forward
     coef_logp_ptr,  # fp32 [N]: dL/dlogp
     coef_entropy_ptr,  # fp32 [N]: dL/dentropy
-    dlogits_ptr,  # [CHUNK_N, V] workspace out (bf16 or fp32), row-major
-    chunk_start,
-    chunk_rows,
-    vocab_size,
+    dlogits_ptr,  # [N, CHUNK_V] workspace out (bf16 or fp32): the chunk's columns
+    n_valid,
+    chunk_vocab_start,
+    chunk_vocab_end,
     hidden_size,
     stride_hidden_row,
     stride_weight_row,
+    stride_dlogits_row,
     inv_temperature,
     HAS_BIAS: tl.constexpr,
     UPCAST_DOT_INPUTS: tl.constexpr,
@@ -268,9 +350,8 @@ def _linear_token_stats_dlogits_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    local_rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # rows of the workspace
-    row_ok = local_rows < chunk_rows
-    slots = chunk_start + local_rows  # positions in row_index / the [N] vectors
+    slots = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # positions in row_index, rows of the workspace
+    row_ok = slots < n_valid
     rows = tl.load(row_index_ptr + slots, mask=row_ok, other=0).to(tl.int64)
     target = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
     lse = tl.load(lse_ptr + slots, mask=row_ok, other=0.0)
@@ -280,8 +361,9 @@ def _linear_token_stats_dlogits_kernel(
     c_logp = tl.load(coef_logp_ptr + slots, mask=row_ok, other=0.0)
     c_ent = tl.load(coef_entropy_ptr + slots, mask=row_ok, other=0.0)
 
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_ok = cols < vocab_size
+    local_cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)  # columns of the workspace
+    cols = chunk_vocab_start + local_cols
+    col_ok = cols < chunk_vocab_end
     z = _logits_tile(hidden_ptr + rows * stride_hidden_row, row_ok, weight_ptr, bias_ptr, cols, col_ok,
                      hidden_size, stride_weight_row, inv_temperature, HAS_BIAS, UPCAST_DOT_INPUTS,
                      BLOCK_N, BLOCK_V, BLOCK_H)
@@ -294,44 +376,49 @@ def _linear_token_stats_dlogits_kernel(
                       c_ent[:, None], grad_target[:, None], MAY_HOLD_NEG_INF=HAS_BIAS)
     dlogits = dz * inv_temperature  # chain rule through z = logits / T
 
-    offsets = local_rows.to(tl.int64)[:, None] * vocab_size + cols[None, :]
+    offsets = slots.to(tl.int64)[:, None] * stride_dlogits_row + local_cols[None, :]
     tl.store(dlogits_ptr + offsets, dlogits.to(dlogits_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
 def _linear_token_stats_dhidden_kernel(
-    dlogits_ptr,  # [CHUNK_N, V] workspace, row-major
+    dlogits_ptr,  # [N, CHUNK_V] workspace: the chunk's columns
     weight_ptr,  # [V, H]
     row_index_ptr,  # int64 [N]
     row_scale_ptr,  # fp32 [N]: powers of two, read only if SCALED_FP16
-    grad_hidden_ptr,  # [R, H] out (hidden dtype), rows of this chunk written
-    chunk_start,
-    chunk_rows,
-    vocab_size,
+    partial_ptr,  # fp32 [N, H]: the sum over the previous chunks (read if ACCUMULATE, written unless FINAL)
+    grad_hidden_ptr,  # [R, H] out (hidden dtype): the valid rows, written if FINAL
+    n_valid,
+    chunk_vocab_start,
+    chunk_width,
     hidden_size,
+    stride_dlogits_row,
     stride_weight_row,
     stride_grad_hidden_row,
+    ACCUMULATE: tl.constexpr,  # add the previous chunks' partial sum
+    FINAL: tl.constexpr,  # the last chunk: write grad_hidden itself
     UPCAST_DOT_INPUTS: tl.constexpr,
     SCALED_FP16: tl.constexpr,  # fp32 workspace, fp16 weight: scaled fp16 tiles on tensor cores
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    local_rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = local_rows < chunk_rows
-    rows = tl.load(row_index_ptr + chunk_start + local_rows, mask=row_ok, other=0).to(tl.int64)
+    slots = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = slots < n_valid
     hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = hs < hidden_size
-    dlogits_row_ptrs = dlogits_ptr + local_rows.to(tl.int64) * vocab_size
+    dlogits_row_ptrs = dlogits_ptr + slots.to(tl.int64) * stride_dlogits_row
     if SCALED_FP16:
-        row_scale = tl.load(row_scale_ptr + chunk_start + local_rows, mask=row_ok, other=1.0)
+        row_scale = tl.load(row_scale_ptr + slots, mask=row_ok, other=1.0)
 
     acc = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
-    for v_start in range(0, vocab_size, BLOCK_V):
-        cols = v_start + tl.arange(0, BLOCK_V)
-        col_ok = cols < vocab_size
-        g = tl.load(dlogits_row_ptrs[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    for k_start in range(0, chunk_width, BLOCK_V):
+        local_cols = k_start + tl.arange(0, BLOCK_V)
+        col_ok = local_cols < chunk_width
+        g = tl.load(dlogits_row_ptrs[:, None] + local_cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                    other=0.0)
+        cols = chunk_vocab_start + local_cols
         w = tl.load(weight_ptr + cols.to(tl.int64)[:, None] * stride_weight_row + hs[None, :],
                     mask=col_ok[:, None] & h_ok[None, :], other=0.0)
         if UPCAST_DOT_INPUTS:
@@ -343,25 +430,33 @@ def _linear_token_stats_dhidden_kernel(
     if SCALED_FP16:
         acc = acc / row_scale[:, None]  # exact: a power of two
 
-    out_ptrs = grad_hidden_ptr + rows[:, None] * stride_grad_hidden_row + hs[None, :]
-    tl.store(out_ptrs, acc.to(grad_hidden_ptr.dtype.element_ty), mask=row_ok[:, None] & h_ok[None, :])
+    out_mask = row_ok[:, None] & h_ok[None, :]
+    partial_ptrs = partial_ptr + slots.to(tl.int64)[:, None] * hidden_size + hs[None, :]
+    if ACCUMULATE:
+        acc += tl.load(partial_ptrs, mask=out_mask, other=0.0)
+    if FINAL:
+        rows = tl.load(row_index_ptr + slots, mask=row_ok, other=0).to(tl.int64)
+        out_ptrs = grad_hidden_ptr + rows[:, None] * stride_grad_hidden_row + hs[None, :]
+        tl.store(out_ptrs, acc.to(grad_hidden_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(partial_ptrs, acc, mask=out_mask)
 
 
 @triton.jit
 def _linear_token_stats_dweight_kernel(
-    dlogits_ptr,  # [CHUNK_N, V] workspace, row-major
+    dlogits_ptr,  # [N, CHUNK_V] workspace: the chunk's columns
     hidden_ptr,  # [R, H]
     row_index_ptr,  # int64 [N]
-    grad_weight_ptr,  # [V, H] out: fp32 accumulator, or the final gradient (weight dtype)
-    grad_bias_ptr,  # fp32 [V] accumulator (unused when COMPUTE_BIAS is False)
-    chunk_scale_ptr,  # fp32 [1]: a power of two, read only if SCALED_FP16
-    chunk_start,
-    chunk_rows,
-    vocab_size,
+    grad_weight_ptr,  # [V, H] out (weight dtype): the chunk's rows, written once
+    grad_bias_ptr,  # [V] out (bias dtype; unused when COMPUTE_BIAS is False)
+    operand_scale_ptr,  # fp32 [1]: a power of two, read only if SCALED_FP16
+    n_valid,
+    chunk_vocab_start,
+    chunk_width,
     hidden_size,
+    stride_dlogits_row,
     stride_hidden_row,
     stride_grad_weight_row,
-    ACCUMULATE: tl.constexpr,  # add onto grad_weight (chunks after the first)
     COMPUTE_BIAS: tl.constexpr,
     UPCAST_DOT_INPUTS: tl.constexpr,
     SCALED_FP16: tl.constexpr,  # fp32 workspace, fp16 hidden: scaled fp16 tiles on tensor cores
@@ -370,20 +465,21 @@ def _linear_token_stats_dweight_kernel(
     BLOCK_H: tl.constexpr,
 ):
     pid_h = tl.program_id(0)  # H blocks first: they share this program's dlogits columns in L2
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_ok = cols < vocab_size
+    local_cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = local_cols < chunk_width
     hs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = hs < hidden_size
 
     acc = tl.zeros([BLOCK_V, BLOCK_H], dtype=tl.float32)
     bias_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
     if SCALED_FP16:
-        chunk_scale = tl.load(chunk_scale_ptr)
-    for n_start in range(0, chunk_rows, BLOCK_N):
-        local_rows = n_start + tl.arange(0, BLOCK_N)
-        row_ok = local_rows < chunk_rows
-        rows = tl.load(row_index_ptr + chunk_start + local_rows, mask=row_ok, other=0).to(tl.int64)
-        g = tl.load(dlogits_ptr + local_rows.to(tl.int64)[:, None] * vocab_size + cols[None, :],
+        operand_scale = tl.load(operand_scale_ptr)
+    # Every valid row in one program: the output tile is complete here, written once (no accumulator).
+    for n_start in range(0, n_valid, BLOCK_N):
+        slots = n_start + tl.arange(0, BLOCK_N)
+        row_ok = slots < n_valid
+        rows = tl.load(row_index_ptr + slots, mask=row_ok, other=0).to(tl.int64)
+        g = tl.load(dlogits_ptr + slots.to(tl.int64)[:, None] * stride_dlogits_row + local_cols[None, :],
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_V]
         x = tl.load(hidden_ptr + rows[:, None] * stride_hidden_row + hs[None, :],
                     mask=row_ok[:, None] & h_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_H]
@@ -393,23 +489,21 @@ def _linear_token_stats_dweight_kernel(
         if COMPUTE_BIAS:
             bias_acc += tl.sum(g.to(tl.float32), axis=0)
         if SCALED_FP16:
-            g = (g * chunk_scale).to(tl.float16)  # the one rounding of dlogits (docs/design.md §4.2)
+            g = (g * operand_scale).to(tl.float16)  # the one rounding of dlogits (docs/design.md §4.2)
         acc = tl.dot(tl.trans(g), x, acc, input_precision="ieee")
-
     if SCALED_FP16:
-        acc = acc / chunk_scale  # exact: a power of two
+        acc = acc / operand_scale  # exact: a power of two
+
+    cols = chunk_vocab_start + local_cols
     out_offsets = cols.to(tl.int64)[:, None] * stride_grad_weight_row + hs[None, :]
-    out_mask = col_ok[:, None] & h_ok[None, :]
-    if ACCUMULATE:
-        acc += tl.load(grad_weight_ptr + out_offsets, mask=out_mask, other=0.0).to(tl.float32)
-    tl.store(grad_weight_ptr + out_offsets, acc.to(grad_weight_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(grad_weight_ptr + out_offsets, acc.to(grad_weight_ptr.dtype.element_ty),
+             mask=col_ok[:, None] & h_ok[None, :])
     if COMPUTE_BIAS:
         # Every H-block program of this vocabulary tile has the same column sums; the first writes.
         # A uniform branch, not a `col_ok & (pid_h == 0)` mask: Triton 3.9's interpreter turns a
         # bool block & a bool scalar into int32 and rejects it as a mask.
         if pid_h == 0:
-            previous = tl.load(grad_bias_ptr + cols, mask=col_ok, other=0.0)
-            tl.store(grad_bias_ptr + cols, previous + bias_acc, mask=col_ok)
+            tl.store(grad_bias_ptr + cols, bias_acc.to(grad_bias_ptr.dtype.element_ty), mask=col_ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,15 +516,22 @@ class LinearTokenStatsBlocks:
     """Tile sizes of the kernels, and the backward's workspace chunk.
 
     * ``block_n, block_v, block_h``: the logits-tile kernels (forward, dlogits) build
-      ``[block_n, block_v]`` logits tiles, H in ``block_h`` steps.
+      ``[block_n, block_v]`` logits tiles, H in ``block_h`` steps; with bf16 / fp16 operands the
+      dlogits kernel takes ``dlogits_block_n`` rows instead (``_dlogits_rows``). It writes its tile
+      rather than folding it into running statistics, so 128 rows fit its registers (sm_90, Triton
+      3.9: 225 registers, 0 spills at 128 x 128 x 32) where the forward spills (255 registers and
+      100 B of spill stores); with fp32 operands it spills too (132 B) and keeps ``block_n``.
     * ``gemm_block_out, gemm_block_k``: the two backward GEMMs write square
       ``gemm_block_out``-sized output tiles (grad_hidden: rows x H, grad_weight: V x H) and step
       through their reduction (V, resp. the chunk's rows) ``gemm_block_k`` at a time. Large
       output tiles keep their operands' re-reads (and so memory traffic) low. ``gemm_block_k``
       None picks it per ``tl.dot`` operand dtype (``_gemm_tiles``).
-    * ``backward_chunk_rows``: the number of valid rows whose ``dlogits`` live in the workspace
-      at once (rounded up to a multiple of ``block_n``); None sizes it to
-      ``DEFAULT_WORKSPACE_BYTES``.
+    * ``backward_chunk_vocab``: the number of vocabulary columns whose ``dlogits`` (of every valid
+      row) live in the workspace at once, rounded down to whole tiles (at least one); None sizes it
+      to ``DEFAULT_WORKSPACE_BYTES``.
+    * ``vocab_splits``: the forward splits the vocabulary across this many programs per row block
+      (whole ``block_v`` tiles each; fewer if V has fewer tiles), merged by a second kernel; None
+      picks enough to fill the GPU's SMs (``_splits_filling``; 1 under the interpreter).
 
     On a GPU every block must be >= 16 (``tl.dot``); all are powers of two.
     """
@@ -438,21 +539,25 @@ class LinearTokenStatsBlocks:
     block_n: int = 64
     block_v: int = 128
     block_h: int = 32
+    dlogits_block_n: int = 128
     gemm_block_out: int = 128
     gemm_block_k: int | None = None
     num_warps: int = 8
     num_stages: int = 3
-    backward_chunk_rows: int | None = None
+    backward_chunk_vocab: int | None = None
+    vocab_splits: int | None = None
 
     def __post_init__(self):
-        for name in ("block_n", "block_v", "block_h", "gemm_block_out", "gemm_block_k"):
+        for name in ("block_n", "block_v", "block_h", "dlogits_block_n", "gemm_block_out", "gemm_block_k"):
             value = getattr(self, name)
             if value is None and name == "gemm_block_k":
                 continue
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two, got {value}")
-        if self.backward_chunk_rows is not None and self.backward_chunk_rows < 1:
-            raise ValueError(f"backward_chunk_rows must be >= 1, got {self.backward_chunk_rows}")
+        for name in ("backward_chunk_vocab", "vocab_splits"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
 
 
 def _launch_options(blocks: LinearTokenStatsBlocks, dot_operand_dtype: torch.dtype) -> dict:
@@ -464,6 +569,11 @@ def _launch_options(blocks: LinearTokenStatsBlocks, dot_operand_dtype: torch.dty
     return {"num_warps": blocks.num_warps, "num_stages": stages}
 
 
+def _dlogits_rows(blocks: LinearTokenStatsBlocks, dot_operand_dtype: torch.dtype) -> int:
+    """Rows of the dlogits kernel's tile for this tl.dot operand dtype (see LinearTokenStatsBlocks)."""
+    return blocks.block_n if dot_operand_dtype == torch.float32 else blocks.dlogits_block_n
+
+
 def _gemm_tiles(blocks: LinearTokenStatsBlocks, dot_operand_dtype: torch.dtype) -> tuple[int, int, dict]:
     """``(block_out, block_k, launch options)`` of the two backward GEMMs for this tl.dot operand
     dtype. The default reduction step is 64 on tensor cores (bf16 / fp16 operands) and 32 for
@@ -473,6 +583,40 @@ def _gemm_tiles(blocks: LinearTokenStatsBlocks, dot_operand_dtype: torch.dtype) 
     if block_k is None:
         block_k = 32 if dot_operand_dtype == torch.float32 else 64
     return blocks.gemm_block_out, block_k, _launch_options(blocks, dot_operand_dtype)
+
+
+# The forward's programs at the default tiles use ~150 registers x 256 threads: one per SM. The vocabulary
+# is split until the grid's waves keep this share of the SMs busy (docs/algorithms.md §8.5).
+_SPLIT_TARGET_OCCUPANCY = 0.95
+_MERGE_BLOCK_N = 128
+
+
+def _device_sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 for the interpreter (no split unless asked for)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _splits_filling(row_blocks: int, sm_count: int, max_splits: int) -> int:
+    """The fewest vocabulary splits s (<= max_splits, <= sm_count) whose grid of row_blocks * s programs keeps
+    _SPLIT_TARGET_OCCUPANCY of the SM slots of its waves busy (one program per SM), else the best s."""
+    def busy(s):
+        programs = row_blocks * s
+        return programs / (triton.cdiv(programs, sm_count) * sm_count)
+
+    candidates = range(1, max(1, min(max_splits, sm_count)) + 1)
+    good = [s for s in candidates if busy(s) >= _SPLIT_TARGET_OCCUPANCY]
+    return good[0] if good else max(candidates, key=lambda s: (busy(s), -s))
+
+
+def _vocab_split(row_blocks: int, vocab_size: int, blocks: "LinearTokenStatsBlocks", device) -> tuple[int, int]:
+    """(number of splits, columns per split) of the forward's vocabulary: whole BLOCK_V tiles per split, the
+    last split ragged, none empty."""
+    tiles = max(1, triton.cdiv(vocab_size, blocks.block_v))
+    requested = blocks.vocab_splits
+    if requested is None:
+        requested = _splits_filling(row_blocks, _device_sm_count(device), tiles)
+    tiles_per_split = triton.cdiv(tiles, min(requested, tiles))
+    return triton.cdiv(tiles, tiles_per_split), tiles_per_split * blocks.block_v
 
 
 def _resolve_blocks(block_sizes) -> LinearTokenStatsBlocks:
@@ -511,15 +655,16 @@ def _fp16_operand_scales(coef_logp, coef_entropy, entropy, inv_temperature):
     return torch.exp2(exponent.nan_to_num(nan=0.0, posinf=126.0, neginf=-126.0).clamp(-126.0, 126.0))
 
 
-def _chunk_rows(n_valid: int, vocab_size: int, workspace_dtype: torch.dtype, blocks: LinearTokenStatsBlocks) -> int:
-    if blocks.backward_chunk_rows is not None:
-        rows = blocks.backward_chunk_rows
+def _chunk_vocab(n_valid: int, vocab_size: int, workspace_dtype: torch.dtype, blocks: LinearTokenStatsBlocks,
+                 tile: int) -> int:
+    """Vocabulary columns per backward chunk: ``backward_chunk_vocab``, or the most whole tiles whose
+    ``[N, columns]`` dlogits fit in DEFAULT_WORKSPACE_BYTES (at least one tile); at most V (one chunk)."""
+    if blocks.backward_chunk_vocab is not None:
+        columns = blocks.backward_chunk_vocab
     else:
         element_size = torch.empty((), dtype=workspace_dtype).element_size()
-        rows = DEFAULT_WORKSPACE_BYTES // (vocab_size * element_size)
-        rows = max(blocks.block_n, rows // blocks.block_n * blocks.block_n)
-    rows = triton.cdiv(rows, blocks.block_n) * blocks.block_n
-    return max(1, min(rows, n_valid))
+        columns = DEFAULT_WORKSPACE_BYTES // (max(n_valid, 1) * element_size)
+    return min(max(1, columns // tile) * tile, vocab_size)
 
 
 def _check_inputs(hidden, weight, targets, row_index, bias, temperature, check_rows=True):
@@ -606,15 +751,25 @@ def _forward(hidden, weight, bias, targets, row_index, inv_temperature, blocks, 
     if n_valid == 0:
         return logp, entropy, lse, zbar, extras
     upcast = _runs_in_interpreter(hidden) and hidden.dtype == torch.bfloat16
-    grid = (triton.cdiv(n_valid, blocks.block_n),)
-    _linear_token_stats_fwd_kernel[grid](
-        hidden, weight, bias if bias is not None else weight, targets, row_index,
-        logp, entropy, lse, zbar, *(extras if extra_stats else (logp, logp, logp)),  # unused then
-        n_valid, vocab_size, hidden_size, hidden.stride(0), weight.stride(0), inv_temperature,
-        HAS_BIAS=bias is not None, UPCAST_DOT_INPUTS=upcast, EXTRA_STATS=bool(extra_stats),
+    row_blocks = triton.cdiv(n_valid, blocks.block_n)
+    num_splits, split_width = _vocab_split(row_blocks, vocab_size, blocks, hidden.device)
+    outputs = (logp, entropy, lse, zbar, *(extras if extra_stats else (logp, logp, logp)))  # unused then
+    split = num_splits > 1
+    partials = torch.empty((6 if extra_stats else 4, num_splits, n_valid) if split else 0, dtype=torch.float32,
+                           device=hidden.device)
+    field_stride = num_splits * n_valid
+    _linear_token_stats_fwd_kernel[(row_blocks, num_splits)](
+        hidden, weight, bias if bias is not None else weight, targets, row_index, *outputs, partials, field_stride,
+        n_valid, vocab_size, split_width, hidden_size, hidden.stride(0), weight.stride(0), inv_temperature,
+        HAS_BIAS=bias is not None, UPCAST_DOT_INPUTS=upcast, EXTRA_STATS=bool(extra_stats), SPLIT=split,
         BLOCK_N=blocks.block_n, BLOCK_V=blocks.block_v, BLOCK_H=blocks.block_h,
         **_launch_options(blocks, torch.float32 if upcast else hidden.dtype),
     )
+    if split:
+        _linear_token_stats_merge_kernel[(triton.cdiv(n_valid, _MERGE_BLOCK_N),)](
+            partials, *outputs, field_stride, n_valid, num_splits, vocab_size, inv_temperature,
+            EXTRA_STATS=bool(extra_stats), BLOCK_N=_MERGE_BLOCK_N, num_warps=4,
+        )
     return logp, entropy, lse, zbar, extras
 
 
@@ -634,68 +789,62 @@ def _backward(hidden, weight, bias, targets, row_index, logp, entropy, lse, zbar
         grad_bias = torch.zeros_like(bias) if need_bias else None
         return grad_hidden, grad_weight, grad_bias
 
-    interpreter = _runs_in_interpreter(hidden)
+    upcast = _runs_in_interpreter(hidden) and hidden.dtype == torch.bfloat16
     workspace_dtype = _workspace_dtype(weight.dtype)
-    chunk_rows = _chunk_rows(n_valid, vocab_size, workspace_dtype, blocks)
-    num_chunks = triton.cdiv(n_valid, chunk_rows)
-    dlogits = torch.empty((chunk_rows, vocab_size), dtype=workspace_dtype, device=device)
-    upcast = interpreter and hidden.dtype == torch.bfloat16
+    out_block, k_block, gemm_options = _gemm_tiles(blocks, torch.float32 if upcast else hidden.dtype)
+    chunk_vocab = _chunk_vocab(n_valid, vocab_size, workspace_dtype, blocks, max(blocks.block_v, out_block, k_block))
+    num_chunks = triton.cdiv(vocab_size, chunk_vocab)
+    dlogits = torch.empty((n_valid, chunk_vocab), dtype=workspace_dtype, device=device)
     # tl.dot needs equal operand dtypes: the fp32 workspace of fp16 inputs enters the GEMMs as scaled
     # fp16 tiles (tensor cores), the scales from the rows' own statistics.
     scaled_fp16 = workspace_dtype != weight.dtype
     row_scale = _fp16_operand_scales(coef_logp, coef_entropy, entropy, inv_temperature) if scaled_fp16 else logp
+    # grad_weight reduces over every row: one scale for all of them, the largest row bound sets it.
+    weight_operand_scale = row_scale.amin().reshape(1) if scaled_fp16 else logp
+    # grad_hidden sums over the chunks: fp32 [N, H] in between (4 N H bytes).
+    partial = torch.empty((n_valid, hidden_size) if need_hidden and num_chunks > 1 else 0, dtype=torch.float32,
+                          device=device)
 
     need_weight_kernel = need_weight or need_bias
-    weight_out = bias_out = None
     if need_weight_kernel:
-        if weight.dtype == torch.float32 or num_chunks == 1:
-            weight_out = torch.empty_like(weight, memory_format=torch.contiguous_format)
-        else:
-            weight_out = torch.empty(weight.shape, dtype=torch.float32, device=device)  # V*H*4 bytes
-        if need_bias:
-            bias_out = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+        grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        grad_bias = torch.empty_like(bias) if need_bias else grad_weight  # unused without a bias gradient
 
-    dlogits_args = dict(BLOCK_N=blocks.block_n, BLOCK_V=blocks.block_v, BLOCK_H=blocks.block_h,
-                        **_launch_options(blocks, torch.float32 if upcast else hidden.dtype))
-    out_block, k_block, gemm_options = _gemm_tiles(blocks, torch.float32 if upcast else hidden.dtype)
+    tile_dot_dtype = torch.float32 if upcast else hidden.dtype
+    dlogits_rows = _dlogits_rows(blocks, tile_dot_dtype)
+    dlogits_args = dict(BLOCK_N=dlogits_rows, BLOCK_V=blocks.block_v, BLOCK_H=blocks.block_h,
+                        **_launch_options(blocks, tile_dot_dtype))
     dhidden_args = dict(BLOCK_N=out_block, BLOCK_V=k_block, BLOCK_H=out_block, **gemm_options)
     dweight_args = dict(BLOCK_N=k_block, BLOCK_V=out_block, BLOCK_H=out_block, **gemm_options)
     for chunk in range(num_chunks):
-        chunk_start = chunk * chunk_rows
-        rows_here = min(chunk_rows, n_valid - chunk_start)
-        grid = (triton.cdiv(rows_here, blocks.block_n), triton.cdiv(vocab_size, blocks.block_v))
+        vocab_start = chunk * chunk_vocab
+        width = min(chunk_vocab, vocab_size - vocab_start)
+        grid = (triton.cdiv(n_valid, dlogits_rows), triton.cdiv(width, blocks.block_v))
         _linear_token_stats_dlogits_kernel[grid](
             hidden, weight, bias if bias is not None else weight, targets, row_index,
             lse, zbar, logp, entropy, coef_logp, coef_entropy, dlogits,
-            chunk_start, rows_here, vocab_size, hidden_size, hidden.stride(0), weight.stride(0),
-            inv_temperature, HAS_BIAS=bias is not None, UPCAST_DOT_INPUTS=upcast, **dlogits_args,
+            n_valid, vocab_start, vocab_start + width, hidden_size, hidden.stride(0), weight.stride(0),
+            dlogits.stride(0), inv_temperature, HAS_BIAS=bias is not None, UPCAST_DOT_INPUTS=upcast, **dlogits_args,
         )
         # Grid axis 0 varies fastest in launch order, so programs that run at the same time share
-        # an operand stream in L2: the row blocks of one H block (the same W columns) for
+        # an operand stream in L2: the row blocks of one H block (the same W rows) for
         # grad_hidden, the H blocks of one vocabulary block (the same dlogits columns) for grad_weight.
         if need_hidden:
-            grid = (triton.cdiv(rows_here, out_block), triton.cdiv(hidden_size, out_block))
+            grid = (triton.cdiv(n_valid, out_block), triton.cdiv(hidden_size, out_block))
             _linear_token_stats_dhidden_kernel[grid](
-                dlogits, weight, row_index, row_scale, grad_hidden,
-                chunk_start, rows_here, vocab_size, hidden_size, weight.stride(0), grad_hidden.stride(0),
-                UPCAST_DOT_INPUTS=upcast, SCALED_FP16=scaled_fp16, **dhidden_args,
+                dlogits, weight, row_index, row_scale, partial, grad_hidden,
+                n_valid, vocab_start, width, hidden_size, dlogits.stride(0), weight.stride(0), grad_hidden.stride(0),
+                ACCUMULATE=chunk > 0, FINAL=chunk == num_chunks - 1, UPCAST_DOT_INPUTS=upcast,
+                SCALED_FP16=scaled_fp16, **dhidden_args,
             )
         if need_weight_kernel:
-            # One scale for the chunk (its rows are the reduction): the largest row bound sets it.
-            chunk_scale = row_scale[chunk_start:chunk_start + rows_here].amin().reshape(1) if scaled_fp16 else logp
-            grid = (triton.cdiv(hidden_size, out_block), triton.cdiv(vocab_size, out_block))
+            grid = (triton.cdiv(hidden_size, out_block), triton.cdiv(width, out_block))
             _linear_token_stats_dweight_kernel[grid](
-                dlogits, hidden, row_index, weight_out, bias_out if need_bias else weight_out, chunk_scale,
-                chunk_start, rows_here, vocab_size, hidden_size, hidden.stride(0), weight_out.stride(0),
-                ACCUMULATE=chunk > 0, COMPUTE_BIAS=need_bias, UPCAST_DOT_INPUTS=upcast,
-                SCALED_FP16=scaled_fp16, **dweight_args,
+                dlogits, hidden, row_index, grad_weight, grad_bias, weight_operand_scale,
+                n_valid, vocab_start, width, hidden_size, dlogits.stride(0), hidden.stride(0), grad_weight.stride(0),
+                COMPUTE_BIAS=need_bias, UPCAST_DOT_INPUTS=upcast, SCALED_FP16=scaled_fp16, **dweight_args,
             )
-    del dlogits
-    if need_weight:
-        grad_weight = weight_out.to(weight.dtype)  # no-op when already in the weight dtype
-    if need_bias:
-        grad_bias = bias_out.to(bias.dtype)
-    return grad_hidden, grad_weight, grad_bias
+    return grad_hidden, grad_weight if need_weight else None, grad_bias if need_bias else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -774,8 +923,9 @@ def triton_linear_token_stats(hidden, weight, targets, row_index, bias=None, tem
 # launch options _launch_options() / _gemm_tiles() pick for it.
 
 _AOT_BLOCKS = LinearTokenStatsBlocks()
-_AOT_SIZES = {"n_valid": "i32", "vocab_size": "i32", "hidden_size": "i32", "chunk_start": "i32",
-              "chunk_rows": "i32", "stride_hidden_row": "i32", "stride_weight_row": "i32",
+_AOT_SIZES = {"n_valid": "i32", "vocab_size": "i32", "hidden_size": "i32", "chunk_vocab_start": "i32",
+              "field_stride": "i32", "split_width": "i32", "num_splits": "i32", "chunk_vocab_end": "i32",
+              "chunk_width": "i32", "stride_dlogits_row": "i32", "stride_hidden_row": "i32", "stride_weight_row": "i32",
               "stride_grad_hidden_row": "i32", "stride_grad_weight_row": "i32", "inv_temperature": "fp32"}
 _TRITON_TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -789,7 +939,8 @@ def _aot_entry(kernel, pointer_types, launch_options, blocks, **constexprs):
 
 
 def _aot_entries(dtype: torch.dtype):
-    """The four kernels as a GPU launches them for `dtype` inputs (bias present, later chunk)."""
+    """The four kernels as a GPU launches them for `dtype` inputs (bias present; the forward unsplit and split,
+    grad_hidden's last chunk of several)."""
     ty = _TRITON_TYPE[dtype]
     workspace = _workspace_dtype(dtype)
     gemm_dot = torch.float32 if dtype == torch.float32 else dtype  # fp16: scaled fp16 tiles (_backward)
@@ -798,10 +949,11 @@ def _aot_entries(dtype: torch.dtype):
              "zbar_ptr": "*fp32", "certainty_ptr": "*fp32", "target_logit_ptr": "*fp32",
              "sum_pi_squared_ptr": "*fp32", "coef_logp_ptr": "*fp32", "coef_entropy_ptr": "*fp32",
              "dlogits_ptr": f"*{_TRITON_TYPE[workspace]}",
-             "row_scale_ptr": "*fp32", "chunk_scale_ptr": "*fp32"}
+             "partials_ptr": "*fp32"}
     gemm_pointers = {"dlogits_ptr": stats["dlogits_ptr"], "weight_ptr": f"*{ty}", "hidden_ptr": f"*{ty}",
-            "row_index_ptr": "*i64", "grad_hidden_ptr": f"*{ty}", "grad_weight_ptr": "*fp32", "grad_bias_ptr": "*fp32",
-            "row_scale_ptr": "*fp32", "chunk_scale_ptr": "*fp32"}
+                     "row_index_ptr": "*i64", "grad_hidden_ptr": f"*{ty}", "grad_weight_ptr": f"*{ty}",
+                     "grad_bias_ptr": f"*{ty}", "row_scale_ptr": "*fp32", "operand_scale_ptr": "*fp32",
+                     "partial_ptr": "*fp32"}
     b = _AOT_BLOCKS
     tile_blocks = (b.block_n, b.block_v, b.block_h)  # (BLOCK_N, BLOCK_V, BLOCK_H) as _backward passes them
     tile_options = _launch_options(b, dtype)
@@ -810,19 +962,27 @@ def _aot_entries(dtype: torch.dtype):
     dweight_blocks = (k_block, out_block, out_block)
     return [
         _aot_entry(_linear_token_stats_fwd_kernel, stats, tile_options, tile_blocks, HAS_BIAS=True,
-                   UPCAST_DOT_INPUTS=False, EXTRA_STATS=False),
+                   UPCAST_DOT_INPUTS=False, EXTRA_STATS=False, SPLIT=False),
         _aot_entry(_linear_token_stats_fwd_kernel, stats, tile_options, tile_blocks, HAS_BIAS=True,
-                   UPCAST_DOT_INPUTS=False, EXTRA_STATS=True),
-        _aot_entry(_linear_token_stats_dlogits_kernel, stats, tile_options, tile_blocks, HAS_BIAS=True,
-                   UPCAST_DOT_INPUTS=False),
-        _aot_entry(_linear_token_stats_dhidden_kernel, gemm_pointers, gemm_options, dhidden_blocks,
-                   UPCAST_DOT_INPUTS=False, SCALED_FP16=workspace != dtype),
-        _aot_entry(_linear_token_stats_dweight_kernel, gemm_pointers, gemm_options, dweight_blocks, ACCUMULATE=True,
+                   UPCAST_DOT_INPUTS=False, EXTRA_STATS=True, SPLIT=True),
+        _aot_entry(_linear_token_stats_dlogits_kernel, stats, tile_options,
+                   (_dlogits_rows(b, dtype), b.block_v, b.block_h), HAS_BIAS=True, UPCAST_DOT_INPUTS=False),
+        _aot_entry(_linear_token_stats_dhidden_kernel, gemm_pointers, gemm_options, dhidden_blocks, ACCUMULATE=True,
+                   FINAL=True, UPCAST_DOT_INPUTS=False, SCALED_FP16=workspace != dtype),
+        _aot_entry(_linear_token_stats_dweight_kernel, gemm_pointers, gemm_options, dweight_blocks,
                    COMPUTE_BIAS=True, UPCAST_DOT_INPUTS=False, SCALED_FP16=workspace != dtype),
     ]
 
 
 AOT_SIGNATURES = [entry for dtype in (torch.bfloat16, torch.float16, torch.float32) for entry in _aot_entries(dtype)]
+_MERGE_SIGNATURE = {"partials_ptr": "*fp32", "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32",
+                    "zbar_ptr": "*fp32", "certainty_ptr": "*fp32", "target_logit_ptr": "*fp32",
+                    "sum_pi_squared_ptr": "*fp32", **_AOT_SIZES}
+AOT_SIGNATURES.append((_linear_token_stats_merge_kernel,
+                       {arg: "constexpr" if arg in ("EXTRA_STATS", "BLOCK_N") else _MERGE_SIGNATURE[arg]
+                        for arg in _linear_token_stats_merge_kernel.arg_names},
+                       {"EXTRA_STATS": True, "BLOCK_N": _MERGE_BLOCK_N}, {"num_warps": 4}))
 # Kernels whose AOT builds must report 0 spill bytes from ptxas -v.
-AOT_NO_SPILL = {"_linear_token_stats_fwd_kernel", "_linear_token_stats_dlogits_kernel",
+AOT_NO_SPILL = {"_linear_token_stats_fwd_kernel", "_linear_token_stats_merge_kernel",
+                "_linear_token_stats_dlogits_kernel",
                 "_linear_token_stats_dhidden_kernel", "_linear_token_stats_dweight_kernel"}

@@ -167,6 +167,22 @@ def test_lm_head_path_flops_are_its_gemms():
     assert len(gemms) == 4 and all(v == pytest.approx(2.0) for v in gemms.values()), gemms
 
 
+def test_lm_head_tiles_per_requested_byte():
+    """fp16 at a shape that fills every tile (H = 128, so the dlogits tile's fp32 workspace write is a third of
+    its bytes): every GEMM on fp16 operands, the dlogits kernel on 128 x 128 tiles (30.8 FLOP per requested
+    byte; 64-row tiles request 25.9), the forward's 64 x 128 tiles 42.2, the backward GEMMs' 128 x 128 tiles
+    above 36."""
+    shape = default_shape(rows=256, vocab=512, hidden=128)
+    counts = count_case(_case(LINEAR_POLICY_LOSS_FWD_BWD, "fused_canon", "grpo"), shape, torch.float16)
+    gemms = {k["kernel"]: k for k in counts["kernels"] if k["flops"]}
+    assert all(key.endswith("fp16xfp16") for k in gemms.values() for key in k["dots"]), gemms
+    assert list(gemms["_linear_token_stats_dlogits_kernel"]["dots"]) == ["[128x32]@[32x128] fp16xfp16"]
+    minima = {"_linear_token_stats_fwd_kernel": 42.0, "_linear_token_stats_dlogits_kernel": 30.0,
+              "_linear_token_stats_dhidden_kernel": 36.0, "_linear_token_stats_dweight_kernel": 36.0}
+    assert {name: gemms[name]["flop_per_byte"] >= low for name, low in minima.items()} == dict.fromkeys(minima, True), \
+        {name: k["flop_per_byte"] for name, k in gemms.items()}
+
+
 def test_count_document_matches_the_schema_and_prints():
     doc = run_count(SHAPE, paths=[TOKEN_STATS_FWD], builds=False, log=lambda line: None)
     assert not validate(doc), validate(doc)

@@ -4,8 +4,8 @@ By default the Triton kernels run under the interpreter on CPU tensors (TRITON_I
 set here unless the environment sets it); with ``TRITON_INTERPRET=0`` on a CUDA machine the same
 tests run the compiled kernels on the GPU (sm_80 / sm_90 compilation on the CPU is covered by
 test_aot_compile.py). References are computed on the CPU in float64. Block sizes are small and
-chosen so that N, H and V are never multiples of them, and the backward's row chunk is small so
-that several chunks (and the accumulation across chunks) are exercised.
+chosen so that N, H and V are never multiples of them, and the backward's vocabulary chunk is small
+so that several chunks (and grad_hidden's sum across chunks) are exercised.
 
 Tolerances, with |a - e| <= tol * (|e| + max|e| / 100) elementwise (see ``assert_close``):
 * fp32: 1e-4 for logp, entropy and all three gradients.
@@ -55,7 +55,7 @@ def call_kernel(hidden, weight, targets, row_index, bias=None, temperature=1.0, 
 
 
 # Small tiles (>= 16, as tl.dot needs on a GPU); the GPU defaults run in test_default_blocks.
-SMALL_BLOCKS = dict(block_n=16, block_v=64, block_h=32, gemm_block_out=32, gemm_block_k=32)
+SMALL_BLOCKS = dict(block_n=16, block_v=64, block_h=32, dlogits_block_n=16, gemm_block_out=32, gemm_block_k=32)
 FORWARD_TOL = 1e-4
 GRAD_TOL = {torch.float32: 1e-4, torch.float16: 2e-3}
 FP16_OPERAND_ROUNDING = 2.0**-11  # half an ulp of fp16 relative to the value (normal numbers)
@@ -148,22 +148,22 @@ def check_against_reference(out, ref, dtype, row_index, num_rows):
 
 
 @pytest.mark.parametrize(
-    "dtype, hidden_size, vocab_size, temperature, with_bias, chunk_rows",
+    "dtype, hidden_size, vocab_size, temperature, with_bias, chunk_vocab",
     [
-        (torch.float32, 32, 100, 1.0, True, 16),
-        (torch.float32, 48, 257, 0.7, True, 16),
-        (torch.float32, 80, 1000, 0.7, False, 16),
-        (torch.float32, 48, 257, 1.3, True, None),  # one chunk: no accumulation across chunks
-        (torch.float16, 48, 257, 0.7, True, 16),  # several chunks: fp32 grad_weight accumulator
-        (torch.float16, 80, 100, 1.0, False, None),  # one chunk: grad_weight written in fp16 directly
-        (torch.bfloat16, 48, 257, 0.7, True, 16),
+        (torch.float32, 32, 100, 1.0, True, 64),  # two chunks, the second ragged
+        (torch.float32, 48, 257, 0.7, True, 64),  # five chunks, the last of one column
+        (torch.float32, 80, 1000, 0.7, False, 128),
+        (torch.float32, 48, 257, 1.3, True, None),  # one chunk: no grad_hidden partial sum
+        (torch.float16, 48, 257, 0.7, True, 64),  # several chunks: the fp32 grad_hidden partial sum
+        (torch.float16, 80, 100, 1.0, False, None),  # one chunk: grad_hidden written in fp16 directly
+        (torch.bfloat16, 48, 257, 0.7, True, 64),
     ],
 )
-def test_matches_float64_reference(dtype, hidden_size, vocab_size, temperature, with_bias, chunk_rows):
+def test_matches_float64_reference(dtype, hidden_size, vocab_size, temperature, with_bias, chunk_vocab):
     num_rows = 50  # 37 valid rows: not a multiple of block_n = 16 nor of the chunk
     hidden, weight, bias, targets, row_index, c_logp, c_ent = make_case(num_rows, hidden_size, vocab_size, dtype,
                                                                         with_bias=with_bias)
-    blocks = LinearTokenStatsBlocks(**SMALL_BLOCKS, backward_chunk_rows=chunk_rows)
+    blocks = LinearTokenStatsBlocks(**SMALL_BLOCKS, backward_chunk_vocab=chunk_vocab)
     out = run_kernel(hidden, weight, bias, targets, row_index, temperature, c_logp, c_ent, blocks)
     ref = reference(hidden, weight, bias, targets, row_index, temperature, c_logp, c_ent)
     check_against_reference(out, ref, dtype, row_index, num_rows)
@@ -174,17 +174,62 @@ def test_fp16_gradients_of_tiny_coefficients_keep_their_digits():
     With coefficients ~1e-3 (a token-mean over a batch) most dlogits entries lie below fp16's normal
     range (6e-5), many below its smallest subnormal (6e-8): unscaled, they lose their digits or round
     to 0 and grad_weight misses the bound (measured: error 2.7e-7 at 6.0e-6, bound 1.8e-7). Rows with
-    zero coefficients (no bound) sit in the same chunk and must not set its scale."""
+    zero coefficients (no bound) are part of grad_weight's reduction and must not set its scale."""
     num_rows, hidden_size, vocab_size = 50, 48, 257
     hidden, weight, bias, targets, row_index, c_logp, c_ent = make_case(num_rows, hidden_size, vocab_size,
                                                                         torch.float16, seed=4)
     c_logp, c_ent = c_logp * 1e-3, c_ent * 1e-3
     c_logp[:3] = 0.0
     c_ent[:3] = 0.0
-    blocks = LinearTokenStatsBlocks(**SMALL_BLOCKS, backward_chunk_rows=16)
+    blocks = LinearTokenStatsBlocks(**SMALL_BLOCKS, backward_chunk_vocab=64)
     out = run_kernel(hidden, weight, bias, targets, row_index, 0.7, c_logp, c_ent, blocks)
     ref = reference(hidden, weight, bias, targets, row_index, 0.7, c_logp, c_ent)
     check_against_reference(out, ref, torch.float16, row_index, num_rows)
+
+
+@pytest.mark.parametrize("vocab_splits, vocab_size", [(2, 1000), (3, 1000), (5, 1000), (16, 1000), (7, 300)])
+def test_vocabulary_split_equals_the_unsplit_pass(vocab_splits, vocab_size):
+    """docs/algorithms.md §8.5: the forward split into vocabulary ranges (whole 64-column tiles; 16 tiles at
+    V = 1,000 give splits of 8+8, 6+6+4, 4x4 (5 asked, none left empty), 16x1; V = 300 gives 5 tiles, the
+    last one ragged) and merged equals the one-range pass: statistics, the extra signals and the gradients
+    built from them. A -inf bias over a whole range (the first 128 columns) is an empty split summary."""
+    num_rows, hidden_size = 40, 48
+    hidden, weight, bias, targets, row_index, c_logp, c_ent = make_case(num_rows, hidden_size, vocab_size,
+                                                                        torch.float32, seed=5)
+    bias[:128] = float("-inf")
+    targets = targets.clamp(min=128)
+    results = {}
+    for splits in (1, vocab_splits):
+        blocks = LinearTokenStatsBlocks(**SMALL_BLOCKS, vocab_splits=splits)
+        h, w, b = (dev(t).detach().requires_grad_(True) for t in (hidden, weight, bias))
+        stats = triton_linear_token_stats(h, w, dev(targets), dev(row_index), b, 0.7, block_sizes=blocks,
+                                          extra_stats=True)
+        (dev(c_logp) * stats[0] + dev(c_ent) * stats[1]).sum().backward()
+        results[splits] = [t.detach().cpu() for t in stats] + [h.grad.cpu(), w.grad.cpu(), b.grad.cpu()]
+    names = ("logp", "entropy", "certainty", "target_logit", "sum_pi_squared", "grad_hidden", "grad_weight",
+             "grad_bias")
+    for name, split, whole in zip(names, results[vocab_splits], results[1]):
+        if name == "certainty":  # +inf: the row has -inf entries
+            assert torch.equal(split, whole), name
+            continue
+        # The gradients amplify an ulp of lse (every p_k moves with it, and dlogits cancels over V).
+        assert_elementwise_close(split, whole, 1e-4 if name.startswith("grad") else 1e-5, name)
+
+
+def test_vocabulary_splits_fill_the_sms():
+    """The split count at H100/H200 scale (132 SMs, one forward program per SM, BLOCK_N = 64, V = 151,936):
+    N = 4,096 has 64 row blocks, 2 splits make 128 programs; N = 16,384 fills two waves unsplit; one row
+    block is split across 126 SMs; an explicit count is kept to whole tiles, none empty."""
+    from fused_canon.kernels.linear_token_stats import _splits_filling, _vocab_split
+
+    tiles = 151936 // 128 + 1
+    assert _splits_filling(64, 132, tiles) == 2
+    assert _splits_filling(256, 132, tiles) == 1
+    assert _splits_filling(1, 132, tiles) == 126
+    assert _splits_filling(64, 1, tiles) == 1  # the interpreter: no split unless asked for
+    blocks = LinearTokenStatsBlocks(block_v=64, vocab_splits=5)
+    assert _vocab_split(1, 1000, blocks, torch.device("cpu")) == (4, 256)
+    assert _vocab_split(1, 1000, LinearTokenStatsBlocks(block_v=64, vocab_splits=40), torch.device("cpu")) == (16, 64)
 
 
 def test_default_blocks():
@@ -261,7 +306,7 @@ def test_spec_worked_example_through_identity_head():
 
 def test_single_output_and_partial_input_gradients():
     hidden, weight, bias, targets, row_index, c_logp, _ = make_case(20, 32, 100, torch.float32)
-    blocks = LinearTokenStatsBlocks(**SMALL_BLOCKS, backward_chunk_rows=8)
+    blocks = LinearTokenStatsBlocks(**SMALL_BLOCKS, backward_chunk_vocab=32)
     ref = reference(hidden, weight, bias, targets, row_index, 0.7, c_logp, torch.zeros_like(c_logp))
 
     hidden, weight, bias, c_logp = dev(hidden), dev(weight), dev(bias), dev(c_logp)
@@ -290,7 +335,7 @@ def test_strided_inputs_and_deterministic_backward():
     storage = torch.full((24, 48 + 13), 123.0, device=DEVICE)
     storage[:, 5:53] = dev(hidden)
     strided = storage[:, 5:53]  # row stride 61, last stride 1
-    blocks = LinearTokenStatsBlocks(**SMALL_BLOCKS, backward_chunk_rows=8)
+    blocks = LinearTokenStatsBlocks(**SMALL_BLOCKS, backward_chunk_vocab=32)
     first = run_kernel(strided, weight, bias, targets, row_index, 0.7, c_logp, c_ent, blocks)
     second = run_kernel(strided, weight, bias, targets, row_index, 0.7, c_logp, c_ent, blocks)
     contiguous = run_kernel(hidden, weight, bias, targets, row_index, 0.7, c_logp, c_ent, blocks)
@@ -337,7 +382,7 @@ def _int64_offsets_case():
     weight.copy_(dev(weight_values))
     targets, row_index = torch.tensor([2, 0, 1]), torch.tensor([2, 0])
     c_logp, c_ent = torch.tensor([0.5, -1.0]), torch.tensor([0.25, 0.75])
-    blocks = LinearTokenStatsBlocks(**SMALL_BLOCKS, backward_chunk_rows=16)
+    blocks = LinearTokenStatsBlocks(**SMALL_BLOCKS, backward_chunk_vocab=64)
     out = run_kernel(hidden, weight, None, targets, row_index, 1.0, c_logp, c_ent, blocks)
     saved_hidden, saved_weight = out.pop("saved_hidden"), out.pop("saved_weight")
     assert saved_hidden.data_ptr() == hidden.data_ptr() and saved_hidden.stride() == (stride, 1), "hidden copied"
@@ -390,22 +435,21 @@ def test_kernels_form_offsets_in_int64():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_no_tensor_of_n_times_v_elements(dtype):
-    """Forward + backward allocate nothing with N*V or more elements. The largest [*, V] tensor
-    is the documented dlogits workspace [CHUNK_N, V]. H < N here, so the gradients and the fp32
-    grad_weight accumulator [V, H] are smaller than N*V too."""
-    num_rows, hidden_size, vocab_size, chunk = 48, 32, 257, 16
+    """Forward + backward allocate nothing with N*V or more elements. The only tensors with a dimension
+    of N valid rows and a second one are the documented dlogits workspace [N, CHUNK_V] and, over several
+    chunks, grad_hidden's fp32 partial sum [N, H] (H < V here, so N*H < N*V)."""
+    num_rows, hidden_size, vocab_size, chunk = 48, 32, 257, 64
     hidden, weight, bias, targets, row_index, c_logp, c_ent = make_case(num_rows, hidden_size, vocab_size, dtype)
     n_valid = row_index.numel()
-    assert n_valid > 2 * chunk and hidden_size < n_valid
-    blocks = LinearTokenStatsBlocks(**SMALL_BLOCKS, backward_chunk_rows=chunk)
+    blocks = LinearTokenStatsBlocks(**SMALL_BLOCKS, backward_chunk_vocab=chunk)
     with AllocationRecorder() as recorder:
         out = run_kernel(hidden, weight, bias, targets, row_index, 0.7, c_logp, c_ent, blocks)
     assert out["grad_weight"] is not None and len(recorder.shapes) > 10
     numels = [(torch.Size(s).numel(), op, s) for op, s in recorder.shapes]
     largest = max(numels)
     assert largest[0] < n_valid * vocab_size, f"allocated {largest} >= N*V = {n_valid * vocab_size}"
-    vocab_rows = {s for _, op, s in numels if len(s) == 2 and s[1] == vocab_size}
-    assert vocab_rows == {(chunk, vocab_size)}, vocab_rows
+    by_valid_rows = {s for _, op, s in numels if len(s) == 2 and s[0] == n_valid}
+    assert by_valid_rows == {(n_valid, chunk), (n_valid, hidden_size)}, by_valid_rows
 
 
 # ----------------------------------------------------------------------------- validation and registry
@@ -444,6 +488,8 @@ def test_input_validation():
         call(row_index=dev(torch.tensor([1, 2, 1])))
     with pytest.raises(ValueError, match="power of two"):
         call(block_sizes=dict(block_n=24))
+    with pytest.raises(ValueError, match="vocab_splits must be None or an int >= 1, got 0"):
+        call(block_sizes=dict(vocab_splits=0))
     # Out-of-range targets of rows outside row_index are fine (they are never read).
     assert (targets.cpu()[~torch.isin(torch.arange(12), row_index.cpu())] == -7).all()
     logp, _ = call(hidden=hidden)
@@ -458,7 +504,7 @@ def test_aot_registry_covers_every_kernel_with_gpu_sized_blocks():
     for kernel, signature, constexprs, options in AOT_SIGNATURES:
         assert list(signature) == list(kernel.arg_names)
         assert all(signature[name] == "constexpr" for name in constexprs)
-        assert min(constexprs["BLOCK_N"], constexprs["BLOCK_V"], constexprs["BLOCK_H"]) >= 16  # tl.dot on a GPU
+        assert min(v for k, v in constexprs.items() if k.startswith("BLOCK_")) >= 16  # tl.dot on a GPU
         assert options["num_warps"] in (4, 8)
 
 
@@ -476,7 +522,8 @@ def test_minus_inf_bias_blocks_are_a_masked_vocabulary():
     bias[200:264] = float("-inf")  # two whole tiles in the middle
     targets = torch.randint(40, 200, (rows,), generator=g)
     row_index = torch.tensor([0, 2, 3, 4])
-    blocks = LinearTokenStatsBlocks(block_n=16, block_v=32, block_h=16, gemm_block_out=16, gemm_block_k=16)
+    blocks = LinearTokenStatsBlocks(block_n=16, block_v=32, block_h=16, dlogits_block_n=16, gemm_block_out=16,
+                                    gemm_block_k=16)
     outputs = {}
     for name, fn in (("triton", lambda *a: triton_linear_token_stats(*a[:4], bias=a[4], block_sizes=blocks,
                                                                      extra_stats=True)),

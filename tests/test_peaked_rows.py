@@ -53,7 +53,8 @@ def logits_path(logits, targets, temperature, c_logp, c_ent):
 
 def lm_head_path(logits, targets, temperature, c_logp, c_ent):
     hidden = logits.clone().to(DEVICE).requires_grad_()
-    blocks = LinearTokenStatsBlocks(block_n=16, block_v=16, block_h=32, gemm_block_out=32, gemm_block_k=32)
+    blocks = LinearTokenStatsBlocks(block_n=16, block_v=16, block_h=32, dlogits_block_n=16, gemm_block_out=32,
+                                    gemm_block_k=32)
     logp, entropy = triton_linear_token_stats(hidden, torch.eye(V, device=DEVICE), targets.to(DEVICE),
                                               torch.arange(len(targets), device=DEVICE), None, temperature,
                                               block_sizes=blocks)
