@@ -263,6 +263,10 @@ def count_case(case: CountCase, shape: Shape, dtype: torch.dtype, seed: int = 0)
         "requested_written_W": sum(t["written"] for t in tensors.values()) / logits_bytes,
         "logits_bytes": logits_bytes,
         "read_R": (sum(logits_traffic["read"].values()) / logits_bytes) if logits_traffic else None,
+        # What memory must serve: a re-read by the program that just read the row is a cache hit on a GPU
+        # (docs/design.md §4.3 sizes the rows in flight for it), every other read a fetch.
+        "fetched_R": (sum(logits_traffic["read"][kind] for kind in READ_KINDS if kind != "same_program")
+                      / logits_bytes) if logits_traffic else None,
         "written_W": gradient_written / logits_bytes if logits_traffic else None,
         "logits_reads": ({kind: logits_traffic["read"][kind] / logits_bytes for kind in READ_KINDS}
                          if logits_traffic else None),
@@ -384,22 +388,24 @@ def _reads(counts: Dict[str, object]) -> str:
 
 def format_count_table(doc: Dict[str, object]) -> str:
     """One line per row (R/W in units of the logits, re-reads by kind), then the sm_90 builds."""
-    header = ("path", "impl", "config", "R", "W", "logits reads", "R+W all", "launches", "syncs", "[N,V] ops",
+    header = ("path", "impl", "config", "R", "R mem", "W", "logits reads", "R+W all", "launches", "syncs", "[N,V] ops",
               "peak extra", "GFLOP", "status")
     lines = []
     for row in doc["rows"]:
         c = row["counts"]
         if c is None:
-            lines.append((row["path"], row["impl"], row["config"], *["-"] * 9, f"{row['status']}: {row['detail']}"[:90]))
+            lines.append((row["path"], row["impl"], row["config"], *["-"] * 10, f"{row['status']}: {row['detail']}"[:90]))
             continue
-        lines.append((row["path"], row["impl"], row["config"], _fmt(c["read_R"]), _fmt(c["written_W"]), _reads(c),
+        lines.append((row["path"], row["impl"], row["config"], _fmt(c["read_R"]), _fmt(c["fetched_R"]),
+                      _fmt(c["written_W"]), _reads(c),
                       f"{c['requested_read_R']:.2f}+{c['requested_written_W']:.2f}", str(c["launches"]),
                       str(c["host_syncs"]), str(c["vocab_torch_ops"]), f"{c['peak_extra_logits']:.2f}x",
                       _fmt(c["flops"] / 1e9, ".3f") if c["flops"] else "-", row["status"]))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
     out = [" | ".join(h.ljust(w) for h, w in zip(header, widths)), "-+-".join("-" * w for w in widths)]
     out += [" | ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in lines]
-    out.append("R, W: bytes of the logits read / of dlogits written, per byte of logits; logits reads: first touch, "
+    out.append("R, W: bytes of the logits read / of dlogits written, per byte of logits; R mem: the reads memory "
+               "serves (all but the same program's re-reads, cache hits on a GPU); logits reads: first touch, "
                "re-read in the same program, by another program of the same launch, in a later launch; R+W all: "
                "every tensor, same unit (the LM-head path has no logits: its unit is the logits it avoids); "
                "syncs: host syncs per call (sites in the JSON); peak extra: allocator peak / logits bytes")

@@ -21,7 +21,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .backends import LINEAR_TOKEN_STATS, OBJECTIVE, TOKEN_STATS, check_backend, select
+from .backends import (LINEAR_TOKEN_STATS, LOGITS_PASS, OBJECTIVE, TOKEN_STATS, check_backend, describe_logits_pass,
+                       fused_pass_blocker, fused_policy_loss_launch, select)
 from .config import LossConfig
 from .estimators import ADVANTAGE_INPUTS, advantages_and_choice, declared_inputs
 from .losses import Normalizers, check_unreduced
@@ -185,14 +186,16 @@ def _rollout_correction(logp, mask, old_logprobs, rollout_logprobs, rollout_is_w
                         checks: PendingChecks):
     """The rollout IS weights of the policy term ([B, T] or None) and their ``rollout_corr/`` metrics
     (docs/algorithms.md §1.12): the caller's ``rollout_is_weights``, or computed from ``rollout_logprobs``
-    and the old log-probs (this pass's own when on-policy) when ``config.rollout_is`` is set."""
+    and the old log-probs (this pass's own ``logp`` when on-policy) when ``config.rollout_is`` is set.
+    ``logp`` None: before the pass, with the old log-probs given (backends.fused_pass_blocker)."""
     shape, device = mask.shape, mask.device
+    dtype = torch.float32 if logp is None else logp.dtype  # None: before the pass (fp32 statistics)
     check_per_token("rollout_logprobs", rollout_logprobs, shape, device, mask, checks)
     check_per_token("rollout_is_weights", rollout_is_weights, shape, device, mask, checks)
     if rollout_is_weights is not None:
         if rollout_logprobs is not None:
             raise ValueError("pass either `rollout_is_weights` or `rollout_logprobs` (to compute them), not both")
-        return check_rollout_is_weights(rollout_is_weights.to(logp.dtype), mask), {}
+        return check_rollout_is_weights(rollout_is_weights.to(dtype), mask), {}
     if config.rollout_is is None:
         if rollout_logprobs is not None:
             raise ValueError("rollout_logprobs given but config.rollout_is is None: set rollout_is='token' or "
@@ -201,22 +204,32 @@ def _rollout_correction(logp, mask, old_logprobs, rollout_logprobs, rollout_is_w
     if rollout_logprobs is None:
         raise ValueError(f"rollout_is={config.rollout_is!r} needs `rollout_logprobs` (the sampling engine's "
                          "log-probs of the response tokens), or pass `rollout_is_weights`")
-    old = logp.detach() if old_logprobs is None else old_logprobs.detach().to(logp.dtype)
-    rollout = rollout_logprobs.detach().to(logp.dtype)
+    old = logp.detach() if old_logprobs is None else old_logprobs.detach().to(dtype)
+    rollout = rollout_logprobs.detach().to(dtype)
     weights, metrics = rollout_is_weights_of(old, rollout, mask, config)
     metrics.update(rollout_offpolicy_metrics(old, rollout, mask))
     return weights, metrics
 
 
-def _loss_from_logprobs(logp, entropy, mask, row_index, *, backend, rewards, group_ids, advantages, old_logprobs,
-                        ref_logprobs, rollout_logprobs, rollout_is_weights, metric, config, step, global_num_tokens,
-                        global_num_seqs, backends, checks, advantage_inputs=None, pass_inputs=None,
-                        reduce=True) -> LossOutput:
-    """Stage 2, shared by every entry point: ``logp`` / ``entropy`` [B, T] with zeros at padded positions
-    (``entropy`` may be None), ``row_index`` the valid rows of ``mask``; ``backends`` what ran so far;
-    ``checks`` the value checks so far, read with the metrics (docs/design.md §4.1); ``pass_inputs`` the
-    estimator inputs the entry point provides (token ids, the pass's signals), which the caller's
-    ``advantage_inputs`` override."""
+@dataclass
+class _Prepared:
+    """What stage 2 knows before the objective: every input of the per-token coefficients but logp and H."""
+
+    token_advantages: torch.Tensor  # [B, T] (an expanded [B] view for per-response advantages)
+    reported_advantages: torch.Tensor  # LossOutput.advantages
+    old: Optional[torch.Tensor]
+    ref: Optional[torch.Tensor]
+    norm: Normalizers
+    rollout_weights: Optional[torch.Tensor]
+    rollout_metrics: Dict[str, torch.Tensor]
+
+
+def _before_objective(logp, entropy, mask, *, backend, rewards, group_ids, advantages, old_logprobs, ref_logprobs,
+                      rollout_logprobs, rollout_is_weights, metric, config, step, global_num_tokens, global_num_seqs,
+                      backends, checks, advantage_inputs=None, pass_inputs=None) -> _Prepared:
+    """The advantages, rollout weights, checked old / ref log-probs and normalisers. ``logp`` / ``entropy``
+    are this pass's (the on-policy old log-probs, CANON's entropy), or None before the pass: the fused
+    path, which backends.fused_pass_blocker admits only when nothing here reads them."""
     shape = mask.shape
     device = mask.device
     rollout_weights, rollout_metrics = _rollout_correction(logp, mask, old_logprobs, rollout_logprobs,
@@ -247,7 +260,7 @@ def _loss_from_logprobs(logp, entropy, mask, row_index, *, backend, rewards, gro
                 raise ValueError(f"advantage_inputs[{name!r}] is not read by estimator {config.advantage.estimator!r} "
                                  f"(it reads {list(declared.required + declared.optional)})")
         # On-policy, the rollout policy's log-probs are this pass's own.
-        inputs = {"old_logprobs": logp.detach() if old_logprobs is None else old_logprobs,
+        inputs = {"old_logprobs": logp.detach() if old_logprobs is None and logp is not None else old_logprobs,
                   **(pass_inputs or {}), **(advantage_inputs or {})}
         # The caller's rewards as given (never downcast): the estimators compute in float64.
         reported_advantages, choice = advantages_and_choice(
@@ -261,11 +274,15 @@ def _loss_from_logprobs(logp, entropy, mask, row_index, *, backend, rewards, gro
     old = check_per_token("old_logprobs", old_logprobs, shape, device, mask, checks)
     ref = check_per_token("ref_logprobs", ref_logprobs, shape, device, mask, checks)
     norm = Normalizers(global_num_tokens, global_num_seqs, config.loss_scale_factor)
-    objective = select(OBJECTIVE, backend, logp, name=config.loss_mode, config=config, reduce=reduce)
-    backends[OBJECTIVE] = objective.describe()
-    loss, metrics = objective.fn(logp, entropy, mask, token_advantages, old, ref, config, norm, step=step,
-                                 rollout_is_weights=rollout_weights, reduce=reduce)
-    metrics.update(rollout_metrics)
+    return _Prepared(token_advantages, reported_advantages, old, ref, norm, rollout_weights, rollout_metrics)
+
+
+def _loss_output(loss, metrics, prepared: _Prepared, logp, entropy, mask, row_index, rewards, backends,
+                 checks: PendingChecks) -> LossOutput:
+    """The LossOutput, with the call's one batched host read of the metrics and every pending check."""
+    device = mask.device
+    token_advantages = prepared.token_advantages
+    metrics.update(prepared.rollout_metrics)
 
     valid_advantages = token_advantages.detach().reshape(-1).index_select(0, row_index)  # in mask order
     if valid_advantages.numel() > 0:
@@ -280,8 +297,30 @@ def _loss_from_logprobs(logp, entropy, mask, row_index, *, backend, rewards, gro
                          + [value.to(device) for value in checks.values()]).tolist()
     checks.raise_failed(values[len(names):])
     return LossOutput(loss=loss, logprobs=logp.detach(), entropy=None if entropy is None else entropy.detach(),
-                      advantages=reported_advantages, metrics=dict(zip(names, values[:len(names)])),
+                      advantages=prepared.reported_advantages, metrics=dict(zip(names, values[:len(names)])),
                       backends=backends)
+
+
+def _loss_from_logprobs(logp, entropy, mask, row_index, *, backend, rewards, group_ids, advantages, old_logprobs,
+                        ref_logprobs, rollout_logprobs, rollout_is_weights, metric, config, step, global_num_tokens,
+                        global_num_seqs, backends, checks, advantage_inputs=None, pass_inputs=None,
+                        reduce=True) -> LossOutput:
+    """Stage 2, shared by every entry point: ``logp`` / ``entropy`` [B, T] with zeros at padded positions
+    (``entropy`` may be None), ``row_index`` the valid rows of ``mask``; ``backends`` what ran so far;
+    ``checks`` the value checks so far, read with the metrics (docs/design.md §4.1); ``pass_inputs`` the
+    estimator inputs the entry point provides (token ids, the pass's signals), which the caller's
+    ``advantage_inputs`` override."""
+    prepared = _before_objective(logp, entropy, mask, backend=backend, rewards=rewards, group_ids=group_ids,
+                                 advantages=advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                                 rollout_logprobs=rollout_logprobs, rollout_is_weights=rollout_is_weights,
+                                 metric=metric, config=config, step=step, global_num_tokens=global_num_tokens,
+                                 global_num_seqs=global_num_seqs, backends=backends, checks=checks,
+                                 advantage_inputs=advantage_inputs, pass_inputs=pass_inputs)
+    objective = select(OBJECTIVE, backend, logp, name=config.loss_mode, config=config, reduce=reduce)
+    backends[OBJECTIVE] = objective.describe()
+    loss, metrics = objective.fn(logp, entropy, mask, prepared.token_advantages, prepared.old, prepared.ref, config,
+                                 prepared.norm, step=step, rollout_is_weights=prepared.rollout_weights, reduce=reduce)
+    return _loss_output(loss, metrics, prepared, logp, entropy, mask, row_index, rewards, backends, checks)
 
 
 def policy_loss_from_logprobs(logprobs: torch.Tensor, mask: torch.Tensor, *, entropy: Optional[torch.Tensor] = None,
@@ -371,6 +410,28 @@ def policy_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
     check_logits_and_targets(logits, targets, mask)
     stats = select(TOKEN_STATS, backend, logits)
     row_index = valid_row_index(mask)
+    backends = {TOKEN_STATS: stats.describe()}
+    if stats.backend == "triton":
+        # The objective's choice depends on the config and the device only (the log-probs it takes are the
+        # statistics kernel's fp32): made here, it decides between one read of the logits and two.
+        objective = select(OBJECTIVE, backend, torch.empty(0, dtype=torch.float32, device=logits.device),
+                           name=config.loss_mode, config=config, reduce=reduce)
+        blocker = fused_pass_blocker(
+            stats, objective, config, needs_grad=torch.is_grad_enabled() and logits.requires_grad,
+            advantages_given=advantages is not None, metric_given=metric is not None,
+            old_given=old_logprobs is not None, advantage_inputs=advantage_inputs,
+            rollout_weights_from_pass=(rollout_is_weights is None and config.rollout_is is not None
+                                       and old_logprobs is None))
+        backends[LOGITS_PASS] = describe_logits_pass(blocker)
+        if blocker is None:
+            backends[OBJECTIVE] = objective.describe()
+            return _fused_policy_loss(logits, targets, mask, row_index, backends=backends, backend=backend,
+                                      rewards=rewards, group_ids=group_ids, advantages=advantages,
+                                      old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                                      rollout_logprobs=rollout_logprobs, rollout_is_weights=rollout_is_weights,
+                                      metric=metric, config=config, step=step, global_num_tokens=global_num_tokens,
+                                      global_num_seqs=global_num_seqs, inplace_backward=inplace_backward,
+                                      advantage_inputs=advantage_inputs)
     outputs = stats.fn(logits, targets, row_index, config.temperature, inplace_backward=inplace_backward,
                        extra_stats=_needs_extra_signals(config, rewards, advantage_inputs))
     checks = PendingChecks()
@@ -381,10 +442,23 @@ def policy_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                                old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
                                rollout_is_weights=rollout_is_weights, metric=metric, config=config,
                                step=step, global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
-                               backends={TOKEN_STATS: stats.describe()}, checks=checks,
-                               advantage_inputs=advantage_inputs,
+                               backends=backends, checks=checks, advantage_inputs=advantage_inputs,
                                pass_inputs=dict(token_ids=targets, **_pass_signals(outputs, row_index, mask.shape)),
                                reduce=reduce)
+
+
+def _fused_policy_loss(logits, targets, mask, row_index, *, backends, inplace_backward, config, **kwargs) -> LossOutput:
+    """policy_loss when every per-token coefficient is known before the pass (backends.fused_pass_blocker):
+    stage 2's O(N + B) work first, then one kernel for the statistics, the objective and dlogits
+    (docs/design.md §4.3)."""
+    checks = PendingChecks()
+    prepared = _before_objective(None, None, mask, config=config, backends=backends, checks=checks,
+                                 pass_inputs=dict(token_ids=targets), **kwargs)
+    loss, metrics, logp, entropy = fused_policy_loss_launch(config.loss_mode)(
+        logits, targets, mask, prepared.token_advantages, prepared.old, prepared.ref, config, prepared.norm,
+        prepared.rollout_weights, inplace_backward=inplace_backward)
+    check_nonfinite_logits(checks, logp.reshape(-1).index_select(0, row_index), row_index, mask.shape)
+    return _loss_output(loss, metrics, prepared, logp, entropy, mask, row_index, kwargs["rewards"], backends, checks)
 
 
 def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *,

@@ -31,12 +31,14 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from .estimators import ESTIMATORS, Groups
+from .config import LossConfig
+from .estimators import ESTIMATORS, Groups, declared_inputs
 from .losses import POLICY_LOSSES, policy_objective
-from .statistics import torch_linear_token_stats, torch_token_stats
+from .statistics import EXTRA_SIGNALS, torch_linear_token_stats, torch_token_stats
 
 __all__ = ["BACKENDS", "TOKEN_STATS", "LINEAR_TOKEN_STATS", "ADVANTAGES", "OBJECTIVE", "OPS", "Op", "Choice",
-           "TritonLaunch", "select", "check_backend", "triton_names"]
+           "TritonLaunch", "select", "check_backend", "triton_names", "LOGITS_PASS", "FUSED_LOSSES",
+           "fused_pass_blocker", "fused_policy_loss_launch", "describe_logits_pass"]
 
 BACKENDS = ("auto", "triton", "torch")
 TOKEN_STATS, LINEAR_TOKEN_STATS, ADVANTAGES, OBJECTIVE = "token_stats", "linear_token_stats", "advantages", "objective"
@@ -203,3 +205,69 @@ def select(op: str, backend: str, data: torch.Tensor, name: Optional[str] = None
         raise ValueError(f"backend='triton' cannot run {op}: {why_not}; use backend='auto' (falls back to torch) "
                          "or 'torch'")
     return Choice("torch", torch_fn, f"auto: {why_not}")
+
+
+# ---------------------------------------------------------------------------------------------
+# One read of the logits or two (docs/design.md §4.3)
+# ---------------------------------------------------------------------------------------------
+
+LOGITS_PASS = "logits_pass"  # the LossOutput.backends key that says which path policy_loss took
+# The Triton losses whose token term needs only the token's own inputs (kernels/logits_policy_loss.py);
+# gspo (the sequence ratio), clip_cov and kl_cov (a batch covariance selection) need the whole pass first.
+FUSED_LOSSES = ("vanilla", "cispo")
+
+
+def _advantages_read_the_pass(config: LossConfig, *, metric_given: bool, old_given: bool,
+                              advantage_inputs) -> Optional[str]:
+    """Why the estimator of ``config`` needs this pass's statistics, or None."""
+    advantage = config.advantage
+    if advantage.estimator == "canon" and advantage.canon_metric == "entropy" and not metric_given:
+        return "CANON's entropy regrouping reads this pass's entropy (pass metric= to fuse)"
+    declared = declared_inputs(advantage.estimator)
+    from_pass = [name for name in declared.required + declared.optional
+                 if (name == "old_logprobs" and not old_given)
+                 or (name in EXTRA_SIGNALS and name not in (advantage_inputs or {}))]
+    if from_pass:
+        return f"estimator {advantage.estimator!r} reads {', '.join(from_pass)} of this pass"
+    return None
+
+
+def fused_pass_blocker(stats: Choice, objective: Choice, config: LossConfig, *, needs_grad: bool,
+                       advantages_given: bool, metric_given: bool, old_given: bool, advantage_inputs,
+                       rollout_weights_from_pass: bool) -> Optional[str]:
+    """Why ``policy_loss`` on logits cannot run the fused kernel (loss and dlogits in one read of each row),
+    or None when it can: every per-token coefficient is then known before the pass. The one place that
+    decides; docs/design.md §4.3 tabulates it."""
+    if stats.backend != "triton" or objective.backend != "triton":
+        return "the statistics or the objective run in torch"
+    if not needs_grad:
+        return "no gradient is asked for: the statistics pass alone, no dlogits"
+    if config.loss_mode not in FUSED_LOSSES:
+        return (f"loss_mode {config.loss_mode!r} needs sequence or batch statistics of the pass first "
+                f"(fused: {', '.join(FUSED_LOSSES)})")
+    if not advantages_given:
+        why = _advantages_read_the_pass(config, metric_given=metric_given, old_given=old_given,
+                                        advantage_inputs=advantage_inputs)
+        if why is not None:
+            return why
+    if rollout_weights_from_pass:
+        return "the rollout IS weights are computed from this pass's log-probs (on-policy: pass old_logprobs)"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def fused_policy_loss_launch(loss_mode: str) -> Callable:
+    """The fused kernel's launch for a loss of FUSED_LOSSES (losses.triton_fused_policy_loss with the
+    kernel's constant bound), once ``fused_pass_blocker`` returned None."""
+    from . import losses
+    from .kernels import objective as objective_kernel
+
+    constants = {"vanilla": objective_kernel.VANILLA, "cispo": objective_kernel.CISPO}
+    return functools.partial(losses.triton_fused_policy_loss, loss_mode=constants[loss_mode])
+
+
+def describe_logits_pass(blocker: Optional[str]) -> str:
+    """``LossOutput.backends[LOGITS_PASS]``: the path taken and why."""
+    if blocker is None:
+        return "fused: one kernel reads each row, writes its loss term and dlogits (1 R + 1 W)"
+    return f"two passes: {blocker}"

@@ -22,7 +22,7 @@ __all__ = ["kl_penalty", "agg_loss", "masked_mean", "register_policy_loss", "POL
            "policy_objective", "clip_cov_selection", "kl_cov_selection", "token_covariance", "aggregation_weights",
            "zero_padded", "gspo_sequence_log_ratio", "check_ref_for_kl", "policy_token_weights", "top_entropy_mask",
            "kl_importance_ratio", "triton_objective_limit", "check_unreduced",
-           "triton_policy_objective"]
+           "triton_policy_objective", "triton_fused_policy_loss"]
 
 LOG_RATIO_CLAMP = 20.0  # verl clamps log(pi/pi_old) to ±20 in vanilla, cispo (and k3's d)
 GSPO_LOG_RATIO_MAX = 10.0
@@ -571,6 +571,68 @@ def triton_objective_limit(config: LossConfig, reduce: bool = True) -> Optional[
     return None
 
 
+def _kernel_kl_type(config: LossConfig):
+    """The kernels' KL_TYPE constant of ``config.kl_type`` (a '+' suffix: kl_straight_through)."""
+    from .kernels import objective as kernel
+
+    base_kl_type = config.kl_type[:-1] if config.kl_type.endswith("+") else config.kl_type
+    kl_types = {"k1": kernel.KL_K1, "kl": kernel.KL_K1, "abs": kernel.KL_ABS, "k2": kernel.KL_K2,
+                "mse": kernel.KL_K2, "k3": kernel.KL_K3, "low_var_kl": kernel.KL_K3}
+    if base_kl_type not in kl_types:
+        raise ValueError(f"unknown kl_type {config.kl_type!r}; choose one of k1|kl, abs, k2|mse, k3|low_var_kl "
+                         "(optionally with '+')")
+    return kl_types[base_kl_type]
+
+
+def _objective_inputs(mask, advantages, old_logp, ref_logp, config: LossConfig, norm: Normalizers,
+                      rollout_is_weights, loss_mode, *, selected=None, seq_log_ratio=None):
+    """Everything the Triton objective kernels take but logp and entropy (kernels/objective.py
+    ObjectiveInputs): the per-row aggregation weights, the clip bounds, the coefficients. ``mask`` bool."""
+    from .kernels import objective as kernel
+
+    valid = mask.to(torch.float32)
+    weight = aggregation_weights(valid.sum(-1), config.loss_agg_mode, norm, mask.shape[1]).float()
+    ratio_low, ratio_high = 1.0 - config.clip_ratio_low, 1.0 + config.clip_ratio_high
+    if loss_mode == kernel.CISPO:
+        lower, ratio_high = cispo_bounds(config)
+        ratio_low = -inf if lower is None else lower
+    return kernel.ObjectiveInputs(
+        mask=mask, advantages=advantages.detach(),
+        old=None if old_logp is None else old_logp.detach(),  # None: on-policy, ratio 1, gradient still flows
+        ref=None if ref_logp is None else ref_logp.detach(), selected=selected, seq_log_ratio=seq_log_ratio,
+        token_weight=policy_token_weights(config.loss_mode, rollout_is_weights, valid),
+        pg_weight=weight, weight=weight, loss_mode=loss_mode, kl_type=_kernel_kl_type(config),
+        kl_straight_through=config.kl_type.endswith("+"), ratio_low=ratio_low, ratio_high=ratio_high,
+        cispo_absolute=loss_mode == kernel.CISPO and config.cispo_bound == "absolute",
+        clip_c=config.clip_ratio_c if loss_mode == kernel.VANILLA or (
+            loss_mode == kernel.GSPO and config.dual_clip == "two_sided") else None,
+        dual_clip_two_sided=config.dual_clip == "two_sided",
+        ppo_kl_coef=config.ppo_kl_coef, entropy_coeff=config.entropy_coeff,
+        kl_coef=config.kl_coef if ref_logp is not None else 0.0, log_ratio_clamp=LOG_RATIO_CLAMP,
+        gspo_log_ratio_max=GSPO_LOG_RATIO_MAX, k3_log_ratio_clamp=LOG_RATIO_CLAMP if config.kl_k3_clamp else inf,
+        k3_value_clamp=K3_VALUE_CLAMP if config.kl_k3_clamp else inf)
+
+
+def _objective_metrics(sums, mask, loss_mode, config: LossConfig, *, has_entropy: bool, has_ref: bool):
+    """verl's metrics from the Triton kernels' sums (kernels/objective.py ObjectiveSums)."""
+    from .kernels import objective as kernel
+
+    count = mask.sum() + 1e-8  # verl's masked_mean denominators: the local valid count + 1e-8
+    metrics = {}
+    if loss_mode != kernel.KL_COV:
+        metrics["actor/pg_clipfrac"] = sums.clipped / count
+    metrics["actor/ppo_kl"] = sums.ppo_kl / count
+    if loss_mode in (kernel.VANILLA, kernel.GSPO, kernel.CISPO):
+        metrics["actor/pg_clipfrac_lower"] = sums.clipped_lower / count
+    metrics["actor/pg_loss"] = sums.pg
+    if has_entropy:
+        metrics["actor/entropy"] = sums.entropy
+    if has_ref:
+        metrics["actor/kl_loss"] = sums.kl
+        metrics["actor/kl_coef"] = torch.tensor(config.kl_coef)
+    return metrics
+
+
 def triton_policy_objective(logp: torch.Tensor, entropy: Optional[torch.Tensor], mask: torch.Tensor,
                             advantages: torch.Tensor, old_logp: Optional[torch.Tensor],
                             ref_logp: Optional[torch.Tensor], config: LossConfig, norm: Normalizers, step: int = 0,
@@ -589,22 +651,8 @@ def triton_policy_objective(logp: torch.Tensor, entropy: Optional[torch.Tensor],
     if not reduce:
         raise ValueError(triton_objective_limit(config, reduce))
     check_ref_for_kl(config, ref_logp)
-    base_kl_type = config.kl_type[:-1] if config.kl_type.endswith("+") else config.kl_type
-    kl_types = {"k1": kernel.KL_K1, "kl": kernel.KL_K1, "abs": kernel.KL_ABS, "k2": kernel.KL_K2,
-                "mse": kernel.KL_K2, "k3": kernel.KL_K3, "low_var_kl": kernel.KL_K3}
-    if base_kl_type not in kl_types:
-        raise ValueError(f"unknown kl_type {config.kl_type!r}; choose one of k1|kl, abs, k2|mse, k3|low_var_kl "
-                         "(optionally with '+')")
-    T = logp.shape[1]
     mask = mask.to(torch.bool)
     valid = mask.to(logp.dtype)
-    tokens_per_seq = valid.sum(-1)
-    weight = aggregation_weights(tokens_per_seq, config.loss_agg_mode, norm, T).float()
-
-    ratio_low, ratio_high = 1.0 - config.clip_ratio_low, 1.0 + config.clip_ratio_high
-    if loss_mode == kernel.CISPO:
-        lower, ratio_high = cispo_bounds(config)
-        ratio_low = -inf if lower is None else lower
     seq_log_ratio = selected = None
     if loss_mode in (kernel.GSPO, kernel.CLIP_COV, kernel.KL_COV):
         # logp too is zero-padded: the reference receives zeros there, the kernel tolerates anything.
@@ -617,40 +665,33 @@ def triton_policy_objective(logp: torch.Tensor, entropy: Optional[torch.Tensor],
             selected = clip_cov_selection(padded_logp, padded_old, padded_adv, valid, config, step)
         else:
             selected = kl_cov_selection(padded_logp, padded_adv, valid, config)
-
-    inputs = kernel.ObjectiveInputs(
-        mask=mask, advantages=advantages.detach(),
-        old=logp.detach() if old_logp is None else old_logp.detach(),  # on-policy: ratio 1, gradient still flows
-        ref=None if ref_logp is None else ref_logp.detach(), selected=selected, seq_log_ratio=seq_log_ratio,
-        token_weight=policy_token_weights(config.loss_mode, rollout_is_weights, valid),
-        pg_weight=weight, weight=weight, loss_mode=loss_mode, kl_type=kl_types[base_kl_type],
-        kl_straight_through=config.kl_type.endswith("+"), ratio_low=ratio_low, ratio_high=ratio_high,
-        cispo_absolute=loss_mode == kernel.CISPO and config.cispo_bound == "absolute",
-        clip_c=config.clip_ratio_c if loss_mode == kernel.VANILLA or (
-            loss_mode == kernel.GSPO and config.dual_clip == "two_sided") else None,
-        dual_clip_two_sided=config.dual_clip == "two_sided",
-        ppo_kl_coef=config.ppo_kl_coef, entropy_coeff=config.entropy_coeff,
-        kl_coef=config.kl_coef if ref_logp is not None else 0.0, log_ratio_clamp=LOG_RATIO_CLAMP,
-        gspo_log_ratio_max=GSPO_LOG_RATIO_MAX, k3_log_ratio_clamp=LOG_RATIO_CLAMP if config.kl_k3_clamp else inf,
-        k3_value_clamp=K3_VALUE_CLAMP if config.kl_k3_clamp else inf)
+    inputs = _objective_inputs(mask, advantages, old_logp, ref_logp, config, norm, rollout_is_weights, loss_mode,
+                               selected=selected, seq_log_ratio=seq_log_ratio)
     if entropy is None:
         entropy_in = torch.zeros_like(logp.detach())  # no entropy term, no entropy metric
     else:
         entropy_in = entropy if config.entropy_coeff != 0 else entropy.detach()
     loss, sums = kernel.triton_objective(logp, entropy_in, inputs)
+    return loss, _objective_metrics(sums, mask, loss_mode, config, has_entropy=entropy is not None,
+                                    has_ref=ref_logp is not None)
 
-    # verl's masked_mean denominators: the local valid count + 1e-8.
-    count = tokens_per_seq.sum() + 1e-8
-    metrics = {}
-    if loss_mode != kernel.KL_COV:
-        metrics["actor/pg_clipfrac"] = sums.clipped / count
-    metrics["actor/ppo_kl"] = sums.ppo_kl / count
-    if loss_mode in (kernel.VANILLA, kernel.GSPO, kernel.CISPO):
-        metrics["actor/pg_clipfrac_lower"] = sums.clipped_lower / count
-    metrics["actor/pg_loss"] = sums.pg
-    if entropy is not None:
-        metrics["actor/entropy"] = sums.entropy
-    if ref_logp is not None:
-        metrics["actor/kl_loss"] = sums.kl
-        metrics["actor/kl_coef"] = torch.tensor(config.kl_coef)
-    return loss, metrics
+
+def triton_fused_policy_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                             advantages: torch.Tensor, old_logp: Optional[torch.Tensor],
+                             ref_logp: Optional[torch.Tensor], config: LossConfig, norm: Normalizers,
+                             rollout_is_weights: Optional[torch.Tensor] = None, *, loss_mode,
+                             inplace_backward: bool = False):
+    """The statistics pass, ``policy_objective`` and dlogits in one Triton kernel (kernels/logits_policy_loss.py),
+    for a loss whose coefficients need no statistic of the pass (backends.fused_pass_blocker decides):
+    ``(loss, metrics, logp [B, T], entropy [B, T])``, logp and entropy detached with zeros at padded positions.
+    The loss is differentiable w.r.t. the logits only; its value and gradient are ``triton_policy_objective``'s
+    on the statistics of ``triton_token_stats``."""
+    from .kernels import logits_policy_loss as kernel
+
+    check_ref_for_kl(config, ref_logp)
+    mask = mask.to(torch.bool)
+    inputs = _objective_inputs(mask, advantages, old_logp, ref_logp, config, norm, rollout_is_weights, loss_mode)
+    loss, sums, logp, entropy = kernel.triton_policy_loss(logits, targets, inputs, config.temperature,
+                                                          inplace_backward=inplace_backward)
+    return loss, _objective_metrics(sums, mask, loss_mode, config, has_entropy=True, has_ref=ref_logp is not None), \
+        logp, entropy

@@ -12,6 +12,7 @@ decides which implementation runs.
   linear_token_stats.py  the same from hidden states and the LM head, never forming [N, V]
   advantages.py          the built-in outcome estimators, one program per prompt group
   objective.py           the per-token policy objective, aggregation and metric sums
+  logits_policy_loss.py  statistics, objective and dlogits in one pass when the coefficients are known first
 
 This file imports no triton at module level, so ``triton_available`` and
 ``triton_interpreter_enabled`` work without it.

@@ -38,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["triton_objective", "ObjectiveInputs", "ObjectiveSums", "PolicyObjectiveFunction", "VANILLA", "CLIP_COV",
+__all__ = ["triton_objective", "ObjectiveInputs", "ObjectiveSums", "PolicyObjectiveFunction", "objective_loss",
+           "token_policy_loss", "token_kl", "VANILLA", "CLIP_COV",
            "KL_COV", "GSPO", "CISPO", "KL_K1", "KL_ABS", "KL_K2", "KL_K3"]
 
 # The loss modes, as values of the kernel's LOSS_MODE constexpr.
@@ -100,6 +101,112 @@ def _minimum_grad(a, b, grad_a, grad_b):
 
 
 @triton.jit
+def token_policy_loss(logp, old, adv, seq_log_ratio, selected, token_weight, ratio_low, ratio_high, clip_c,
+                      ppo_kl_coef, log_ratio_clamp, gspo_log_ratio_max, LOSS_MODE: tl.constexpr,
+                      CISPO_ABSOLUTE: tl.constexpr, DUAL_CLIP: tl.constexpr, TWO_SIDED: tl.constexpr,
+                      HAS_TOKEN_WEIGHT: tl.constexpr):
+    """The policy term of tokens (scalars or vectors alike): (value l, dl/dlogp, clipped, ppo_kl,
+    clipped_lower), the last three the metric indicators. ``seq_log_ratio`` is read by GSPO only (the
+    row's mean log-ratio), ``selected`` by Clip-Cov / KL-Cov only (their token selection),
+    ``token_weight`` only with HAS_TOKEN_WEIGHT (the rollout IS weights, after the clip). Shared by the
+    objective kernel and the fused loss kernel (logits_policy_loss.py): one implementation of the losses."""
+    zero = tl.zeros_like(logp)  # the shape of the tokens, whatever their values
+    raw_log_ratio = logp - old
+    if (LOSS_MODE == VANILLA) or (LOSS_MODE == CISPO):  # verl clamps the log-ratio to +-20
+        log_ratio = tl.minimum(tl.maximum(raw_log_ratio, -log_ratio_clamp), log_ratio_clamp)
+        # torch.clamp passes the gradient at the bounds too (inclusive).
+        d_log_ratio = ((raw_log_ratio >= -log_ratio_clamp) & (raw_log_ratio <= log_ratio_clamp)).to(tl.float32)
+    else:
+        log_ratio = raw_log_ratio
+        d_log_ratio = zero + 1.0
+    if LOSS_MODE == GSPO:  # the ratio's value is the row's, its gradient path the token's own logp
+        ratio = tl.exp(tl.minimum(seq_log_ratio, gspo_log_ratio_max)) + zero
+        d_ratio = tl.where(seq_log_ratio <= gspo_log_ratio_max, ratio, 0.0)
+    else:
+        ratio = tl.exp(log_ratio)
+        d_ratio = ratio * d_log_ratio
+    clipped_ratio = tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
+    ratio_in_range = (ratio >= ratio_low) & (ratio <= ratio_high)
+    clipped_lower = zero != 0.0
+
+    if LOSS_MODE == CISPO:  # -sg(clip(rho)) A logp
+        value = -adv * clipped_ratio * logp
+        d_value = -adv * clipped_ratio
+        if CISPO_ABSOLUTE:
+            clipped = (ratio > ratio_high) & (adv > 0)
+        else:
+            clipped = ratio != clipped_ratio
+        ppo_kl = -log_ratio
+    elif LOSS_MODE == KL_COV:  # -A rho + ppo_kl_coef |log rho| on the selected tokens
+        abs_kl = tl.abs(log_ratio)
+        sign = tl.where(log_ratio > 0, 1.0, tl.where(log_ratio < 0, -1.0, 0.0))  # torch: d|x|/dx = 0 at 0
+        value = -adv * ratio + tl.where(selected, ppo_kl_coef * abs_kl, 0.0)
+        d_value = -adv * d_ratio + tl.where(selected, ppo_kl_coef * sign, 0.0)
+        clipped = zero != 0.0
+        ppo_kl = abs_kl
+    else:  # vanilla, gspo, clip_cov: max(-A rho, -A clip(rho))
+        unclipped = -adv * ratio
+        clipped_value = -adv * clipped_ratio
+        d_unclipped = -adv * d_ratio
+        d_clipped = tl.where(ratio_in_range, d_unclipped, 0.0)
+        clipped = clipped_value > unclipped
+        ppo_kl = -log_ratio
+        if DUAL_CLIP and TWO_SIDED:  # max(-A min(rho, c), -A clip(rho)); torch.clamp passes the gradient at c
+            capped = -adv * tl.minimum(ratio, clip_c)
+            d_capped = tl.where(ratio <= clip_c, d_unclipped, 0.0)
+            value = tl.maximum(capped, clipped_value)
+            d_value = _maximum_grad(capped, clipped_value, d_capped, d_clipped)
+            clipped_lower = ratio > clip_c
+        else:
+            value = tl.maximum(unclipped, clipped_value)
+            d_value = _maximum_grad(unclipped, clipped_value, d_unclipped, d_clipped)
+        if LOSS_MODE == VANILLA:
+            if DUAL_CLIP and not TWO_SIDED:  # for A < 0 only: min(loss, -A c)
+                dual = -adv * clip_c
+                negative = adv < 0
+                clipped_lower = (value > dual) & negative
+                d_value = tl.where(negative, _minimum_grad(value, dual, d_value, 0.0), d_value)
+                value = tl.where(negative, tl.minimum(value, dual), value)
+        if LOSS_MODE == CLIP_COV:  # the selected tokens' loss is multiplied by 0
+            value = tl.where(selected, 0.0, value)
+            d_value = tl.where(selected, 0.0, d_value)
+            clipped = selected
+
+    if HAS_TOKEN_WEIGHT:  # after the clip; the metric counts above are of the unweighted loss
+        value = value * token_weight
+        d_value = d_value * token_weight
+    # A NaN log-prob gives a NaN loss, as in the reference: the clamps above (tl.minimum and tl.maximum
+    # return the non-NaN operand) would turn it into a finite number.
+    value = tl.where(logp != logp, logp, value)
+    return value, d_value, clipped, ppo_kl, clipped_lower
+
+
+@triton.jit
+def token_kl(d, k3_log_ratio_clamp, k3_value_clamp, KL_TYPE: tl.constexpr, KL_STRAIGHT_THROUGH: tl.constexpr):
+    """KL(pi || pi_ref) of tokens from d = logp - ref: (value, d value / d logp)."""
+    if KL_TYPE == KL_K1:
+        kl = d
+        d_kl = tl.zeros_like(d) + 1.0
+    elif KL_TYPE == KL_ABS:
+        kl = tl.abs(d)
+        d_kl = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+    elif KL_TYPE == KL_K2:
+        kl = 0.5 * d * d
+        d_kl = d
+    else:  # k3 = exp(-d) + d - 1 with -d clamped to +-20 and the value to +-10; no gradient where clamped
+        neg = tl.minimum(tl.maximum(-d, -k3_log_ratio_clamp), k3_log_ratio_clamp)
+        exp_neg = tl.exp(neg)
+        k3 = exp_neg - neg - 1.0
+        kl = tl.minimum(tl.maximum(k3, -k3_value_clamp), k3_value_clamp)
+        live = ((-d >= -k3_log_ratio_clamp) & (-d <= k3_log_ratio_clamp)
+                & (k3 >= -k3_value_clamp) & (k3 <= k3_value_clamp))
+        d_kl = tl.where(live, 1.0 - exp_neg, 0.0)
+    if KL_STRAIGHT_THROUGH:
+        d_kl = d
+    return kl, d_kl
+
+
+@triton.jit
 def _policy_objective_fwd_kernel(
     logp_ptr, entropy_ptr, mask_ptr,  # [B, T] contiguous: fp32, fp32, uint8 (bool)
     old_ptr, ref_ptr, selected_ptr,  # [B, T] contiguous: old/ref log-probs, Clip-Cov / KL-Cov selection (uint8)
@@ -136,78 +243,21 @@ def _policy_objective_fwd_kernel(
     pg_weight = tl.load(pg_weight_ptr + b)
     weight = tl.load(weight_ptr + b)
 
-    # Per-token loss value, its derivative w.r.t. logp, and the metric indicators.
-    raw_log_ratio = logp - old
-    if (LOSS_MODE == VANILLA) or (LOSS_MODE == CISPO):  # verl clamps the log-ratio to +-20
-        log_ratio = tl.minimum(tl.maximum(raw_log_ratio, -log_ratio_clamp), log_ratio_clamp)
-        # torch.clamp passes the gradient at the bounds too (inclusive).
-        d_log_ratio = ((raw_log_ratio >= -log_ratio_clamp) & (raw_log_ratio <= log_ratio_clamp)).to(tl.float32)
+    if (LOSS_MODE == CLIP_COV) or (LOSS_MODE == KL_COV):
+        selected = tl.load(selected_ptr + offs, mask=valid, other=0) != 0
     else:
-        log_ratio = raw_log_ratio
-        d_log_ratio = tl.full([BLOCK_T], 1.0, tl.float32)
-    if LOSS_MODE == GSPO:  # the ratio's value is the row's, its gradient path the token's own logp
+        selected = valid  # not read
+    if LOSS_MODE == GSPO:
         seq_log_ratio = tl.load(seq_log_ratio_ptr + b)
-        ratio = tl.exp(tl.minimum(seq_log_ratio, gspo_log_ratio_max)) + tl.zeros([BLOCK_T], tl.float32)
-        d_ratio = tl.where(seq_log_ratio <= gspo_log_ratio_max, ratio, 0.0)
     else:
-        ratio = tl.exp(log_ratio)
-        d_ratio = ratio * d_log_ratio
-    clipped_ratio = tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
-    ratio_in_range = (ratio >= ratio_low) & (ratio <= ratio_high)
-    clipped_lower = tl.zeros([BLOCK_T], tl.int1)
-
-    if LOSS_MODE == CISPO:  # -sg(clip(rho)) A logp
-        value = -adv * clipped_ratio * logp
-        d_value = -adv * clipped_ratio
-        if CISPO_ABSOLUTE:
-            clipped = (ratio > ratio_high) & (adv > 0)
-        else:
-            clipped = ratio != clipped_ratio
-        ppo_kl = -log_ratio
-    elif LOSS_MODE == KL_COV:  # -A rho + ppo_kl_coef |log rho| on the selected tokens
-        penalized = tl.load(selected_ptr + offs, mask=valid, other=0) != 0
-        abs_kl = tl.abs(log_ratio)
-        sign = tl.where(log_ratio > 0, 1.0, tl.where(log_ratio < 0, -1.0, 0.0))  # torch: d|x|/dx = 0 at 0
-        value = -adv * ratio + tl.where(penalized, ppo_kl_coef * abs_kl, 0.0)
-        d_value = -adv * d_ratio + tl.where(penalized, ppo_kl_coef * sign, 0.0)
-        clipped = tl.zeros([BLOCK_T], tl.int1)
-        ppo_kl = abs_kl
-    else:  # vanilla, gspo, clip_cov: max(-A rho, -A clip(rho))
-        unclipped = -adv * ratio
-        clipped_value = -adv * clipped_ratio
-        d_unclipped = -adv * d_ratio
-        d_clipped = tl.where(ratio_in_range, d_unclipped, 0.0)
-        clipped = clipped_value > unclipped
-        ppo_kl = -log_ratio
-        if DUAL_CLIP and TWO_SIDED:  # max(-A min(rho, c), -A clip(rho)); torch.clamp passes the gradient at c
-            capped = -adv * tl.minimum(ratio, clip_c)
-            d_capped = tl.where(ratio <= clip_c, d_unclipped, 0.0)
-            value = tl.maximum(capped, clipped_value)
-            d_value = _maximum_grad(capped, clipped_value, d_capped, d_clipped)
-            clipped_lower = ratio > clip_c
-        else:
-            value = tl.maximum(unclipped, clipped_value)
-            d_value = _maximum_grad(unclipped, clipped_value, d_unclipped, d_clipped)
-        if LOSS_MODE == VANILLA:
-            if DUAL_CLIP and not TWO_SIDED:  # for A < 0 only: min(loss, -A c)
-                dual = -adv * clip_c
-                negative = adv < 0
-                clipped_lower = (value > dual) & negative
-                d_value = tl.where(negative, _minimum_grad(value, dual, d_value, 0.0), d_value)
-                value = tl.where(negative, tl.minimum(value, dual), value)
-        if LOSS_MODE == CLIP_COV:  # the selected tokens' loss is multiplied by 0
-            dropped = tl.load(selected_ptr + offs, mask=valid, other=0) != 0
-            value = tl.where(dropped, 0.0, value)
-            d_value = tl.where(dropped, 0.0, d_value)
-            clipped = dropped
-
-    if HAS_TOKEN_WEIGHT:  # after the clip; the metric counts above are of the unweighted loss
+        seq_log_ratio = 0.0  # not read
+    if HAS_TOKEN_WEIGHT:
         token_weight = tl.load(token_weight_ptr + offs, mask=valid, other=0.0)
-        value = value * token_weight
-        d_value = d_value * token_weight
-    # A NaN log-prob gives a NaN loss, as in the reference: the clamps above (tl.minimum and tl.maximum
-    # return the non-NaN operand) would turn it into a finite number.
-    value = tl.where(logp != logp, logp, value)
+    else:
+        token_weight = 1.0  # not read
+    value, d_value, clipped, ppo_kl, clipped_lower = token_policy_loss(
+        logp, old, adv, seq_log_ratio, selected, token_weight, ratio_low, ratio_high, clip_c, ppo_kl_coef,
+        log_ratio_clamp, gspo_log_ratio_max, LOSS_MODE, CISPO_ABSOLUTE, DUAL_CLIP, TWO_SIDED, HAS_TOKEN_WEIGHT)
     value = tl.where(valid, value, 0.0)
     c_logp = tl.where(valid, pg_weight * d_value, 0.0)
     entropy = tl.load(entropy_ptr + offs, mask=valid, other=0.0).to(tl.float32)
@@ -220,26 +270,7 @@ def _policy_objective_fwd_kernel(
 
     if HAS_REF:  # KL(pi || pi_ref) of d = logp - ref
         ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-        d = logp - ref
-        if KL_TYPE == KL_K1:
-            kl = d
-            d_kl = tl.full([BLOCK_T], 1.0, tl.float32)
-        elif KL_TYPE == KL_ABS:
-            kl = tl.abs(d)
-            d_kl = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
-        elif KL_TYPE == KL_K2:
-            kl = 0.5 * d * d
-            d_kl = d
-        else:  # k3 = exp(-d) + d - 1 with -d clamped to +-20 and the value to +-10; no gradient where clamped
-            neg = tl.minimum(tl.maximum(-d, -k3_log_ratio_clamp), k3_log_ratio_clamp)
-            exp_neg = tl.exp(neg)
-            k3 = exp_neg - neg - 1.0
-            kl = tl.minimum(tl.maximum(k3, -k3_value_clamp), k3_value_clamp)
-            live = ((-d >= -k3_log_ratio_clamp) & (-d <= k3_log_ratio_clamp)
-                    & (k3 >= -k3_value_clamp) & (k3 <= k3_value_clamp))
-            d_kl = tl.where(live, 1.0 - exp_neg, 0.0)
-        if KL_STRAIGHT_THROUGH:
-            d_kl = d
+        kl, d_kl = token_kl(logp - ref, k3_log_ratio_clamp, k3_value_clamp, KL_TYPE, KL_STRAIGHT_THROUGH)
         kl = tl.where(valid, kl, 0.0)
         tl.store(slot + SUM_KL, tl.sum(weight * kl, axis=0))
         c_logp += tl.where(valid, kl_coef * weight * d_kl, 0.0)
@@ -261,7 +292,7 @@ class ObjectiveInputs:
 
     mask: torch.Tensor  # [B, T] bool
     advantages: torch.Tensor  # [B, T] float, any strides (an expanded [B] vector is read in place)
-    old: torch.Tensor  # [B, T] old log-probs (on-policy: logp itself, detached)
+    old: Optional[torch.Tensor]  # [B, T] old log-probs; None: on-policy (logp itself, detached)
     ref: Optional[torch.Tensor]  # [B, T] reference log-probs, or None: no KL term
     selected: Optional[torch.Tensor]  # [B, T] bool: the tokens Clip-Cov drops / KL-Cov penalises
     seq_log_ratio: Optional[torch.Tensor]  # [B] fp32: GSPO's per-row mean log-ratio
@@ -285,6 +316,17 @@ class ObjectiveInputs:
     k3_value_clamp: float  # |k3| bound (inf: none)
 
 
+def objective_loss(sums: ObjectiveSums, inputs: ObjectiveInputs) -> torch.Tensor:
+    """The loss from the kernels' sums: pg - entropy_coeff entropy + kl_coef kl (a term with coefficient 0
+    is left out, so that its NaN or inf cannot reach the loss)."""
+    loss = sums.pg.clone()
+    if inputs.entropy_coeff != 0:
+        loss = loss - inputs.entropy_coeff * sums.entropy
+    if inputs.kl_coef != 0:
+        loss = loss + inputs.kl_coef * sums.kl
+    return loss
+
+
 class PolicyObjectiveFunction(torch.autograd.Function):
     """loss = sum of the kernel's per-token contributions; backward = grad_output * (c_logp, c_ent).
 
@@ -305,6 +347,7 @@ class PolicyObjectiveFunction(torch.autograd.Function):
         if grid[0] * grid[1] > 0:
             adv = inputs.advantages
             has_ref = inputs.ref is not None
+            old = inputs.old.contiguous() if inputs.old is not None else logp.detach()  # on-policy: ratio 1
             mask = inputs.mask.contiguous().view(torch.uint8)
             # Placeholders for the pointers a mode does not read.
             ref = inputs.ref.detach().contiguous() if has_ref else logp
@@ -313,7 +356,7 @@ class PolicyObjectiveFunction(torch.autograd.Function):
             has_token_weight = inputs.token_weight is not None
             token_weight = inputs.token_weight.detach().float().contiguous() if has_token_weight else logp
             _policy_objective_fwd_kernel[grid](
-                logp, entropy, mask, inputs.old.contiguous(), ref, selected,
+                logp, entropy, mask, old, ref, selected,
                 adv, adv.stride(0), adv.stride(1), seq_log_ratio, token_weight, inputs.pg_weight.contiguous(),
                 inputs.weight.contiguous(), c_logp, c_ent, partial, T,
                 inputs.ratio_low, inputs.ratio_high, inputs.clip_c if inputs.clip_c is not None else 0.0,
@@ -325,12 +368,7 @@ class PolicyObjectiveFunction(torch.autograd.Function):
                 ENTROPY_GRAD=entropy_grad, HAS_TOKEN_WEIGHT=has_token_weight, BLOCK_T=block_t, NUM_SUMS=NUM_SUMS,
                 num_warps=_num_warps(block_t))
         sums = partial.sum(0)
-        named = ObjectiveSums(*sums.unbind())
-        loss = named.pg.clone()
-        if inputs.entropy_coeff != 0:
-            loss = loss - inputs.entropy_coeff * named.entropy
-        if inputs.kl_coef != 0:
-            loss = loss + inputs.kl_coef * named.kl
+        loss = objective_loss(ObjectiveSums(*sums.unbind()), inputs)
         ctx.mark_non_differentiable(sums)
         ctx.save_for_backward(c_logp, c_ent if entropy_grad else None)
         ctx.logp_dtype, ctx.entropy_dtype = logp.dtype, entropy.dtype

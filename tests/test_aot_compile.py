@@ -53,18 +53,20 @@ def test_every_kernel_is_registered(aot_dir):
 @pytest.mark.parametrize("cc", [80, 90])
 def test_logits_streaming_kernels_move_16_bytes_per_access(cc, aot_dir):
     """The logits-path kernels are bound by memory bandwidth (one [N, V] read forward; a read and a
-    write backward). Compiled as the JIT launches them at V = 151,936 (row strides and V divisible
+    write backward, or both in the fused kernel). Compiled as the JIT launches them at V = 151,936 (row strides and V divisible
     by 16), every thread must load, and the backward store, 16-byte vectors: 2-byte scalar accesses
     of bf16 logits would issue 8x the memory instructions."""
     out = os.path.join(aot_dir, f"sm{cc}")
     os.makedirs(out, exist_ok=True)
     report = compile_registered(cc, out)
-    streaming = [c for c in report["compiled"] if c["module"] == "fused_canon.kernels.logits_token_stats"]
-    assert {c["kernel"] for c in streaming} == {"_token_stats_fwd_kernel", "_token_stats_bwd_kernel"}
+    streaming = [c for c in report["compiled"] if c["module"] in ("fused_canon.kernels.logits_token_stats",
+                                                                  "fused_canon.kernels.logits_policy_loss")]
+    assert {c["kernel"] for c in streaming} == {"_token_stats_fwd_kernel", "_token_stats_bwd_kernel",
+                                                "_policy_loss_fused_kernel", "_scale_gradient_kernel"}
     for c in streaming:
         ptx = open(c["ptx"]).read()
         assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", ptx), f"{c['label']} ({c['dtype']}): no 16-byte loads"
-        if c["kernel"] == "_token_stats_bwd_kernel":
+        if c["kernel"] != "_token_stats_fwd_kernel":
             assert re.search(r"st\.global(\.\w+)*\.v4\.b32", ptx), f"{c['label']} ({c['dtype']}): no 16-byte stores"
 
 

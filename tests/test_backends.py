@@ -62,7 +62,8 @@ def test_auto_on_cpu_tensors_is_torch_and_says_so():
 
 def test_auto_uses_triton_where_it_can(auto_uses_the_interpreter):
     out = loss_call(make_batch())
-    assert out.backends == {name: "triton (auto: cpu tensors)" for name in ("token_stats", "advantages", "objective")}
+    assert out.backends == {**{name: "triton (auto: cpu tensors)" for name in ("token_stats", "advantages", "objective")},
+                            "logits_pass": "two passes: no gradient is asked for: the statistics pass alone, no dlogits"}
 
 
 def test_explicit_triton_refuses_fp64_and_auto_falls_back(auto_uses_the_interpreter):

@@ -174,7 +174,7 @@ def test_inplace_backward_refuses_logits_whose_elements_overlap(overlapping):
 @pytest.mark.parametrize("leaf", [False, True], ids=["activation", "leaf"])
 def test_inplace_backward_memory(leaf):
     """inplace_backward saves the [B, T, V] gradient for logits computed in the graph (here by an LM head):
-    the backward allocates none. For leaf logits autograd copies the gradient into .grad anyway (one
+    the call and its backward allocate none. For leaf logits autograd copies the gradient into .grad anyway (one
     [B, T, V] copy, as many as without the option: documented, the option only destroys them)."""
     batch = batch_on_device(vocab=64)
     B, T, V = batch["logits"].shape
@@ -184,11 +184,10 @@ def test_inplace_backward_memory(leaf):
         hidden = torch.randn(B, T, 8, device=DEVICE, requires_grad=True)
         head = torch.randn(V, 8, device=DEVICE, requires_grad=True)
         logits = batch["logits"].clone().requires_grad_() if leaf else hidden @ head.T
-        out = fc.policy_loss(logits, batch["targets"], batch["mask"], backend="triton", inplace_backward=inplace,
-                             **kwargs)
         recorder = AllocationRecorder()
-        with recorder:
-            out.loss.backward()
+        with recorder:  # forward and backward: the fused path writes dlogits in the forward
+            fc.policy_loss(logits, batch["targets"], batch["mask"], backend="triton", inplace_backward=inplace,
+                           **kwargs).loss.backward()
         big[inplace] = [op for op, numel in recorder.numels if numel == B * T * V]
     assert len(big[False]) == 1  # dlogits
     assert len(big[True]) == (1 if leaf else 0), big[True]
@@ -256,4 +255,6 @@ def test_triton_backend_runs_every_stage_in_triton(monkeypatch):
     assert sorted(launched) == ["_group_advantages_kernel", "_policy_objective_fwd_kernel", "_token_stats_bwd_kernel",
                                 "_token_stats_fwd_kernel"]
     assert out.backends == {"token_stats": "triton (requested)", "advantages": "triton (requested)",
-                            "objective": "triton (requested)"}
+                            "objective": "triton (requested)",
+                            "logits_pass": "two passes: CANON's entropy regrouping reads this pass's entropy (pass "
+                                           "metric= to fuse)"}
