@@ -211,6 +211,41 @@ def _rollout_correction(logp, mask, old_logprobs, rollout_logprobs, rollout_is_w
     return weights, metrics
 
 
+REF_LINEAR_TOKEN_STATS = "ref_" + LINEAR_TOKEN_STATS  # LossOutput.backends' key of the reference LM-head pass
+
+
+def _check_lm_head(prefix: str, hidden, weight, bias, shape, vocab: Optional[int] = None) -> None:
+    """``{prefix}hidden [B, T, H]``, ``{prefix}weight [V, H]`` and ``{prefix}bias [V]`` (or None) in one float
+    dtype on hidden's device; ``vocab``: the V the weight must have (the policy's)."""
+    if not torch.is_tensor(hidden) or tuple(hidden.shape[:2]) != tuple(shape) or hidden.dim() != 3:
+        raise ValueError(f"{prefix}hidden must be [B, T, H] with [B, T] = {tuple(shape)}, got "
+                         f"{tuple(getattr(hidden, 'shape', ())) or type(hidden).__name__}")
+    device = hidden.device
+    check_tensor(f"{prefix}weight", weight, device=device)
+    if hidden.dtype not in FLOAT_DTYPES or weight.dtype != hidden.dtype:
+        raise TypeError(f"{prefix}hidden and {prefix}weight must share one float dtype, got {hidden.dtype} and "
+                        f"{weight.dtype}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or (vocab is not None and weight.shape[0] != vocab):
+        rows = "V" if vocab is None else f"V={vocab}"
+        raise ValueError(f"{prefix}weight must be [{rows}, H={hidden.shape[-1]}], got {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor(f"{prefix}bias", bias, device=device)
+        if bias.shape != (weight.shape[0],) or bias.dtype != hidden.dtype:
+            raise ValueError(f"{prefix}bias must be [V={weight.shape[0]}] in {hidden.dtype}, got {tuple(bias.shape)} "
+                             f"{bias.dtype}")
+
+
+def _reference_logprobs(ref_hidden, ref_weight, ref_bias, targets, row_index, shape, config, backend, checks):
+    """The reference model's log-probs of ``targets`` [B, T] (0 at padding) from its LM head, forward only,
+    and what ran it (``Choice.describe()``)."""
+    stats = select(LINEAR_TOKEN_STATS, backend, ref_hidden)
+    with torch.no_grad():
+        ref_rows = stats.fn(ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight, targets.reshape(-1), row_index,
+                            bias=ref_bias, temperature=config.temperature)[0]
+    check_nonfinite_logits(checks, ref_rows, row_index, shape, lm_head=True, reference=True)
+    return scatter_rows(ref_rows, row_index, shape), stats.describe()
+
+
 @dataclass
 class _Prepared:
     """What stage 2 knows before the objective: every input of the per-token coefficients but logp and H."""
@@ -469,30 +504,37 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
                        metric: Optional[torch.Tensor] = None, config: Optional[LossConfig] = None, step: int = 0,
                        global_num_tokens: Optional[float] = None, global_num_seqs: Optional[float] = None,
                        backend: str = "auto", advantage_inputs: Optional[Dict[str, torch.Tensor]] = None,
-                       reduce: bool = True) -> LossOutput:
+                       reduce: bool = True, ref_hidden: Optional[torch.Tensor] = None,
+                       ref_weight: Optional[torch.Tensor] = None, ref_bias: Optional[torch.Tensor] = None) -> LossOutput:
     """``policy_loss`` from the last hidden states ``hidden [B, T, H]`` and the LM head ``weight [V, H]``
     (+ ``bias [V]``), without materialising the [B, T, V] logits (logits = hidden @ weight.T + bias).
     Same keywords and output as ``policy_loss``; the loss is differentiable w.r.t. hidden, weight, bias.
     Non-finite logits of a valid row (NaN or inf in its hidden state, in the weight or the bias) raise
-    as in ``policy_loss``."""
+    as in ``policy_loss``.
+
+    ``ref_hidden [B, T, H_ref]`` + ``ref_weight [V, H_ref]`` (+ ``ref_bias [V]``), the reference model's last
+    hidden states and LM head (Liger's ``ref_input`` / ``ref_weight``), instead of ``ref_logprobs``: its
+    log-probs of the targets come from a forward-only pass of the same LM-head statistics (no [B, T, V]
+    logits, no gradient, at ``config.temperature``); ``LossOutput.backends["ref_linear_token_stats"]`` says
+    which backend ran it."""
     config = LossConfig() if config is None else config
     if not torch.is_tensor(hidden) or hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, T, H], got {getattr(hidden, 'shape', type(hidden))}")
     device = hidden.device
     mask = _check_common(mask, hidden.shape[:2], device, config, step, global_num_tokens, global_num_seqs, reduce)
-    check_tensor("weight", weight, device=device)
-    if hidden.dtype not in FLOAT_DTYPES or weight.dtype != hidden.dtype:
-        raise TypeError(f"hidden and weight must share one float dtype, got {hidden.dtype} and {weight.dtype}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must be [V, H={hidden.shape[-1]}], got {tuple(weight.shape)}")
-    if bias is not None:
-        check_tensor("bias", bias, device=device)
-        if bias.shape != (weight.shape[0],) or bias.dtype != hidden.dtype:
-            raise ValueError(f"bias must be [V={weight.shape[0]}] in {hidden.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    _check_lm_head("", hidden, weight, bias, hidden.shape[:2])
     check_tensor("targets", targets, device=device)
     if targets.shape != hidden.shape[:2]:
         raise ValueError(f"targets shape {tuple(targets.shape)} must be [B, T] = {tuple(hidden.shape[:2])}")
     check_targets_in_range(targets, weight.shape[0], mask)
+    uses_ref_head = any(x is not None for x in (ref_hidden, ref_weight, ref_bias))
+    if uses_ref_head:
+        if ref_logprobs is not None:
+            raise ValueError("pass either `ref_logprobs` or `ref_hidden` + `ref_weight` (to compute them), not both")
+        if ref_hidden is None or ref_weight is None:
+            raise ValueError("the reference model's LM head needs both `ref_hidden` [B, T, H_ref] and `ref_weight` "
+                             "[V, H_ref] (`ref_bias` [V] optional)")
+        _check_lm_head("ref_", ref_hidden, ref_weight, ref_bias, hidden.shape[:2], vocab=weight.shape[0])
     stats = select(LINEAR_TOKEN_STATS, backend, hidden)
     row_index = valid_row_index(mask)
     outputs = stats.fn(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), row_index,
@@ -500,13 +542,17 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
                        extra_stats=_needs_extra_signals(config, rewards, advantage_inputs))
     checks = PendingChecks()
     check_nonfinite_logits(checks, outputs[0].detach(), row_index, mask.shape, lm_head=True)
+    backends = {LINEAR_TOKEN_STATS: stats.describe()}
+    if uses_ref_head:
+        ref_logprobs, backends[REF_LINEAR_TOKEN_STATS] = _reference_logprobs(
+            ref_hidden, ref_weight, ref_bias, targets, row_index, mask.shape, config, backend, checks)
     return _loss_from_logprobs(scatter_rows(outputs[0], row_index, mask.shape),
                                scatter_rows(outputs[1], row_index, mask.shape), mask, row_index,
                                backend=backend, rewards=rewards, group_ids=group_ids, advantages=advantages,
                                old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
                                rollout_is_weights=rollout_is_weights, metric=metric, config=config,
                                step=step, global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
-                               backends={LINEAR_TOKEN_STATS: stats.describe()}, checks=checks,
+                               backends=backends, checks=checks,
                                advantage_inputs=advantage_inputs,
                                pass_inputs=dict(token_ids=targets, **_pass_signals(outputs, row_index, mask.shape)),
                                reduce=reduce)

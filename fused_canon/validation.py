@@ -180,14 +180,19 @@ def check_logits_and_targets(logits: torch.Tensor, targets: torch.Tensor, mask: 
 
 
 def check_nonfinite_logits(checks: PendingChecks, logp_rows: torch.Tensor, row_index: torch.Tensor,
-                           shape: Sequence[int], lm_head: bool = False) -> None:
+                           shape: Sequence[int], lm_head: bool = False, reference: bool = False) -> None:
     """Non-finite logits in a valid row: every statistics backend reports such a row as a non-finite
-    log-prob (docs/design.md §4.1), so the check reads the [N] log-probs, never the logits again."""
+    log-prob (docs/design.md §4.1), so the check reads the [N] log-probs, never the logits again.
+    ``reference``: the reference model's LM head (ref_hidden, ref_weight, ref_bias)."""
+    prefix = "ref_" if reference else ""
+    name = f"{'reference ' if reference else ''}logits ({prefix}hidden @ {prefix}weight.T + {prefix}bias)" \
+        if lm_head else "logits"
     checks.first_nonfinite(
-        "logits (hidden @ weight.T + bias)" if lm_head else "logits", logp_rows, None, shape, flat_index=row_index,
+        name, logp_rows, None, shape, flat_index=row_index,
         what=("are not finite in a valid row (a NaN or +inf logit after the temperature, or -inf at the "
               "sampled token; -inf elsewhere is a masked vocabulary and allowed): first at"),
-        hint="; look at that row's hidden state and at the LM-head weight and bias" if lm_head else "")
+        hint=f"; look at that row's {prefix}hidden state and at the {'reference ' if reference else ''}LM-head "
+             f"weight and bias" if lm_head else "")
 
 
 def check_mask(mask: torch.Tensor, shape: tuple, device: torch.device) -> torch.Tensor:

@@ -103,3 +103,37 @@ def test_unreduced_loss(request, loss_type, level, beta, bias_kl, rollout):
     out.loss.sum().backward()
     torch.testing.assert_close(out.loss, theirs, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours_logits.grad, theirs_logits.grad[:, :-1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_reference_model_in_the_fused_lm_head(request, loss_type, backend):
+    """linear_policy_loss(ref_hidden=, ref_weight=, ref_bias=) against Liger's chunked fused-linear GRPO with a
+    reference model (ref_input, ref_weight, ref_bias): loss, gradients w.r.t. the hidden states and the LM head,
+    the KL metric (docs/algorithms.md §1.10)."""
+    compared(request, PEER)
+    hidden_size, vocab = 8, 17
+    g = torch.Generator().manual_seed(13)
+    hidden, ref_hidden = torch.randn(B, T, hidden_size, generator=g), torch.randn(B, T, hidden_size, generator=g)
+    weight, ref_weight = (torch.randn(vocab, hidden_size, generator=g) * 0.5 for _ in range(2))
+    bias, ref_bias = (torch.randn(vocab, generator=g) * 0.1 for _ in range(2))
+    targets = torch.randint(0, vocab, (B, T), generator=g)
+    _, old, _, _, adv, mask = batch(seed=6)
+    config, norm = our_config(loss_type, "token", None, 0.04, False, None)
+
+    theirs_leaves = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
+    theirs, their_metrics = LigerFusedLinearGRPOFunction.apply(
+        theirs_leaves[0], theirs_leaves[1], targets, mask.float(), adv, theirs_leaves[2], None, old, ref_hidden,
+        ref_weight, ref_bias, 0.04, EPS_LOW, EPS_HIGH, loss_type, T, "token", 1.0, 1.05, 1.0, False, True, B)
+    theirs.backward()
+
+    ours_leaves = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
+    out = fc.linear_policy_loss(ours_leaves[0], ours_leaves[1], targets, mask, bias=ours_leaves[2], advantages=adv,
+                                old_logprobs=old, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
+                                config=config, backend=backend, **norm)
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx(theirs.item(), rel=1e-5, abs=1e-6)
+    for ours, reference in zip(ours_leaves, theirs_leaves):
+        torch.testing.assert_close(ours.grad, reference.grad, rtol=1e-4, atol=1e-5)
+    if config.loss_agg_mode == "token-mean":
+        assert out.metrics["actor/kl_loss"] == pytest.approx(their_metrics[0].item(), rel=1e-5, abs=1e-6)
