@@ -24,7 +24,7 @@ import torch
 from .backends import (LINEAR_TOKEN_STATS, LOGITS_PASS, OBJECTIVE, TOKEN_STATS, check_backend, describe_logits_pass,
                        fused_pass_blocker, fused_policy_loss_launch, select)
 from .config import LossConfig
-from .estimators import ADVANTAGE_INPUTS, advantages_and_choice, declared_inputs
+from .estimators import ADVANTAGE_INPUTS, advantages_and_choice, declared_inputs, weighted_reward
 from .losses import Normalizers, check_unreduced
 from .rollout_correction import check_rollout_is_weights, rollout_offpolicy_metrics
 from .rollout_correction import rollout_is_weights as rollout_is_weights_of
@@ -283,8 +283,9 @@ def _before_objective(logp, entropy, mask, *, backend, rewards, group_ids, advan
         if rewards is None or group_ids is None:
             raise ValueError("policy_loss needs `advantages`, or `rewards` and `group_ids` to compute them")
         check_tensor("rewards", rewards, device=device)
-        if rewards.shape != (shape[0],):
-            raise ValueError(f"rewards must be [B={shape[0]}], got {tuple(rewards.shape)}")
+        if rewards.dim() not in (1, 2) or rewards.shape[0] != shape[0]:
+            raise ValueError(f"rewards must be [B={shape[0]}], or [B, K] for K reward functions, got "
+                             f"{tuple(rewards.shape)}")
         needs_entropy = config.advantage.estimator == "canon" and config.advantage.canon_metric == "entropy"
         declared = declared_inputs(config.advantage.estimator)
         for name in advantage_inputs or {}:
@@ -313,7 +314,7 @@ def _before_objective(logp, entropy, mask, *, backend, rewards, group_ids, advan
 
 
 def _loss_output(loss, metrics, prepared: _Prepared, logp, entropy, mask, row_index, rewards, backends,
-                 checks: PendingChecks) -> LossOutput:
+                 checks: PendingChecks, config: LossConfig) -> LossOutput:
     """The LossOutput, with the call's one batched host read of the metrics and every pending check."""
     device = mask.device
     token_advantages = prepared.token_advantages
@@ -325,7 +326,7 @@ def _loss_output(loss, metrics, prepared: _Prepared, logp, entropy, mask, row_in
         metrics["critic/advantages/max"] = valid_advantages.max()
         metrics["critic/advantages/min"] = valid_advantages.min()
     if rewards is not None:
-        metrics["critic/score/mean"] = rewards.detach().double().mean()
+        metrics["critic/score/mean"] = weighted_reward(rewards.detach().double(), config.advantage).mean()
     names = list(metrics)
     # The call's one batched host read: the metrics and every pending value check.
     values = torch.stack([metrics[k].detach().to(device=device, dtype=torch.float64) for k in names]
@@ -355,7 +356,7 @@ def _loss_from_logprobs(logp, entropy, mask, row_index, *, backend, rewards, gro
     backends[OBJECTIVE] = objective.describe()
     loss, metrics = objective.fn(logp, entropy, mask, prepared.token_advantages, prepared.old, prepared.ref, config,
                                  prepared.norm, step=step, rollout_is_weights=prepared.rollout_weights, reduce=reduce)
-    return _loss_output(loss, metrics, prepared, logp, entropy, mask, row_index, rewards, backends, checks)
+    return _loss_output(loss, metrics, prepared, logp, entropy, mask, row_index, rewards, backends, checks, config)
 
 
 def policy_loss_from_logprobs(logprobs: torch.Tensor, mask: torch.Tensor, *, entropy: Optional[torch.Tensor] = None,
@@ -418,8 +419,8 @@ def policy_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                 advantage_inputs: Optional[Dict[str, torch.Tensor]] = None, reduce: bool = True) -> LossOutput:
     """Clipped policy-gradient loss from ``logits [B, T, V]`` of the sampled ``targets [B, T]``.
 
-    Give ``advantages`` ([B] or [B, T]) or ``rewards [B]`` + ``group_ids [B]`` (the estimator of
-    ``config.advantage`` runs inside the call; CANON's entropy metric is then the masked mean of this
+    Give ``advantages`` ([B] or [B, T]) or ``rewards [B]`` (or [B, K] for K reward functions) + ``group_ids
+    [B]`` (the estimator of ``config.advantage`` runs inside the call; CANON's entropy metric is then the masked mean of this
     pass's own token entropy, unless ``metric`` is passed). ``old_logprobs=None`` means on-policy.
     ``global_num_tokens`` / ``global_num_seqs`` are the normalizers over all micro-batches and ranks.
     ``inplace_backward=True`` (Triton only) writes dlogits over the logits buffer: only when nothing
@@ -493,7 +494,8 @@ def _fused_policy_loss(logits, targets, mask, row_index, *, backends, inplace_ba
         logits, targets, mask, prepared.token_advantages, prepared.old, prepared.ref, config, prepared.norm,
         prepared.rollout_weights, inplace_backward=inplace_backward)
     check_nonfinite_logits(checks, logp.reshape(-1).index_select(0, row_index), row_index, mask.shape)
-    return _loss_output(loss, metrics, prepared, logp, entropy, mask, row_index, kwargs["rewards"], backends, checks)
+    return _loss_output(loss, metrics, prepared, logp, entropy, mask, row_index, kwargs["rewards"], backends, checks,
+                        config)
 
 
 def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *,

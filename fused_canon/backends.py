@@ -114,7 +114,12 @@ def _triton_table() -> Dict[str, Dict[Optional[str], TritonLaunch]]:
     from .kernels import linear_token_stats, logits_token_stats
     from .kernels import objective as objective_kernel
 
-    def group_limit(groups: Groups) -> Optional[str]:
+    def group_limit(groups: Groups, config) -> Optional[str]:
+        if config.std_scope != "group" and config.norm_by_std and config.estimator == "grpo":
+            return f"std_scope={config.std_scope!r}: the Triton estimator kernel divides by each group's own std"
+        if config.singleton_baseline != "zero" and config.estimator in ("grpo", "dr_grpo"):
+            return (f"singleton_baseline={config.singleton_baseline!r}: the Triton estimator kernel gives a group "
+                    "of one baseline 0")
         largest = groups.largest
         if largest > advantage_kernel.MAX_GROUP_SIZE:
             return (f"a prompt group has {largest} responses; the Triton estimator kernel holds at most "
@@ -178,7 +183,7 @@ def _why_triton_cannot_run(op: str, name: Optional[str], data: torch.Tensor, lim
 def select(op: str, backend: str, data: torch.Tensor, name: Optional[str] = None, **limit_inputs) -> Choice:
     """The implementation of ``op`` (for ``name``) that ``backend`` asks for, for inputs like ``data``: the
     tensor whose device and dtype decide (logits, hidden states, the rewards in the advantages' dtype,
-    log-probs). ``limit_inputs`` go to the launch's limit check (advantages: ``groups``; objective: ``config``)."""
+    log-probs). ``limit_inputs`` go to the launch's limit check (advantages: ``groups``, ``config``; objective: ``config``)."""
     check_backend(backend)
     torch_fn = _torch_implementation(op, name)
     if backend == "torch":

@@ -29,7 +29,10 @@ GSPO_GRADIENTS = ("token", "sequence")
 ROLLOUT_IS_LEVELS = ("token", "sequence")
 ROLLOUT_IS_MODES = ("truncate", "mask")
 # AdvantageConfig.epsilon when left unset: 1e-6 (verl's std guard), except where verl's estimator has its own.
-DEFAULT_EPSILON = {"optimal_token_baseline": 1e-8}
+DEFAULT_EPSILON = {"optimal_token_baseline": 1e-8, "tir_optimal_token_baseline": 1e-8}
+STD_SCOPES = ("group", "batch")
+GDPO_WHITENINGS = ("tokens", "responses")
+SINGLETON_BASELINES = ("zero", "own")
 
 
 def seeded_generator(seed: int, step: int) -> torch.Generator:
@@ -84,8 +87,21 @@ def _schedule(name: str, value) -> CosineRestartSchedule:
 @dataclass
 class AdvantageConfig:
     estimator: str = "grpo"  # a registered name: grpo dr_grpo rloo canon qae reinforce_plus_plus
-    # reinforce_plus_plus_baseline remax opo gpg grpo_passk gae optimal_token_baseline ucas ktae adora (or your own)
+    # reinforce_plus_plus_baseline remax opo gpg grpo_passk gae optimal_token_baseline tir_optimal_token_baseline
+    # ucas ktae adora gdpo (or your own)
     norm_by_std: bool = True  # grpo only; dr_grpo == grpo without std
+    # grpo's std (docs/algorithms.md §1.1): "group" (verl; TRL's scale_rewards="group") or "batch", the std of
+    # every reward of the call (TRL's scale_rewards="batch"); the baseline stays the group's.
+    std_scope: str = "group"
+    # The baseline of a group of one response in grpo and dr_grpo (and gdpo's per-reward grpo): "zero" (verl: the
+    # advantage is the reward itself, over std 1) or "own" (TRL: its own reward, so the advantage is 0).
+    singleton_baseline: str = "zero"
+    # Rewards [B, K] of K reward functions (docs/algorithms.md §1.14): their weights, None -> 1 each. Estimators
+    # but gdpo see the weighted sum (TRL's sum_then_normalize); gdpo normalises each column first.
+    reward_weights: Optional[List[float]] = None
+    # gdpo's last step (§1.14): "tokens" whitens over the valid tokens (verl); "responses" z-scores over the
+    # responses with (std + epsilon) (TRL's normalize_then_sum).
+    gdpo_whiten: str = "tokens"
     epsilon: Optional[float] = None  # None -> the estimator's own: 1e-6, 1e-8 for optimal_token_baseline (verl)
     baseline: str = "mean"  # "mean" | "quantile" (QAE)
     quantile_k: float = 0.4  # used when baseline == "quantile"; torch.quantile linear interpolation
@@ -136,6 +152,15 @@ class AdvantageConfig:
         for name in ("norm_by_std", "otb_handle_zero_tail"):
             check_bool(name, getattr(self, name))
         check_choice("baseline", self.baseline, BASELINES)
+        check_choice("std_scope", self.std_scope, STD_SCOPES)
+        check_choice("singleton_baseline", self.singleton_baseline, SINGLETON_BASELINES)
+        check_choice("gdpo_whiten", self.gdpo_whiten, GDPO_WHITENINGS)
+        if self.reward_weights is not None:
+            weights = self.reward_weights
+            if isinstance(weights, (str, bytes)) or not hasattr(weights, "__iter__") or len(weights) == 0:
+                raise ValueError(f"reward_weights must be a non-empty list of numbers (one per reward column) or "
+                                 f"None, got {weights!r}")
+            self.reward_weights = [check_number("reward_weights entry", w) for w in weights]
         check_choice("canon_metric", self.canon_metric, CANON_METRICS)
         check_choice("canon_schedule", self.canon_schedule, CANON_SCHEDULES)
         if self.canon_favor is not None:

@@ -1,4 +1,5 @@
-"""Outcome advantage estimators: GRPO, Dr.GRPO, RLOO, CANON, each with a mean or quantile (QAE) baseline.
+"""Outcome advantage estimators: GRPO, Dr.GRPO, RLOO, CANON, each with a mean or quantile (QAE) baseline, and
+verl's other outcome estimators (GDPO's per-reward normalisation included).
 
 Formulas: docs/algorithms.md §1.1-1.3 (verl 0.9.1), §2 (CANON), §3 (QAE); decisions: docs/design.md §3.
 Every estimator is one small function registered by name; ``register_estimator`` adds your own.
@@ -22,7 +23,7 @@ from .validation import PendingChecks, check_bool, check_mask, check_step
 
 __all__ = ["compute_advantages", "advantages_and_choice", "register_estimator", "ESTIMATORS", "ESTIMATOR_INPUTS",
            "ADVANTAGE_INPUTS", "Groups", "cosine_restart_value", "triton_advantages", "canon_split",
-           "declared_inputs", "missing_inputs"]
+           "declared_inputs", "missing_inputs", "weighted_reward"]
 
 
 @dataclass
@@ -194,6 +195,7 @@ class EstimatorInputs:
     required: Tuple[str, ...] = ()
     optional: Tuple[str, ...] = ()
     reads_baseline: bool = True  # False: the estimator has its own baseline; config.baseline must be "mean"
+    multi_reward: bool = False  # True: it gets rewards [B, K] (one column per reward function), not their sum
 
 
 ESTIMATOR_INPUTS: Dict[str, EstimatorInputs] = {}
@@ -210,7 +212,8 @@ def missing_inputs(estimator: str, given: Mapping[str, Optional[torch.Tensor]]) 
 
 
 def register_estimator(name: str, *, inputs: Sequence[str] = (), optional_inputs: Sequence[str] = (),
-                       reads_baseline: bool = True, overwrite: bool = False) -> Callable[[EstimatorFn], EstimatorFn]:
+                       reads_baseline: bool = True, multi_reward: bool = False,
+                       overwrite: bool = False) -> Callable[[EstimatorFn], EstimatorFn]:
     """Register ``fn(rewards, groups, config, *, metric, step, **inputs)`` under ``name``.
 
     It returns advantages [B] (one per response) or [B, T] (per token, 0 at padding), or a pair
@@ -221,6 +224,8 @@ def register_estimator(name: str, *, inputs: Sequence[str] = (), optional_inputs
     (``mask`` as 0/1) arrive in float64 (``STATISTICS_DTYPE``), and the caller gets the result in the
     rewards' dtype (float32 unless they are float64). ``reads_baseline=False``
     says it has a baseline of its own, so ``baseline="quantile"`` is refused rather than ignored.
+    ``multi_reward=True`` says it reads the rewards of each reward function: it gets rewards [B, K]
+    (``[B]`` rewards as K = 1); every other estimator gets the weighted sum over the K columns, [B].
     A name that is already registered is refused unless ``overwrite=True`` (replacing a built-in
     also replaces what its Triton kernel computed: the name then runs in torch).
     """
@@ -233,23 +238,36 @@ def register_estimator(name: str, *, inputs: Sequence[str] = (), optional_inputs
             raise ValueError(f"estimator {name!r} is already registered ({ESTIMATORS[name].__qualname__}); "
                              "pass overwrite=True to replace it")
         ESTIMATORS[name] = fn
-        ESTIMATOR_INPUTS[name] = EstimatorInputs(tuple(inputs), tuple(optional_inputs), reads_baseline)
+        ESTIMATOR_INPUTS[name] = EstimatorInputs(tuple(inputs), tuple(optional_inputs), reads_baseline, multi_reward)
         return fn
 
     return decorator
 
 
 def _singleton_aware_baseline(rewards, groups, config):
-    """verl's singleton rule: a group of one has baseline 0 (not its own reward)."""
-    return torch.where(groups.size > 1, group_baseline(rewards, groups, config), torch.zeros_like(rewards))
+    """The group baseline; a group of one has baseline 0 (verl's rule), or its own reward under
+    singleton_baseline="own" (TRL's, whose group mean of one response is that response's reward)."""
+    baseline = group_baseline(rewards, groups, config)
+    if config.singleton_baseline == "own":
+        return baseline
+    return torch.where(groups.size > 1, baseline, torch.zeros_like(rewards))
+
+
+def batch_std(values: torch.Tensor) -> torch.Tensor:
+    """Unbiased std of every value of the batch (group_std of the batch as one group; 1 for one value)."""
+    one_group = Groups(index=torch.zeros_like(values, dtype=torch.long),
+                       count=torch.tensor([len(values)], device=values.device))
+    return group_std(values, one_group)
 
 
 @register_estimator("grpo")
 def grpo(rewards, groups, config, *, metric=None, step=0):
-    """a = (r - b) / (std + eps), or r - b without std; b = group mean or quantile (§1.1, §3.1)."""
+    """a = (r - b) / (std + eps), or r - b without std; b = group mean or quantile (§1.1, §3.1); the std is
+    the group's, or the batch's under std_scope="batch" (TRL's scale_rewards="batch")."""
     advantage = rewards - _singleton_aware_baseline(rewards, groups, config)
     if config.norm_by_std:
-        advantage = advantage / (group_std(rewards, groups) + config.effective_epsilon)
+        std = group_std(rewards, groups) if config.std_scope == "group" else batch_std(rewards)
+        advantage = advantage / (std + config.effective_epsilon)
     return advantage
 
 
@@ -408,6 +426,33 @@ def grpo_passk(rewards, groups, config, *, metric=None, step=0):
     return torch.zeros_like(rewards).index_copy_(0, best_row, gap)
 
 
+def _scored_grpo(column: torch.Tensor, groups: Groups, config: AdvantageConfig) -> torch.Tensor:
+    """grpo of one reward column; a response it did not score (NaN) is left out of the column's group
+    statistics and gets 0 from it (TRL's nan-aware group statistics; §1.14)."""
+    scored = ~torch.isnan(column)
+    if bool(scored.all()):
+        return grpo(column, groups, config)
+    advantages = torch.zeros_like(column)
+    advantages[scored] = grpo(column[scored], Groups.from_ids(groups.index[scored]), config)
+    return advantages
+
+
+@register_estimator("gdpo", optional_inputs=("mask",), multi_reward=True)
+def gdpo(rewards, groups, config, *, mask=None, metric=None, step=0):
+    """GDPO (§1.14): each reward column through grpo on its own, the columns' weighted sum, then a batch
+    normalisation: whitened over the valid tokens (gdpo_whiten="tokens", verl) or z-scored over the
+    responses with (std + epsilon) (gdpo_whiten="responses", TRL's normalize_then_sum)."""
+    weights = reward_weight_vector(config, rewards.shape[1], rewards)
+    combined = sum(weights[k] * _scored_grpo(rewards[:, k], groups, config) for k in range(rewards.shape[1]))
+    if config.gdpo_whiten == "responses":
+        return (combined - combined.mean()) / (batch_std(combined) + config.effective_epsilon)
+    if mask is None:
+        raise ValueError("gdpo with gdpo_whiten='tokens' whitens over the valid tokens of the batch: pass `mask` "
+                         "(or gdpo_whiten='responses')")
+    mean, inv_std = batch_whitening(combined[:, None] * mask, mask, "gdpo")
+    return (combined - mean) * inv_std
+
+
 @register_estimator("adora", inputs=("mask",))
 def adora(rewards, groups, config, *, mask, metric=None, step=0):
     """ADORA (§7): GRPO (a singleton keeps its raw reward), and the whole group times adora_lambda unless
@@ -489,6 +534,37 @@ def _checked_vector(name: str, x: torch.Tensor, length: int, device, checks: Pen
     return x
 
 
+def reward_weight_vector(config: AdvantageConfig, num_columns: int, like: torch.Tensor) -> torch.Tensor:
+    """``config.reward_weights`` as a [K] tensor like ``like`` (1 each when None); K must match the rewards."""
+    if config.reward_weights is None:
+        return torch.ones(num_columns, dtype=like.dtype, device=like.device)
+    if len(config.reward_weights) != num_columns:
+        raise ValueError(f"reward_weights has {len(config.reward_weights)} entries but the rewards have "
+                         f"K={num_columns} column(s) (one weight per reward function)")
+    return torch.tensor(config.reward_weights, dtype=like.dtype, device=like.device)
+
+
+def reward_columns(rewards: torch.Tensor) -> torch.Tensor:
+    """Rewards as [B, K]: [B] rewards are the case K = 1."""
+    return rewards if rewards.dim() == 2 else rewards[:, None]
+
+
+def weighted_reward(rewards: torch.Tensor, config: AdvantageConfig) -> torch.Tensor:
+    """The reward of each response, [B]: sum_k w_k r_k over the reward columns that scored it (a NaN counts
+    0, TRL's nansum); [B] rewards are one column."""
+    columns = reward_columns(rewards)
+    return torch.nan_to_num(columns, nan=0.0) @ reward_weight_vector(config, columns.shape[1], columns)
+
+
+def _rewards_for(config: AdvantageConfig, rewards: torch.Tensor) -> torch.Tensor:
+    """What the estimator reads: the columns [B, K] if it declared multi_reward, else the weighted sum [B]."""
+    if not declared_inputs(config.estimator).multi_reward:
+        return weighted_reward(rewards, config)
+    columns = reward_columns(rewards)
+    reward_weight_vector(config, columns.shape[1], columns)  # a wrong number of weights fails before the run
+    return columns
+
+
 def _missing_inputs_error(estimator: str, missing) -> ValueError:
     """"ucas needs self_certainty and target_logits: pass them, ...": names and sources of the missing inputs."""
     by_source: Dict[str, list] = {}
@@ -499,7 +575,7 @@ def _missing_inputs_error(estimator: str, missing) -> ValueError:
     return ValueError(f"{estimator} needs " + "; ".join(parts))
 
 
-def _estimator_inputs(config, given: Dict[str, Optional[torch.Tensor]], rewards, mask, dtype, checks):
+def _estimator_inputs(config, given: Dict[str, Optional[torch.Tensor]], num_responses, device, mask, dtype, checks):
     """The declared inputs of ``config.estimator``, checked and in the statistics dtype."""
     declared = declared_inputs(config.estimator)
     if not declared.reads_baseline and config.baseline != "mean":
@@ -519,12 +595,12 @@ def _estimator_inputs(config, given: Dict[str, Optional[torch.Tensor]], rewards,
             inputs[name] = x.to(dtype)
             continue
         if name in _ROW_INPUTS:
-            inputs[name] = _checked_vector(name, x, len(rewards), rewards.device, checks).to(dtype)
+            inputs[name] = _checked_vector(name, x, num_responses, device, checks).to(dtype)
             continue
         if valid is None:
             raise ValueError(f"{name} [B, T] needs `mask` (the valid tokens) as well")
-        if not torch.is_tensor(x) or x.shape != valid.shape or x.device != rewards.device:
-            raise ValueError(f"{name} must be [B, T] = {tuple(valid.shape)} on {rewards.device}, "
+        if not torch.is_tensor(x) or x.shape != valid.shape or x.device != device:
+            raise ValueError(f"{name} must be [B, T] = {tuple(valid.shape)} on {device}, "
                              f"got {tuple(getattr(x, 'shape', ()))} on {getattr(x, 'device', type(x).__name__)}")
         if name in _INTEGER_INPUTS:
             if x.is_floating_point() or x.dtype == torch.bool:
@@ -551,10 +627,14 @@ def compute_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, config: O
                        rollout_is_weights: Optional[torch.Tensor] = None, with_returns: bool = False):
     """Advantages (float32; float64 for float64 rewards; the statistics run in float64 either way), always
     detached: [B] for the per-response estimators, [B, T] (0 at padding) for the token-level ones
-    (reinforce_plus_plus, gae, optimal_token_baseline, ucas, ktae). ``with_returns=True`` returns
+    (reinforce_plus_plus, gae, optimal_token_baseline, tir_optimal_token_baseline, ucas, ktae).
+    ``with_returns=True`` returns
     ``(advantages, returns)``.
 
-    rewards [B] outcome scores (the score of the whole response, as at its last valid token);
+    rewards [B] outcome scores (the score of the whole response, as at its last valid token), or [B, K]
+    the scores of K reward functions: estimators get their sum weighted by ``config.reward_weights``
+    (TRL's sum_then_normalize), except those registered with ``multi_reward=True`` (gdpo), which
+    normalise each column first (docs/algorithms.md §1.14);
     group_ids [B] int prompt ids (any order, groups need not be contiguous); metric [B] the CANON sort
     key (overrides the one derived from mask/token_entropy); mask [B, T] valid response tokens (bool or
     0/1); token_entropy [B, T] the rollout policy's token entropy (CANON entropy); step the trainer's
@@ -595,13 +675,22 @@ def advantages_and_choice(rewards, group_ids, config=None, *, metric=None, mask=
     check_bool("with_returns", with_returns)
     own_checks = checks is None
     checks = PendingChecks() if own_checks else checks
-    if not torch.is_tensor(rewards) or rewards.dim() != 1:
-        raise ValueError(f"rewards must be a 1-D tensor [B], got {getattr(rewards, 'shape', type(rewards))}")
-    if len(rewards) == 0:
-        raise ValueError("rewards is empty: a batch needs at least one response")
+    if not torch.is_tensor(rewards) or rewards.dim() not in (1, 2):
+        raise ValueError(f"rewards must be a tensor [B], or [B, K] for K reward functions, got "
+                         f"{tuple(getattr(rewards, 'shape', ())) if torch.is_tensor(rewards) else type(rewards)}")
+    if rewards.numel() == 0:
+        raise ValueError(f"rewards is empty (shape {tuple(rewards.shape)}): a batch needs at least one response "
+                         "and one reward")
     if not rewards.is_floating_point():
         rewards = rewards.float()
-    _checked_vector("rewards", rewards, len(rewards), rewards.device, checks)
+    # [B, K]: NaN is a reward function that did not score the response (TRL's None), but every response
+    # needs one score at least.
+    scores = rewards.detach()
+    bad = ~torch.isfinite(scores) if scores.dim() == 1 else torch.isinf(scores).any(1) | torch.isnan(scores).all(1)
+    checks.first_nonfinite("rewards", torch.where(bad, float("nan"), 0.0), None, (len(rewards),),
+                           what="contains NaN or inf: first at response" if scores.dim() == 1 else
+                           "[B, K] has a response with an infinite score or with no score (NaN in every column): "
+                           "first at response")
     _checked_vector("group_ids", group_ids, len(rewards), rewards.device, checks)
     if group_ids.is_floating_point() or group_ids.dtype == torch.bool:
         raise TypeError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
@@ -611,15 +700,16 @@ def advantages_and_choice(rewards, group_ids, config=None, *, metric=None, mask=
         mask = check_mask(mask, tuple(mask.shape), rewards.device)
 
     out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    rewards = _rewards_for(config, rewards.to(STATISTICS_DTYPE))
     rewards_out = rewards.to(out_dtype)  # the dtype backends.select decides on (the Triton kernel's input)
-    rewards = rewards.to(STATISTICS_DTYPE)
     groups = Groups.from_ids(group_ids)
-    choice = select(ADVANTAGES, backend, rewards_out, name=config.estimator, groups=groups)
+    choice = select(ADVANTAGES, backend, rewards_out, name=config.estimator, groups=groups, config=config)
+    num_responses = len(rewards)
     inputs = _estimator_inputs(config, dict(
         mask=mask, values=values, baseline_rewards=baseline_rewards, token_ids=token_ids,
         self_certainty=self_certainty, target_logits=target_logits, old_logprobs=old_logprobs,
-        sum_pi_squared=sum_pi_squared, rollout_is_weights=rollout_is_weights), rewards, mask, STATISTICS_DTYPE,
-        checks)
+        sum_pi_squared=sum_pi_squared, rollout_is_weights=rollout_is_weights), num_responses, rewards.device, mask,
+        STATISTICS_DTYPE, checks)
     key = None
     if config.estimator == "canon":
         key = _canon_metric(config, rewards, metric, mask, token_entropy, step, checks)
@@ -628,9 +718,9 @@ def advantages_and_choice(rewards, group_ids, config=None, *, metric=None, mask=
     advantages, returns = result if isinstance(result, tuple) else (result, result)
     outputs = []
     for name, x in (("advantages", advantages), ("returns", returns)):
-        if not torch.is_tensor(x) or (x.shape != rewards.shape and (mask is None or x.shape != mask.shape)):
+        if not torch.is_tensor(x) or (x.shape != (num_responses,) and (mask is None or x.shape != mask.shape)):
             raise ValueError(f"estimator {config.estimator!r} returned {name} of shape "
-                             f"{tuple(getattr(x, 'shape', ()))}; expected [B] = {tuple(rewards.shape)} or [B, T]")
+                             f"{tuple(getattr(x, 'shape', ()))}; expected [B] = ({num_responses},) or [B, T]")
         checks.first_nonfinite(f"estimator {config.estimator!r} produced non-finite {name}:", x, None, x.shape,
                                what="first at", error=FloatingPointError)
         outputs.append(x.to(out_dtype))

@@ -1,4 +1,4 @@
-"""Token-level advantage estimators: REINFORCE++, GAE, the optimal token baseline (verl 0.9.1) and UCAS.
+"""Token-level advantage estimators: REINFORCE++, GAE, the optimal token baselines (verl 0.9.1) and UCAS.
 
 Formulas: docs/algorithms.md §1.3-1.4 (verl 0.9.1), §5 (UCAS). Each returns advantages [B, T] that are 0 at
 padded positions, and, where they differ from the advantages, the returns [B, T]. The outcome reward
@@ -58,22 +58,18 @@ def gae(rewards, groups, config, *, mask, values, metric=None, step=0):
     return (advantages - mean) * inv_std * mask, returns
 
 
-@register_estimator("optimal_token_baseline", inputs=("mask", "old_logprobs", "sum_pi_squared"),
-                    optional_inputs=("rollout_is_weights",), reads_baseline=False)
-def optimal_token_baseline(rewards, groups, config, *, mask, old_logprobs, sum_pi_squared, rollout_is_weights=None,
-                           metric=None, step=0):
-    """verl's optimal token baseline (§1.3): per group and position, B_t = sum_j G W m / (sum_j W m + eps)
-    with G the reward-to-go and W_t = cumsum of w = 1 - 2 pi_t + sum_v pi_v^2 (times the rollout IS
-    weight squared when given) over the valid tokens; A = (G - B) m. A singleton has no baseline. With
-    otb_handle_zero_tail, the strictly longest response of a group gets baseline 0 from the
-    second-longest length on. eps is ``epsilon``, by default 1e-8 here (verl 0.9.1's)."""
-    returns = discounted_returns(rewards, mask, 1.0)
-    path_variance = 1.0 - 2.0 * torch.exp(old_logprobs) + sum_pi_squared
-    if rollout_is_weights is not None:
-        path_variance = path_variance * rollout_is_weights.square()
+def _path_variance(old_logprobs, sum_pi_squared, rollout_is_weights):
+    """OTB's per-token w = 1 - 2 pi_t + sum_v pi_v^2 (times the rollout IS weight squared when given)."""
+    variance = 1.0 - 2.0 * torch.exp(old_logprobs) + sum_pi_squared
+    return variance if rollout_is_weights is None else variance * rollout_is_weights.square()
+
+
+def _token_baseline_advantages(returns, path_variance, mask, groups, members, config):
+    """A = (G - B) m with the optimal token baseline B of each group and position (§1.3); ``members`` [B] is
+    the size of each row's group as the singleton rule counts it (a group of one member has no baseline)."""
     cumulative = (path_variance * mask).cumsum(-1)
     baseline = (groups.sum(returns * cumulative * mask) / (groups.sum(cumulative * mask) + config.effective_epsilon))
-    baseline = torch.where(groups.size[:, None] > 1, baseline[groups.index], torch.zeros_like(baseline[groups.index]))
+    baseline = torch.where(members[:, None] > 1, baseline[groups.index], torch.zeros_like(baseline[groups.index]))
     if config.otb_handle_zero_tail:
         lengths = mask.sum(-1)
         order = groups.sorted_order(lengths)
@@ -85,7 +81,37 @@ def optimal_token_baseline(rewards, groups, config, *, mask, old_logprobs, sum_p
         positions = torch.arange(mask.shape[1], device=mask.device, dtype=lengths.dtype)
         tail = row_is_longest[:, None] & (positions[None, :] >= second[groups.index][:, None])
         baseline = torch.where(tail, torch.zeros_like(baseline), baseline)
-    return (returns - baseline) * mask, returns
+    return (returns - baseline) * mask
+
+
+@register_estimator("optimal_token_baseline", inputs=("mask", "old_logprobs", "sum_pi_squared"),
+                    optional_inputs=("rollout_is_weights",), reads_baseline=False)
+def optimal_token_baseline(rewards, groups, config, *, mask, old_logprobs, sum_pi_squared, rollout_is_weights=None,
+                           metric=None, step=0):
+    """verl's optimal token baseline (§1.3): per group and position, B_t = sum_j G W m / (sum_j W m + eps)
+    with G the reward-to-go and W_t = cumsum of w = 1 - 2 pi_t + sum_v pi_v^2 (times the rollout IS
+    weight squared when given) over the valid tokens; A = (G - B) m. A singleton has no baseline. With
+    otb_handle_zero_tail, the strictly longest response of a group gets baseline 0 from the
+    second-longest length on. eps is ``epsilon``, by default 1e-8 here (verl 0.9.1's)."""
+    returns = discounted_returns(rewards, mask, 1.0)
+    variance = _path_variance(old_logprobs, sum_pi_squared, rollout_is_weights)
+    return _token_baseline_advantages(returns, variance, mask, groups, groups.size, config), returns
+
+
+@register_estimator("tir_optimal_token_baseline", inputs=("mask", "old_logprobs", "sum_pi_squared"),
+                    optional_inputs=("rollout_is_weights",), reads_baseline=False)
+def tir_optimal_token_baseline(rewards, groups, config, *, mask, old_logprobs, sum_pi_squared,
+                               rollout_is_weights=None, metric=None, step=0):
+    """verl's multi-turn (tool-integrated) optimal token baseline (§1.3): the optimal token baseline over
+    each row's valid tokens packed to the left, so the k-th valid token of every response shares a baseline
+    whatever mask-0 spans (tool output) come before it; empty rows do not count as group members."""
+    packed = torch.sort((mask == 0).to(torch.int8), dim=-1, stable=True).indices  # valid positions first, in order
+    packed_mask = mask.gather(1, packed)
+    returns = discounted_returns(rewards, packed_mask, 1.0)
+    variance = _path_variance(old_logprobs, sum_pi_squared, rollout_is_weights).gather(1, packed)
+    members = groups.sum((mask.sum(-1) > 0).to(mask.dtype))[groups.index]
+    advantages = _token_baseline_advantages(returns, variance, packed_mask, groups, members, config)
+    return torch.zeros_like(advantages).scatter_(1, packed, advantages), discounted_returns(rewards, mask, 1.0)
 
 
 # UCAS's min-max normaliser of the raw logits: its own constant, not config.epsilon (upstream).

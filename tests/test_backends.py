@@ -137,7 +137,8 @@ def test_a_group_larger_than_the_kernel_falls_back_under_auto(auto_uses_the_inte
         fc.compute_advantages(rewards, group_ids, backend="triton")
     advantages = fc.compute_advantages(rewards, group_ids, backend="auto")
     assert torch.equal(advantages, fc.compute_advantages(rewards, group_ids, backend="torch"))
-    choice = select(ADVANTAGES, "auto", rewards, name="grpo", groups=fc.estimators.Groups.from_ids(group_ids))
+    choice = select(ADVANTAGES, "auto", rewards, name="grpo", groups=fc.estimators.Groups.from_ids(group_ids),
+                    config=fc.AdvantageConfig())
     assert choice.backend == "torch" and "MAX_GROUP_SIZE" in choice.reason
 
 

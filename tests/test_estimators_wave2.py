@@ -185,7 +185,8 @@ def test_token_level_estimators_are_zero_on_padding():
     inputs = dict(mask=mask, values=torch.rand(3, 3, dtype=F64), token_ids=torch.randint(0, 5, (3, 3)),
                   self_certainty=torch.rand(3, 3, dtype=F64), target_logits=torch.randn(3, 3, dtype=F64),
                   old_logprobs=-torch.rand(3, 3, dtype=F64), sum_pi_squared=torch.rand(3, 3, dtype=F64))
-    for estimator in ("reinforce_plus_plus", "gae", "optimal_token_baseline", "ucas", "ktae"):
+    for estimator in ("reinforce_plus_plus", "gae", "optimal_token_baseline", "tir_optimal_token_baseline", "ucas",
+                      "ktae"):
         adv = advantages(estimator, [1.0, 0.0, 1.0], [0, 0, 0], **inputs)
         assert adv.shape == (3, 3), estimator
         assert torch.equal(adv[mask == 0], torch.zeros(int((mask == 0).sum()), dtype=F64)), estimator
