@@ -2,6 +2,7 @@
 train() runs for grpo, qae and canon, and for each TRL loss_type the mapped LossConfig gives the same
 loss and gradients as stock GRPOTrainer on the same batch."""
 
+import dataclasses
 import math
 import re
 
@@ -17,7 +18,8 @@ import transformers  # noqa: E402
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from fused_canon.integrations.trl import FusedGRPOTrainer, loss_config_from_grpo_config  # noqa: E402
+from fused_canon.integrations.trl import (FusedGRPOTrainer, advantage_config_from_grpo_config,  # noqa: E402
+                                          loss_config_from_grpo_config)
 
 ALPHABET = "abcdefgh +=0123456789"
 
@@ -254,3 +256,58 @@ def test_an_explicit_loss_config_must_agree_with_trl_options(tmp_path):
     # What agrees is accepted: TRL's defaults leave the explicit LossConfig's own choices alone.
     trainer(FusedGRPOTrainer, tmp_path, {"delta": 2.0},
             loss_config=fc.LossConfig(clip_ratio_c=2.0, dual_clip="two_sided"))
+
+
+def count_b(completions, **kwargs):
+    return [float(c.count("b")) for c in completions]
+
+
+def test_reward_scaling_options_need_the_advantage_config_that_computes_them(tmp_path):
+    with pytest.raises(ValueError, match=r"GRPOConfig.scale_rewards='batch' needs loss_config.advantage = "
+                                         r"AdvantageConfig\(estimator='grpo', std_scope='batch'"):
+        trainer(FusedGRPOTrainer, tmp_path, {"scale_rewards": "batch"}, loss_config=fc.LossConfig())
+    with pytest.raises(ValueError, match=r"multi_objective_aggregation='normalize_then_sum' needs loss_config.advantage "
+                                         r"= AdvantageConfig\(estimator='gdpo', gdpo_whiten='responses'"):
+        trainer(FusedGRPOTrainer, tmp_path, {"multi_objective_aggregation": "normalize_then_sum"},
+                loss_config=fc.LossConfig())
+    with pytest.raises(ValueError, match=r"GRPOConfig.scale_rewards='none' needs"):
+        trainer(FusedGRPOTrainer, tmp_path, {"scale_rewards": "none"}, loss_config=fc.LossConfig())
+    with pytest.raises(ValueError, match=r"loss_config.advantage.reward_weights=\[2.0\] must be None"):
+        trainer(FusedGRPOTrainer, tmp_path, loss_config=fc.LossConfig(advantage=fc.AdvantageConfig(reward_weights=[2.0])))
+    batch_std = fc.LossConfig(advantage=fc.AdvantageConfig(std_scope="batch", epsilon=1e-4))
+    assert trainer(FusedGRPOTrainer, tmp_path, {"scale_rewards": "batch"}, loss_config=batch_std).loss_config is batch_std
+
+
+@pytest.mark.parametrize("advantage, options", [
+    (fc.AdvantageConfig(estimator="gdpo", gdpo_whiten="responses", epsilon=1e-4),
+     {"multi_objective_aggregation": "normalize_then_sum"}),
+    (fc.AdvantageConfig(std_scope="batch", epsilon=1e-4), {"scale_rewards": "batch"}),
+    (None, {"multi_objective_aggregation": "normalize_then_sum"}),
+    (None, {"scale_rewards": "batch"}),
+], ids=["normalize_then_sum", "scale_rewards_batch", "trl_normalize_then_sum", "trl_scale_rewards_batch"])
+def test_several_reward_functions_reach_the_estimator_with_trl_weights(tmp_path, advantage, options):
+    """The advantages are fc.compute_advantages of TRL's [B, K] rewards with GRPOConfig.reward_weights; without
+    loss_config, with the AdvantageConfig of TRL's options."""
+    config = None if advantage is None else fc.LossConfig(advantage=advantage)
+    model_dir = tmp_path / "tiny-model"
+    tiny_model().save_pretrained(model_dir)
+    t = FusedGRPOTrainer(model=str(model_dir), reward_funcs=[count_a, count_b],
+                         args=grpo_args(tmp_path, reward_weights=[1.0, 0.25], **options),
+                         train_dataset=datasets.Dataset.from_dict({"prompt": ["ab", "cd"] * 4}),
+                         processing_class=char_tokenizer(), loss_config=config)
+    t.model.train()
+    captured = {}
+    original = t._calculate_rewards
+    t._calculate_rewards = lambda *a: captured.setdefault("rewards", original(*a))
+    output = t._generate_and_score_completions([{"prompt": p} for p in ["ab"] * 4 + ["cd"] * 4])
+    rewards = captured["rewards"]
+    assert rewards.shape == (8, 2)
+    if advantage is None:
+        advantage = advantage_config_from_grpo_config(t.args)
+        trl = (dict(estimator="gdpo", gdpo_whiten="responses") if "multi_objective_aggregation" in options
+               else dict(std_scope="batch"))
+        assert advantage == fc.AdvantageConfig(**trl, epsilon=1e-4, singleton_baseline="own")
+    expected = fc.compute_advantages(rewards, torch.arange(8) // 4,
+                                     dataclasses.replace(advantage, reward_weights=[1.0, 0.25]),
+                                     mask=output["completion_mask"].bool())
+    torch.testing.assert_close(output["advantages"], expected)

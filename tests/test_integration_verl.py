@@ -169,3 +169,33 @@ def test_verl_dp_size_factor_is_the_ddp_average(mode):
     theirs = core_algos.agg_loss(values, mask, mode, dp_size=2, batch_num_tokens=17, global_batch_size=7,
                                  loss_scale_factor=4)
     torch.testing.assert_close(theirs, 2 * ours)
+
+
+def test_fc_gdpo_takes_verls_reward_keys_and_weights():
+    rewards, group_ids, mask, _ = random_batch(seed=4)
+    scores = torch.stack([rewards, torch.rand(len(rewards), generator=torch.Generator().manual_seed(5))], 1)
+    algorithm = OmegaConf.create({"adv_estimator": "fc_gdpo", "gdpo_reward_keys": ["acc", "format"],
+                                  "gdpo_reward_weights": [1.0, 0.25], "fused_canon": {}})
+    with fc_verl.rollout_context(step=0, inputs={"rewards": scores}):
+        ours = compute_advantage(verl_batch(rewards, group_ids, mask), adv_estimator="fc_gdpo", config=algorithm)
+    expected = fc.compute_advantages(scores, group_ids, fc.AdvantageConfig(estimator="gdpo", reward_weights=[1.0, 0.25]),
+                                     mask=mask.bool())
+    torch.testing.assert_close(ours.batch["advantages"], expected[:, None] * mask)
+    assert fc_verl.advantage_config("fc_gdpo", algorithm).reward_weights == [1.0, 0.25]
+
+
+def test_fc_gdpo_errors_name_what_is_missing():
+    rewards, group_ids, mask, _ = random_batch(seed=4)
+    algorithm = OmegaConf.create({"adv_estimator": "fc_gdpo", "gdpo_reward_keys": ["acc", "format"],
+                                  "fused_canon": {}})
+    with pytest.raises(ValueError, match=r"fc_gdpo normalises each of algorithm.gdpo_reward_keys=\['acc', 'format'\] "
+                                         r"on its own, and verl passes their scores only to its own gdpo"):
+        compute_advantage(verl_batch(rewards, group_ids, mask), adv_estimator="fc_gdpo", config=algorithm)
+    with fc_verl.rollout_context(step=0, inputs={"rewards": rewards[:, None]}):
+        with pytest.raises(ValueError, match=r"rollout_context's rewards must be \[B=12, K=2\] \(one column per key "
+                                             r"of \['acc', 'format'\]\), got \(12, 1\)"):
+            compute_advantage(verl_batch(rewards, group_ids, mask), adv_estimator="fc_gdpo", config=algorithm)
+    both = OmegaConf.create({"gdpo_reward_weights": [1.0], "fused_canon": {"reward_weights": [2.0]}})
+    with pytest.raises(ValueError, match="algorithm.gdpo_reward_weights and algorithm.fused_canon.reward_weights "
+                                         "are both set"):
+        fc_verl.advantage_config("fc_gdpo", both)

@@ -9,11 +9,15 @@ Everything else is ``GRPOTrainer`` (generation, reward functions, logging, accel
 things change:
 
 * **Advantages**: after TRL scores a generation batch, the rewards of every process (TRL gathers
-  them; its reward weights applied) go through ``fc.compute_advantages`` with ``loss_config.advantage``,
+  them) go through ``fc.compute_advantages`` with ``loss_config.advantage``,
   one group per prompt (``num_generations`` consecutive rows), and each process keeps its own rows.
   CANON's entropy is the rollout policy's token entropy from one no-grad pass over the generation
   batch at TRL's temperature; its step is ``state.global_step + 1`` (1 at the first optimizer step,
-  as verl and CANON count). ``GRPOConfig.scale_rewards`` is replaced by the estimator's own rule.
+  as verl and CANON count). The rewards of each reward function reach the estimator as [B, K] with
+  TRL's ``reward_weights``. Without ``loss_config`` the advantages are TRL's
+  (``advantage_config_from_grpo_config``: scale_rewards, multi_objective_aggregation); with it,
+  those two options set to other than their defaults must be what ``loss_config.advantage``
+  computes (``REWARD_OPTIONS``).
 * **Loss**: the backbone's last hidden states go through ``fc.linear_policy_loss`` with the model's LM
   head (fused-canon's fused LM-head path: the [B, T, V] logits are never built), with TRL's
   old/ref log-probs. Normalizers follow TRL's accounting so the loss under DDP's gradient averaging
@@ -45,15 +49,27 @@ from ..config import AdvantageConfig, LossConfig
 from ..estimators import compute_advantages
 from .hf import lm_head_of
 
-__all__ = ["FusedGRPOTrainer", "UNSUPPORTED_OPTIONS", "loss_config_from_grpo_config"]
+__all__ = ["FusedGRPOTrainer", "UNSUPPORTED_OPTIONS", "REWARD_OPTIONS", "loss_config_from_grpo_config",
+           "advantage_config_from_grpo_config"]
 
 # GRPOConfig fields whose non-default values change the loss in ways LossConfig does not express:
 # (field, default, why). Refused at construction, never silently ignored.
 UNSUPPORTED_OPTIONS = (
     ("off_policy_mask_threshold", None, "the off-policy sequence mask"),
     ("use_adaptive_entropy", False, "TRL's adaptive entropy bonus"),
-    ("scale_rewards", "group", "reward scaling: the estimator of LossConfig.advantage defines it"),
-    ("multi_objective_aggregation", "sum_then_normalize", "per-function normalisation of the rewards"),
+)
+
+# GRPOConfig's reward scaling other than its default, and the AdvantageConfig that computes the same advantages
+# (docs/integrations.md): (field, value, does the AdvantageConfig express it, the config to use). TRL's
+# normalize_then_sum ignores scale_rewards, so gdpo is not checked against it.
+REWARD_OPTIONS = (
+    ("scale_rewards", "batch", lambda a: a.estimator == "grpo" and a.norm_by_std and a.std_scope == "batch",
+     "AdvantageConfig(estimator='grpo', std_scope='batch', epsilon=1e-4)"),
+    ("scale_rewards", "none", lambda a: (a.estimator == "grpo" and not a.norm_by_std) or a.estimator == "dr_grpo",
+     "AdvantageConfig(estimator='grpo', norm_by_std=False)"),
+    ("multi_objective_aggregation", "normalize_then_sum",
+     lambda a: a.estimator == "gdpo" and a.gdpo_whiten == "responses" and a.norm_by_std,
+     "AdvantageConfig(estimator='gdpo', gdpo_whiten='responses', epsilon=1e-4)"),
 )
 
 # TRL's loss_type -> the loss_agg_mode that computes its aggregation (docs/integrations.md's table; the
@@ -136,14 +152,31 @@ def _grpo_loss_options(args) -> list:
     return options
 
 
+def advantage_config_from_grpo_config(args) -> AdvantageConfig:
+    """The AdvantageConfig that computes TRL's advantages for ``args`` (docs/integrations.md's reward table):
+    grpo with scale_rewards' std (sum_then_normalize) or gdpo z-scored over the responses
+    (normalize_then_sum, which ignores scale_rewards); TRL's epsilon 1e-4 and its groups of one (advantage 0)."""
+    trl = dict(epsilon=1e-4, singleton_baseline="own")
+    if args.multi_objective_aggregation == "normalize_then_sum":
+        return AdvantageConfig(estimator="gdpo", gdpo_whiten="responses", **trl)
+    if args.multi_objective_aggregation != "sum_then_normalize":
+        raise ValueError(f"GRPOConfig.multi_objective_aggregation={args.multi_objective_aggregation!r}: allowed "
+                         "'sum_then_normalize' or 'normalize_then_sum'")
+    if args.scale_rewards not in ("group", "batch", "none"):
+        raise ValueError(f"GRPOConfig.scale_rewards={args.scale_rewards!r}: allowed 'group', 'batch' or 'none'")
+    return AdvantageConfig(estimator="grpo", norm_by_std=args.scale_rewards != "none",
+                           std_scope="batch" if args.scale_rewards == "batch" else "group", **trl)
+
+
 def loss_config_from_grpo_config(args, advantage: Optional[AdvantageConfig] = None) -> LossConfig:
     """The LossConfig that computes TRL's loss for ``args`` (a ``GRPOConfig``), with ``advantage`` (default:
-    ``AdvantageConfig()``, GRPO) for the advantages. ``FusedGRPOTrainer`` uses it when no ``loss_config`` is
-    given. TRL has no verl dual clip: ``clip_ratio_c`` is ``delta`` (two-sided) or None."""
+    TRL's own advantages, ``advantage_config_from_grpo_config``) for the advantages. ``FusedGRPOTrainer`` uses
+    it when no ``loss_config`` is given. TRL has no verl dual clip: ``clip_ratio_c`` is ``delta`` (two-sided)
+    or None."""
     fields = {}
     for _, option_fields in _grpo_loss_options(args):
         fields.update(option_fields)
-    return LossConfig(advantage=advantage or AdvantageConfig(), **fields)
+    return LossConfig(advantage=advantage or advantage_config_from_grpo_config(args), **fields)
 
 
 _TRL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
@@ -205,6 +238,15 @@ class FusedGRPOTrainer(GRPOTrainer):
                         f"GRPOConfig.{name}={getattr(args, name)!r} means LossConfig({field_name}={value!r}), but "
                         f"loss_config.{field_name}={getattr(loss_config, field_name)!r}: make them agree, or leave "
                         "loss_config out and FusedGRPOTrainer derives it from GRPOConfig")
+        for name, value, expresses, needed in REWARD_OPTIONS:
+            if getattr(args, name) == value and not (name == "scale_rewards" and loss_config.advantage.estimator == "gdpo"):
+                if not expresses(loss_config.advantage):
+                    raise ValueError(f"GRPOConfig.{name}={value!r} needs loss_config.advantage = {needed} (the "
+                                     f"estimator computes the advantages), got estimator="
+                                     f"{loss_config.advantage.estimator!r}")
+        if loss_config.advantage.reward_weights is not None:
+            raise ValueError(f"loss_config.advantage.reward_weights={loss_config.advantage.reward_weights} must be "
+                             "None: the trainer weighs the reward functions with GRPOConfig.reward_weights")
         if loss_config.advantage.estimator == "canon" and loss_config.advantage.canon_metric == "custom":
             raise ValueError("canon_metric='custom' needs a per-response metric that TRL does not produce")
 
@@ -222,18 +264,18 @@ class FusedGRPOTrainer(GRPOTrainer):
         if torch.isnan(rewards_per_func).all(dim=1).any():
             raise ValueError("a completion has no reward (every reward function returned None): fused-canon's "
                              "estimators need a reward for every completion of a group")
-        rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
+        # [B, K] with TRL's weights (float32, as TRL multiplies by them); NaN: a function returned None
+        advantage = dataclasses.replace(self.loss_config.advantage, reward_weights=self.reward_weights.tolist())
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
-        group_ids = torch.arange(len(rewards), device=rewards.device) // num_generations
+        group_ids = torch.arange(len(rewards_per_func), device=rewards_per_func.device) // num_generations
 
         mask = self._response_mask(output)
         gather = self.accelerator.pad_across_processes
         all_mask = self.accelerator.gather(gather(mask.long(), dim=1)).bool()
         token_entropy = None
-        advantage = self.loss_config.advantage
         if advantage.estimator == "canon" and advantage.canon_metric == "entropy":
             token_entropy = self.accelerator.gather(gather(self._rollout_entropy(output), dim=1))
-        advantages = compute_advantages(rewards, group_ids, advantage, mask=all_mask, token_entropy=token_entropy,
+        advantages = compute_advantages(rewards_per_func, group_ids, advantage, mask=all_mask, token_entropy=token_entropy,
                                         step=self.state.global_step + 1)
         rows = slice(self.accelerator.process_index * len(mask), (self.accelerator.process_index + 1) * len(mask))
         advantages = advantages[rows] if advantages.dim() == 1 else advantages[rows, : mask.shape[1]]

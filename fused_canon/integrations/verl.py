@@ -92,7 +92,20 @@ def advantage_config(name: str, algorithm_config=None) -> AdvantageConfig:
     for schedule in _SCHEDULE_FIELDS:
         if isinstance(options.get(schedule), dict):
             options[schedule] = CosineRestartSchedule(**options[schedule])
-    return AdvantageConfig(**{**preset, **options})
+    config = AdvantageConfig(**{**preset, **options})
+    verl_weights = algorithm_config.get("gdpo_reward_weights") if algorithm_config is not None else None
+    if verl_weights is not None and declared_inputs(config.estimator).multi_reward:
+        if config.reward_weights is not None:
+            raise ValueError(f"algorithm.gdpo_reward_weights and algorithm.{OPTIONS_KEY}.reward_weights are both "
+                             "set: give the weights of the reward keys once")
+        config = dataclasses.replace(config, reward_weights=list(verl_weights))
+    return config
+
+
+def reward_keys(algorithm_config) -> list:
+    """verl's ``algorithm.gdpo_reward_keys``: the per-reward score fields a multi-reward estimator reads."""
+    keys = algorithm_config.get("gdpo_reward_keys") if algorithm_config is not None else None
+    return list(keys or [])
 
 
 class _Rollout:
@@ -111,8 +124,9 @@ _ROLLOUT: contextvars.ContextVar[Optional[_Rollout]] = contextvars.ContextVar("f
 @contextlib.contextmanager
 def rollout_context(*, step: int, token_entropy: Optional[torch.Tensor] = None, inputs: Optional[dict] = None):
     """Hand the global ``step``, the old policy's ``token_entropy [B, T]`` and other estimator ``inputs``
-    (keywords of ``fc.compute_advantages``: values, token_ids, ...; in the batch's row order) to the
-    fused-canon estimators that verl's ``compute_advantage`` calls inside this block."""
+    (keywords of ``fc.compute_advantages``: values, token_ids, ...; in the batch's row order; ``rewards``:
+    the [B, K] scores of the reward keys, for gdpo) to the fused-canon estimators that verl's
+    ``compute_advantage`` calls inside this block."""
     token = _ROLLOUT.set(_Rollout(token_entropy, int(step), dict(inputs or {})))
     try:
         yield
@@ -162,6 +176,24 @@ def _group_ids(index, device) -> torch.Tensor:
     return torch.as_tensor(inverse.reshape(-1), dtype=torch.long, device=device)
 
 
+def _rewards(name: str, adv_config: AdvantageConfig, algorithm_config, token_level_rewards, given) -> torch.Tensor:
+    """The rewards the estimator reads: [B] from token_level_rewards, or for a multi-reward estimator under
+    ``algorithm.gdpo_reward_keys`` the [B, K] scores of those keys (handed over as ``rewards``)."""
+    keys = reward_keys(algorithm_config)
+    if not (keys and declared_inputs(adv_config.estimator).multi_reward):
+        return token_level_rewards.sum(-1)
+    if given.get("rewards") is None:
+        raise ValueError(f"{name} normalises each of algorithm.gdpo_reward_keys={keys} on its own, and verl passes "
+                         "their scores only to its own gdpo: run a fused_canon_<mode> V1 trainer, which hands them "
+                         "over, or call compute_advantage inside fused_canon.integrations.verl.rollout_context("
+                         "inputs={'rewards': scores [B, K]})")
+    scores = given["rewards"].to(token_level_rewards.device)
+    if scores.dim() != 2 or scores.shape != (len(token_level_rewards), len(keys)):
+        raise ValueError(f"{name}: rollout_context's rewards must be [B={len(token_level_rewards)}, K={len(keys)}] "
+                         f"(one column per key of {keys}), got {tuple(scores.shape)}")
+    return scores
+
+
 def _verl_estimator(name: str):
     """verl's estimator contract around ``fc.compute_advantages`` for registered name ``name``."""
 
@@ -189,7 +221,8 @@ def _verl_estimator(name: str):
         if missing:
             raise _missing_input_error(name, missing)
         advantages, returns = compute_advantages(
-            token_level_rewards.sum(-1), _group_ids(index, token_level_rewards.device), adv_config,
+            _rewards(name, adv_config, config, token_level_rewards, given), _group_ids(index, token_level_rewards.device),
+            adv_config,
             mask=response_mask.bool(), token_entropy=token_entropy, step=rollout.step if rollout is not None else 0,
             with_returns=True, **inputs)
         return tuple(((x[:, None] if x.dim() == 1 else x) * response_mask).to(token_level_rewards.dtype)
@@ -242,7 +275,8 @@ class RolloutContextForAdvantages:
         if name in _REGISTERED:
             config = advantage_config(name, algorithm)
             wanted = {n: VERL_BATCH_FIELDS[n] for n in _declared_inputs(config) if n in VERL_BATCH_FIELDS}
-            select = (["entropy"] if _needs_entropy(config) else []) + list(wanted.values())
+            keys = reward_keys(algorithm) if declared_inputs(config.estimator).multi_reward else []
+            select = (["entropy"] if _needs_entropy(config) else []) + list(wanted.values()) + keys
             if select:
                 import transfer_queue as tq
 
@@ -250,6 +284,8 @@ class RolloutContextForAdvantages:
                 padded = fields.to_padded_tensor()
                 token_entropy = padded["entropy"] if _needs_entropy(config) else None
                 inputs = {n: padded[field] for n, field in wanted.items() if field in padded.keys()}
+                if keys:
+                    inputs["rewards"] = torch.stack([torch.as_tensor(padded[k]).reshape(-1).double() for k in keys], 1)
         with rollout_context(step=self.global_steps, token_entropy=token_entropy, inputs=inputs):
             return super()._compute_advantage(batch, metrics)
 
