@@ -39,6 +39,7 @@ LIGER_GRPO = "liger triton_grpo_loss"
 LIGER_LINEAR_GRPO = "liger LigerFusedLinearGRPOLoss"
 VERL_LINEAR = "verl linear_cross_entropy"
 CCE_LINEAR = "cce linear_cross_entropy"
+TRL_STYLE = "trl-style chunked torch"
 
 FP32 = 4
 
@@ -139,6 +140,52 @@ def _forward_or_training(path: str, call, args: Sequence[torch.Tensor], inputs: 
         loss.backward()
         return loss.detach()
     return Prepared(training_step, leaves, inputs.get("weight"))
+
+
+# ------------------------------------------------------------------------------------------------ TRL-style torch
+
+
+TRL_ENTROPY_CHUNK_ROWS = 128  # TRL's entropy_from_logits default chunk
+
+
+def trl_style_token_stats(logits: torch.Tensor, targets: torch.Tensor, entropy_grad: bool = True):
+    """TRL's torch path (trl.trainer.utils, without its Triton kernel): log-prob of the target as the gathered
+    logit minus a logsumexp taken one batch row at a time (``selective_log_softmax``, fp32/fp64; other
+    dtypes: a log_softmax per row), entropy from a log_softmax per 128-row chunk (``entropy_from_logits``)."""
+    selected = logits.gather(-1, targets[..., None]).squeeze(-1)
+    if logits.dtype in (torch.float32, torch.float64):
+        logp = selected - torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
+    else:
+        logp = torch.stack([torch.log_softmax(row, -1).gather(-1, t[:, None]).squeeze(-1)
+                            for row, t in zip(logits, targets)])
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        flat = logits.reshape(-1, logits.shape[-1])
+        entropy = torch.cat([-(torch.exp(lp) * lp).sum(-1) for lp in
+                             (torch.log_softmax(chunk, -1) for chunk in flat.split(TRL_ENTROPY_CHUNK_ROWS))])
+    return logp, entropy.reshape(logits.shape[:-1])
+
+
+def _trl_style(path: str) -> Callable[[Inputs], Prepared]:
+    """TRL's GRPO loss on its torch statistics: the clipped surrogate on the log-probs, the entropy a
+    detached metric (entropy_coeff 0, as bench_loss_config), advantages given."""
+
+    def prepare(inputs: Inputs) -> Prepared:
+        targets, mask = inputs["targets"], inputs["mask"]
+        if path == TOKEN_STATS_FWD:
+            return Prepared(lambda: _no_grad(trl_style_token_stats, inputs["logits"], targets),
+                            summarize=lambda stats: _mean_valid(stats[0], mask))
+        clip_low, clip_high = _clip_ratios()
+
+        def call(logits):
+            logp, _entropy = trl_style_token_stats(logits, targets, entropy_grad=False)
+            return pg_surrogate(logp, inputs["old_logprobs"], inputs["advantages"], mask, clip_low, clip_high)
+        return _forward_or_training(path, call, (inputs["logits"],), inputs)
+    return prepare
+
+
+def _no_grad(fn, *args):
+    with torch.no_grad():
+        return fn(*args)
 
 
 # ------------------------------------------------------------------------------------------------------------ peers
@@ -260,15 +307,22 @@ def _ours_workspace(path: str) -> Callable[[Shape, int], int]:
 
 def _reference_workspace(path: str) -> Callable[[Shape, int], int]:
     def estimate(shape: Shape, elt: int) -> int:
-        # The reference copies the valid rows, upcasts them to fp32 and holds z, p, p*z and a zeros
-        # tensor; its backward frees those, recomputes them and adds dz. The LM-head path first
-        # materialises the logits in the input dtype.
-        rows = shape.n_valid * shape.vocab
-        fp32_copies = 6 if has_backward(path) else 4
-        total = rows * (FP32 * fp32_copies + elt)
+        # The reference works chunk by chunk (fused_canon/statistics.py: a few fp32 [chunk, V] buffers of at
+        # most 4 MiB each) and holds dlogits in the backward. The LM-head path first materialises each
+        # 1,024-row chunk of logits in the input dtype and holds an fp32 dW.
+        total = 8 * 4 * 2 ** 20 + (_logits_rows(shape) * elt if has_backward(path) else 0)
         if shape.hidden is not None:
-            total += rows * elt + shape.vocab * shape.hidden * FP32
+            total += 1024 * shape.vocab * (elt + 3 * FP32) + shape.vocab * shape.hidden * FP32
         return total
+    return estimate
+
+
+def _trl_style_workspace(path: str) -> Callable[[Shape, int], int]:
+    def estimate(shape: Shape, elt: int) -> int:
+        # 128-row fp32 chunks of log_softmax, exp and their product; the backward's dlogits and the
+        # logsumexp's per-row gradients ([T, V] each).
+        chunk = TRL_ENTROPY_CHUNK_ROWS * shape.vocab * FP32 * 3
+        return chunk + (_logits_rows(shape) * elt * 2 if has_backward(path) else 0)
     return estimate
 
 
@@ -314,6 +368,10 @@ def candidates_for(path: str, peers: Dict[str, Peer], settings: Settings) -> Lis
                   _fused_canon_call(path, "torch", settings.compile_backend), _reference_workspace(path)),
     ]
     liger, verl, cce = peers[LIGER], peers[VERL], peers[CCE]
+    if path in (TOKEN_STATS_FWD, POLICY_LOSS_FWD, POLICY_LOSS_FWD_BWD):
+        out.append(Candidate(TRL_STYLE, "reference", "TRL's torch path: log-prob (logsumexp per batch row) + "
+                             "entropy (128-row chunks, detached in the loss) + clipped loss, advantages given",
+                             _trl_style(path), _trl_style_workspace(path)))
     if path == TOKEN_STATS_FWD:
         out.append(Candidate(LIGER_LOGP, "peer", "log-prob only (no entropy); [B, T+1, V] input",
                              _liger_logp(liger), _liger_logits_workspace, LIGER))

@@ -423,9 +423,9 @@ def policy_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
     [B]`` (the estimator of ``config.advantage`` runs inside the call; CANON's entropy metric is then the masked mean of this
     pass's own token entropy, unless ``metric`` is passed). ``old_logprobs=None`` means on-policy.
     ``global_num_tokens`` / ``global_num_seqs`` are the normalizers over all micro-batches and ranks.
-    ``inplace_backward=True`` (Triton only) writes dlogits over the logits buffer: only when nothing
-    else uses these logits afterwards, and it saves the ``[B, T, V]`` gradient only for logits computed
-    in the graph (an LM head's output): the gradient of a leaf tensor is copied by autograd anyway.
+    ``inplace_backward=True`` writes dlogits over the logits buffer (both backends): only when nothing
+    else uses these logits afterwards; it saves the ``[B, T, V]`` gradient (a leaf's ``.grad`` then
+    shares the leaf's memory: docs/design.md §4.1).
     ``reduce=False`` (Liger's) returns the per-token loss [B, T] as ``LossOutput.loss`` (objective in torch;
     docs/algorithms.md §1.8). ``LossOutput.backends`` says what ran for each stage. A NaN or +inf logit in a
     valid row, or a -inf logit at a valid target, raises a ValueError naming the first such (batch, position).

@@ -14,6 +14,8 @@ decides which implementation runs.
   objective.py           the per-token policy objective, aggregation and metric sums
   logits_policy_loss.py  statistics, objective and dlogits in one pass when the coefficients are known first
 
+This file also holds the one check both statistics backends make before writing dlogits in place.
+
 This file imports no triton at module level, so ``triton_available`` and
 ``triton_interpreter_enabled`` work without it.
 """
@@ -38,6 +40,30 @@ def triton_interpreter_enabled() -> bool:
         return bool(knobs.runtime.interpret)
     except (ImportError, AttributeError):
         return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def elements_overlap(x) -> bool:
+    """Whether two elements of ``x`` may share memory (a stride-0 dimension from expand(), or an as_strided
+    view whose rows interleave): sorted by stride, each dimension must step past the whole extent of the
+    smaller ones. Slices and permutations of a tensor pass; a few exotic non-overlapping layouts do not."""
+    if x.numel() == 0:
+        return False
+    extent = 0  # the largest offset reachable through the dimensions seen so far
+    for stride, size in sorted((stride, size) for size, stride in zip(x.shape, x.stride()) if size > 1):
+        if stride <= extent:
+            return True
+        extent += stride * (size - 1)
+    return False
+
+
+def check_inplace_gradient_target(logits) -> None:
+    """``inplace_backward`` writes dlogits over ``logits``: refused when its elements share memory (one slot
+    cannot hold the gradients of several logits). Both statistics backends call it in their forward."""
+    if elements_overlap(logits):
+        raise ValueError(f"inplace_backward=True writes dlogits over the logits, but these logits (shape "
+                         f"{tuple(logits.shape)}, strides {tuple(logits.stride())}) share memory between elements, "
+                         "e.g. an expand(): their gradient needs its own memory. Pass inplace_backward=False, "
+                         "or materialise them with .contiguous()")
 
 
 def _patch_triton36_interpreter_for_numpy24():

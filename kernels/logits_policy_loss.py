@@ -249,7 +249,9 @@ class FusedPolicyLossFunction(torch.autograd.Function):
             _scale_gradient_kernel[(B * T,)](dlogits, dlogits.stride(0), dlogits.stride(1),
                                              grad_loss.detach().float().contiguous(), T, V, BLOCK_V=ctx.block_v,
                                              num_warps=_num_warps(ctx.block_v))
-        return dlogits, None, None, None, None, None, None
+        # A fresh alias of the buffer: AccumulateGrad takes it as a leaf's .grad instead of copying it (with
+        # inplace_backward the buffer is the leaf's own memory).
+        return dlogits.detach(), None, None, None, None, None, None
 
 
 def triton_policy_loss(logits, targets, inputs: ObjectiveInputs, temperature=1.0, *, inplace_backward=False,

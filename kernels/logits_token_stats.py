@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_interpreter_enabled
+from . import check_inplace_gradient_target, triton_interpreter_enabled
 from .softmax import (merge_sums_of_squares, merge_summaries, row_statistics, softmax_grad, sum_of_squared_probs,
                       target_grad, tile_summary)
 
@@ -185,11 +185,8 @@ def _check_inputs(logits, targets, row_index, temperature, block_v, check_rows=T
     if logits.device.type != "cuda" and not triton_interpreter_enabled():
         raise RuntimeError(f"Triton kernels need CUDA tensors (got {logits.device}); on CPU set "
                            "TRITON_INTERPRET=1 before importing triton, or use the torch backend")
-    if inplace_backward and _elements_overlap(logits):
-        raise ValueError(f"inplace_backward=True writes dlogits over the logits, but these logits (shape "
-                         f"{tuple(logits.shape)}, strides {tuple(logits.stride())}) share memory between elements, "
-                         "e.g. an expand(): their gradient needs its own memory. Pass inplace_backward=False, "
-                         "or materialise them with .contiguous()")
+    if inplace_backward:
+        check_inplace_gradient_target(logits)
     # Out-of-range or repeated rows would read out of bounds / lose gradient: one host sync. Skipped when
     # the caller built row_index itself (check_rows=False: fused_canon's API).
     n_rows = B * T
@@ -199,20 +196,6 @@ def _check_inputs(logits, targets, row_index, temperature, block_v, check_rows=T
         counts.index_add_(0, torch.where(in_range, row_index, 0), torch.ones_like(row_index, dtype=torch.int32))
         if bool((~in_range).any() | (counts > 1).any()):
             raise ValueError(f"row_index must hold distinct flat indices b*T+t in [0, {n_rows})")
-
-
-def _elements_overlap(x: torch.Tensor) -> bool:
-    """Whether two elements of ``x`` may share memory (a stride-0 dimension from expand(), or an as_strided
-    view whose rows interleave): sorted by stride, each dimension must step past the whole extent of the
-    smaller ones. Slices and permutations of a tensor pass; a few exotic non-overlapping layouts do not."""
-    if x.numel() == 0:
-        return False
-    extent = 0  # the largest offset reachable through the dimensions seen so far
-    for stride, size in sorted((stride, size) for size, stride in zip(x.shape, x.stride()) if size > 1):
-        if stride <= extent:
-            return True
-        extent += stride * (size - 1)
-    return False
 
 
 def token_stats_forward(logits, targets, row_index, temperature=1.0, *, block_v=None, extra_stats=False,
@@ -307,6 +290,8 @@ class TritonTokenStats(torch.autograd.Function):
             # Later autograd use of the overwritten logits then fails loudly ("modified by an
             # inplace operation") instead of silently reading gradients.
             torch.autograd.graph.increment_version(logits)
+            # A fresh alias of the buffer: AccumulateGrad takes it as a leaf's .grad instead of copying it.
+            dlogits = dlogits.detach()
         return dlogits, None, None, None, None, None, None, None
 
 

@@ -142,12 +142,6 @@ def test_a_group_larger_than_the_kernel_falls_back_under_auto(auto_uses_the_inte
     assert choice.backend == "torch" and "MAX_GROUP_SIZE" in choice.reason
 
 
-def test_inplace_backward_needs_triton_statistics():
-    batch = make_batch()
-    with pytest.raises(ValueError, match="inplace_backward=True is only available with backend='triton'"):
-        loss_call(batch, inplace_backward=True)  # auto on CPU tensors: torch statistics
-
-
 def test_bad_backend_names_and_op_names():
     batch = make_batch()
     with pytest.raises(ValueError, match=r"backend='gpu' is not valid; choose one of \['auto', 'triton', 'torch'\]"):

@@ -135,7 +135,8 @@ def test_token_stats_backend():
         assert relative_error(tri, ref) <= 1e-4
 
 
-def test_inplace_backward_writes_dlogits_into_the_logits_buffer():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_inplace_backward_writes_dlogits_into_the_logits_buffer(backend):
     batch = batch_on_device()
     kwargs = dict(advantages=torch.tensor([1.0, -1.0, 0.5, 0.0], device=DEVICE), old_logprobs=batch["old_logprobs"])
     logits = batch["logits"].clone().requires_grad_()
@@ -143,7 +144,7 @@ def test_inplace_backward_writes_dlogits_into_the_logits_buffer():
 
     leaf = batch["logits"].clone().requires_grad_()
     buffer = leaf * 1.0  # an activation whose memory the caller lets the kernel overwrite
-    out = fc.policy_loss(buffer, batch["targets"], batch["mask"], backend="triton", inplace_backward=True, **kwargs)
+    out = fc.policy_loss(buffer, batch["targets"], batch["mask"], backend=backend, inplace_backward=True, **kwargs)
     out.loss.backward()
     assert relative_error(buffer.detach(), logits.grad) <= 1e-4  # the buffer now holds dlogits
     assert relative_error(leaf.grad, logits.grad) <= 1e-4
@@ -153,7 +154,8 @@ def test_inplace_backward_writes_dlogits_into_the_logits_buffer():
     lambda base: base[:1].expand(4, 4, 64),  # every row is the first row's memory
     lambda base: base.reshape(-1).as_strided((4, 4, 64), (64, 32, 1)),  # rows interleave
 ], ids=["expand", "as_strided"])
-def test_inplace_backward_refuses_logits_whose_elements_overlap(overlapping):
+@pytest.mark.parametrize("inplace_backend", ["torch", "triton"])
+def test_inplace_backward_refuses_logits_whose_elements_overlap(overlapping, inplace_backend):
     """Writing dlogits in place over memory that several logits share would sum their gradients into one
     slot (a wrong gradient, silently): refused. Without inplace_backward the gradient is right."""
     batch = batch_on_device()
@@ -161,7 +163,7 @@ def test_inplace_backward_refuses_logits_whose_elements_overlap(overlapping):
     base = batch["logits"].clone().requires_grad_()
     with pytest.raises(ValueError, match=r"inplace_backward=True writes dlogits over the logits, but these logits .*"
                                          r"share memory between elements"):
-        fc.policy_loss(overlapping(base * 1.0), batch["targets"], batch["mask"], backend="triton",
+        fc.policy_loss(overlapping(base * 1.0), batch["targets"], batch["mask"], backend=inplace_backend,
                        inplace_backward=True, **kwargs)
     grads = []
     for backend in ("torch", "triton"):
@@ -171,11 +173,12 @@ def test_inplace_backward_refuses_logits_whose_elements_overlap(overlapping):
     assert relative_error(grads[1], grads[0]) <= 1e-4
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("leaf", [False, True], ids=["activation", "leaf"])
-def test_inplace_backward_memory(leaf):
-    """inplace_backward saves the [B, T, V] gradient for logits computed in the graph (here by an LM head):
-    the call and its backward allocate none. For leaf logits autograd copies the gradient into .grad anyway (one
-    [B, T, V] copy, as many as without the option: documented, the option only destroys them)."""
+def test_inplace_backward_memory(leaf, backend):
+    """inplace_backward allocates no [B, T, V] gradient, on either statistics backend: for logits computed
+    in the graph (an LM head's output) the backward consumes the buffer; for leaf logits the gradient comes
+    back as a fresh alias of the buffer, which AccumulateGrad takes as .grad without a copy."""
     batch = batch_on_device(vocab=64)
     B, T, V = batch["logits"].shape
     kwargs = dict(advantages=torch.tensor([1.0, -1.0, 0.5, 0.0], device=DEVICE))
@@ -186,18 +189,13 @@ def test_inplace_backward_memory(leaf):
         logits = batch["logits"].clone().requires_grad_() if leaf else hidden @ head.T
         recorder = AllocationRecorder()
         with recorder:  # forward and backward: the fused path writes dlogits in the forward
-            fc.policy_loss(logits, batch["targets"], batch["mask"], backend="triton", inplace_backward=inplace,
+            fc.policy_loss(logits, batch["targets"], batch["mask"], backend=backend, inplace_backward=inplace,
                            **kwargs).loss.backward()
         big[inplace] = [op for op, numel in recorder.numels if numel == B * T * V]
+        if leaf and inplace:
+            assert logits.grad.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
     assert len(big[False]) == 1  # dlogits
-    assert len(big[True]) == (1 if leaf else 0), big[True]
-
-
-def test_torch_backend_refuses_inplace_backward():
-    batch = batch_on_device()
-    with pytest.raises(ValueError, match="inplace_backward"):
-        fc.policy_loss(batch["logits"], batch["targets"], batch["mask"], advantages=torch.ones(4), backend="torch",
-                       inplace_backward=True)
+    assert big[True] == [], big[True]
 
 
 GOLDEN = [(i, c) for i, c in enumerate(load_cases()) if c["kind"] in ("token_stats", "policy_loss")]
