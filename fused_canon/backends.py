@@ -152,6 +152,7 @@ def _triton_table() -> Dict[str, Dict[Optional[str], TritonLaunch]]:
             "kl_cov": loss(losses.kl_cov, objective_kernel.KL_COV),
             "gspo": loss(losses.gspo, objective_kernel.GSPO),
             "cispo": loss(losses.cispo, objective_kernel.CISPO),
+            "sapo": loss(losses.sapo, objective_kernel.SAPO),
         },
     }
 
@@ -219,7 +220,7 @@ def select(op: str, backend: str, data: torch.Tensor, name: Optional[str] = None
 LOGITS_PASS = "logits_pass"  # the LossOutput.backends key that says which path policy_loss took
 # The Triton losses whose token term needs only the token's own inputs (kernels/logits_policy_loss.py);
 # gspo (the sequence ratio), clip_cov and kl_cov (a batch covariance selection) need the whole pass first.
-FUSED_LOSSES = ("vanilla", "cispo")
+FUSED_LOSSES = ("vanilla", "cispo", "sapo")
 
 
 def _advantages_read_the_pass(config: LossConfig, *, metric_given: bool, old_given: bool,
@@ -267,7 +268,8 @@ def fused_policy_loss_launch(loss_mode: str) -> Callable:
     from . import losses
     from .kernels import objective as objective_kernel
 
-    constants = {"vanilla": objective_kernel.VANILLA, "cispo": objective_kernel.CISPO}
+    constants = {"vanilla": objective_kernel.VANILLA, "cispo": objective_kernel.CISPO,
+                 "sapo": objective_kernel.SAPO}
     return functools.partial(losses.triton_fused_policy_loss, loss_mode=constants[loss_mode])
 
 

@@ -245,7 +245,7 @@ class LossConfig:
     # They differ only when a per-token factor (token-level rollout IS weights, the entropy mask) varies in a row.
     gspo_gradient: str = "token"
     # TRL's use_bias_correction_kl (docs/algorithms.md §1.10): the KL term times the importance ratio
-    # (gspo: the sequence ratio), with the gradient through both. Torch only.
+    # (gspo: the sequence ratio), with the gradient through both. Torch only with gspo.
     kl_bias_correction: bool = False
     # The entropy bonus's aggregation (docs/algorithms.md §1.9); None: loss_agg_mode (TRL: "token-mean").
     entropy_agg_mode: Optional[str] = None

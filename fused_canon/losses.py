@@ -560,8 +560,9 @@ def triton_objective_limit(config: LossConfig, reduce: bool = True) -> Optional[
     if config.loss_mode == "gspo" and config.gspo_gradient == "sequence":
         return ("gspo_gradient='sequence' is torch only (each token's gradient is its row's mean, a reduction "
                 "over the row in the backward)")
-    if config.kl_bias_correction:
-        return "kl_bias_correction=True is torch only (gspo's sequence ratio couples a row's tokens)"
+    if config.kl_bias_correction and config.loss_mode == "gspo":
+        return ("kl_bias_correction=True with gspo is torch only (the KL term times the row's sequence ratio "
+                "couples a row's tokens)")
     if config.top_entropy_quantile < 1.0:
         return (f"top_entropy_quantile={config.top_entropy_quantile} is torch only (a quantile of the call's "
                 "entropies, and an entropy term over the kept tokens)")
@@ -610,7 +611,8 @@ def _objective_inputs(mask, advantages, old_logp, ref_logp, config: LossConfig, 
         ppo_kl_coef=config.ppo_kl_coef, entropy_coeff=config.entropy_coeff,
         kl_coef=config.kl_coef if ref_logp is not None else 0.0, log_ratio_clamp=LOG_RATIO_CLAMP,
         gspo_log_ratio_max=GSPO_LOG_RATIO_MAX, k3_log_ratio_clamp=LOG_RATIO_CLAMP if config.kl_k3_clamp else inf,
-        k3_value_clamp=K3_VALUE_CLAMP if config.kl_k3_clamp else inf)
+        k3_value_clamp=K3_VALUE_CLAMP if config.kl_k3_clamp else inf, kl_bias_correction=config.kl_bias_correction,
+        sapo_tau_pos=config.sapo_tau_pos, sapo_tau_neg=config.sapo_tau_neg)
 
 
 def _objective_metrics(sums, mask, loss_mode, config: LossConfig, *, has_entropy: bool, has_ref: bool):
@@ -622,7 +624,7 @@ def _objective_metrics(sums, mask, loss_mode, config: LossConfig, *, has_entropy
     if loss_mode != kernel.KL_COV:
         metrics["actor/pg_clipfrac"] = sums.clipped / count
     metrics["actor/ppo_kl"] = sums.ppo_kl / count
-    if loss_mode in (kernel.VANILLA, kernel.GSPO, kernel.CISPO):
+    if loss_mode in (kernel.VANILLA, kernel.GSPO, kernel.CISPO, kernel.SAPO):
         metrics["actor/pg_clipfrac_lower"] = sums.clipped_lower / count
     metrics["actor/pg_loss"] = sums.pg
     if has_entropy:

@@ -26,14 +26,15 @@ import triton.language as tl
 
 from .logits_token_stats import _check_inputs, _num_warps, default_block_v
 from .objective import (NUM_SUMS, SUM_CLIPPED, SUM_CLIPPED_LOWER, SUM_ENTROPY, SUM_KL, SUM_PG, SUM_PPO_KL, CISPO,
-                        KL_K3, VANILLA, ObjectiveInputs, ObjectiveSums, objective_loss, token_kl, token_policy_loss)
+                        KL_K3, SAPO, VANILLA, ObjectiveInputs, ObjectiveSums, objective_loss, token_kl,
+                        token_policy_loss)
 from .softmax import merge_summaries, row_statistics, softmax_grad, target_grad, tile_summary
 
 __all__ = ["triton_policy_loss", "FusedPolicyLossFunction", "rows_in_flight", "FUSED_LOSS_MODES",
            "L2_FRACTION_FOR_ROWS"]
 
 # The loss modes whose token term needs only the token's own inputs (no sequence or batch statistic).
-FUSED_LOSS_MODES = (VANILLA, CISPO)
+FUSED_LOSS_MODES = (VANILLA, CISPO, SAPO)
 # Share of the L2 cache the rows in flight may fill between a row's two reads: the rest holds the
 # dlogits lines being written back, the per-row vectors and whatever else is resident.
 L2_FRACTION_FOR_ROWS = 0.75
@@ -56,6 +57,7 @@ def _policy_loss_fused_kernel(
     partial_ptr,  # [programs, NUM_SUMS] fp32 output: this program's sums (objective.py's columns)
     n_rows, T, V, inv_temp,
     ratio_low, ratio_high, clip_c, entropy_coeff, kl_coef, log_ratio_clamp, k3_log_ratio_clamp, k3_value_clamp,
+    sapo_tau_pos, sapo_tau_neg,  # sapo's gate temperatures (A > 0, A <= 0)
     LOSS_MODE: tl.constexpr,
     CISPO_ABSOLUTE: tl.constexpr,
     DUAL_CLIP: tl.constexpr,
@@ -64,6 +66,7 @@ def _policy_loss_fused_kernel(
     HAS_REF: tl.constexpr,
     KL_TYPE: tl.constexpr,
     KL_STRAIGHT_THROUGH: tl.constexpr,
+    KL_BIAS_CORRECTION: tl.constexpr,  # the KL term times the token's ratio (objective.py's token_kl)
     HAS_TOKEN_WEIGHT: tl.constexpr,
     BLOCK_V: tl.constexpr,
     NUM_SUMS: tl.constexpr,
@@ -118,11 +121,11 @@ def _policy_loss_fused_kernel(
             weight = tl.load(weight_ptr + b)
             value, d_value, clipped, ppo_kl, clipped_lower = token_policy_loss(
                 logp, old, adv, 0.0, False, token_weight, ratio_low, ratio_high, clip_c, 0.0, log_ratio_clamp,
-                0.0, LOSS_MODE, CISPO_ABSOLUTE, DUAL_CLIP, TWO_SIDED, HAS_TOKEN_WEIGHT)
+                0.0, sapo_tau_pos, sapo_tau_neg, LOSS_MODE, CISPO_ABSOLUTE, DUAL_CLIP, TWO_SIDED, HAS_TOKEN_WEIGHT)
             c_logp = pg_weight * d_value
             if HAS_REF:
-                kl, d_kl = token_kl(logp - tl.load(ref_ptr + row), k3_log_ratio_clamp, k3_value_clamp, KL_TYPE,
-                                    KL_STRAIGHT_THROUGH)
+                kl, d_kl = token_kl(logp - tl.load(ref_ptr + row), logp - old, log_ratio_clamp, k3_log_ratio_clamp,
+                                    k3_value_clamp, KL_TYPE, KL_STRAIGHT_THROUGH, KL_BIAS_CORRECTION)
                 sum_kl += weight * kl
                 c_logp += kl_coef * weight * d_kl
             c_ent = -entropy_coeff * weight
@@ -213,10 +216,11 @@ def _fused_forward(logits, targets, inputs: ObjectiveInputs, temperature, inplac
             n_rows, T, V, 1.0 / temperature,
             inputs.ratio_low, inputs.ratio_high, inputs.clip_c if inputs.clip_c is not None else 0.0,
             inputs.entropy_coeff, inputs.kl_coef, inputs.log_ratio_clamp, inputs.k3_log_ratio_clamp,
-            inputs.k3_value_clamp,
+            inputs.k3_value_clamp, inputs.sapo_tau_pos, inputs.sapo_tau_neg,
             LOSS_MODE=int(inputs.loss_mode), CISPO_ABSOLUTE=inputs.cispo_absolute, DUAL_CLIP=inputs.clip_c is not None,
             TWO_SIDED=inputs.dual_clip_two_sided, HAS_OLD=inputs.old is not None, HAS_REF=inputs.ref is not None,
             KL_TYPE=int(inputs.kl_type), KL_STRAIGHT_THROUGH=inputs.kl_straight_through,
+            KL_BIAS_CORRECTION=inputs.kl_bias_correction,
             HAS_TOKEN_WEIGHT=inputs.token_weight is not None, BLOCK_V=block_v, NUM_SUMS=NUM_SUMS,
             num_warps=_num_warps(block_v))
     return dlogits, logp.reshape(B, T), entropy.reshape(B, T), partial.sum(0)
@@ -265,7 +269,7 @@ def triton_policy_loss(logits, targets, inputs: ObjectiveInputs, temperature=1.0
     detached fp32 with zeros at padded positions. ``programs`` overrides ``rows_in_flight`` (tests)."""
     if int(inputs.loss_mode) not in [int(mode) for mode in FUSED_LOSS_MODES]:
         raise ValueError(f"loss_mode constant {int(inputs.loss_mode)} needs a sequence or batch statistic: "
-                         f"the fused kernel takes {[int(mode) for mode in FUSED_LOSS_MODES]} (vanilla, cispo)")
+                         f"the fused kernel takes {[int(mode) for mode in FUSED_LOSS_MODES]} (vanilla, cispo, sapo)")
     if inputs.selected is not None or inputs.seq_log_ratio is not None:
         raise ValueError("the fused kernel takes no Clip-Cov / KL-Cov selection and no GSPO sequence ratio")
     if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
@@ -291,9 +295,10 @@ def _fused_sig(dtype, stride_ty="i32"):
             "n_rows": "i32", "T": "i32", "V": "i32", "inv_temp": "fp32",
             "ratio_low": "fp32", "ratio_high": "fp32", "clip_c": "fp32", "entropy_coeff": "fp32", "kl_coef": "fp32",
             "log_ratio_clamp": "fp32", "k3_log_ratio_clamp": "fp32", "k3_value_clamp": "fp32",
+            "sapo_tau_pos": "fp32", "sapo_tau_neg": "fp32",
             "LOSS_MODE": "constexpr", "CISPO_ABSOLUTE": "constexpr", "DUAL_CLIP": "constexpr", "TWO_SIDED": "constexpr",
             "HAS_OLD": "constexpr", "HAS_REF": "constexpr", "KL_TYPE": "constexpr", "KL_STRAIGHT_THROUGH": "constexpr",
-            "HAS_TOKEN_WEIGHT": "constexpr", "BLOCK_V": "constexpr", "NUM_SUMS": "constexpr"}
+            "KL_BIAS_CORRECTION": "constexpr", "HAS_TOKEN_WEIGHT": "constexpr", "BLOCK_V": "constexpr", "NUM_SUMS": "constexpr"}
 
 
 def _scale_sig(dtype, stride_ty="i32"):
@@ -311,10 +316,10 @@ def _aot_entry(kernel, signature, **constexprs):
 
 
 def _fused_constexprs(mode, dual_clip=False, two_sided=False, has_old=True, has_ref=True, kl_type=KL_K3,
-                      token_weight=False):
+                      token_weight=False, kl_bias_correction=False):
     return {"LOSS_MODE": int(mode), "CISPO_ABSOLUTE": False, "DUAL_CLIP": dual_clip, "TWO_SIDED": two_sided,
             "HAS_OLD": has_old, "HAS_REF": has_ref, "KL_TYPE": int(kl_type), "KL_STRAIGHT_THROUGH": False,
-            "HAS_TOKEN_WEIGHT": token_weight, "NUM_SUMS": NUM_SUMS}
+            "KL_BIAS_CORRECTION": kl_bias_correction, "HAS_TOKEN_WEIGHT": token_weight, "NUM_SUMS": NUM_SUMS}
 
 
 AOT_SIGNATURES = [
@@ -323,6 +328,7 @@ AOT_SIGNATURES = [
                **_fused_constexprs(VANILLA, dual_clip=True, two_sided=True, token_weight=True)),
     _aot_entry(_policy_loss_fused_kernel, _fused_sig("fp16"), **_fused_constexprs(CISPO, has_old=False, has_ref=False)),
     _aot_entry(_policy_loss_fused_kernel, _fused_sig("fp32"), **_fused_constexprs(VANILLA, has_ref=False)),
+    _aot_entry(_policy_loss_fused_kernel, _fused_sig("bf16"), **_fused_constexprs(SAPO, kl_bias_correction=True)),
     _aot_entry(_scale_gradient_kernel, _scale_sig("bf16")),
     _aot_entry(_scale_gradient_kernel, _scale_sig("fp32", "i64")),
 ]

@@ -2,7 +2,7 @@
 
 ``triton_objective`` computes, from tensors and scalars, what the torch reference
 ``fused_canon.losses.policy_objective`` computes (it defines the semantics) for the built-in loss
-modes vanilla, clip_cov, kl_cov, gspo, cispo; ``fused_canon.losses.triton_policy_objective`` reads a
+modes vanilla, clip_cov, kl_cov, gspo, cispo, sapo; ``fused_canon.losses.triton_policy_objective`` reads a
 LossConfig into this launch and turns the sums into verl's metrics.
 
 Every aggregation mode of docs/algorithms.md §1.8 is a weighted sum over the valid tokens with a weight
@@ -40,7 +40,7 @@ import triton.language as tl
 
 __all__ = ["triton_objective", "ObjectiveInputs", "ObjectiveSums", "PolicyObjectiveFunction", "objective_loss",
            "token_policy_loss", "token_kl", "VANILLA", "CLIP_COV",
-           "KL_COV", "GSPO", "CISPO", "KL_K1", "KL_ABS", "KL_K2", "KL_K3"]
+           "KL_COV", "GSPO", "CISPO", "SAPO", "KL_K1", "KL_ABS", "KL_K2", "KL_K3"]
 
 # The loss modes, as values of the kernel's LOSS_MODE constexpr.
 VANILLA = tl.constexpr(0)
@@ -48,6 +48,7 @@ CLIP_COV = tl.constexpr(1)
 KL_COV = tl.constexpr(2)
 GSPO = tl.constexpr(3)
 CISPO = tl.constexpr(4)
+SAPO = tl.constexpr(5)
 # The KL estimators, as values of the KL_TYPE constexpr.
 KL_K1 = tl.constexpr(0)
 KL_ABS = tl.constexpr(1)
@@ -102,17 +103,19 @@ def _minimum_grad(a, b, grad_a, grad_b):
 
 @triton.jit
 def token_policy_loss(logp, old, adv, seq_log_ratio, selected, token_weight, ratio_low, ratio_high, clip_c,
-                      ppo_kl_coef, log_ratio_clamp, gspo_log_ratio_max, LOSS_MODE: tl.constexpr,
+                      ppo_kl_coef, log_ratio_clamp, gspo_log_ratio_max, sapo_tau_pos, sapo_tau_neg,
+                      LOSS_MODE: tl.constexpr,
                       CISPO_ABSOLUTE: tl.constexpr, DUAL_CLIP: tl.constexpr, TWO_SIDED: tl.constexpr,
                       HAS_TOKEN_WEIGHT: tl.constexpr):
     """The policy term of tokens (scalars or vectors alike): (value l, dl/dlogp, clipped, ppo_kl,
     clipped_lower), the last three the metric indicators. ``seq_log_ratio`` is read by GSPO only (the
     row's mean log-ratio), ``selected`` by Clip-Cov / KL-Cov only (their token selection),
-    ``token_weight`` only with HAS_TOKEN_WEIGHT (the rollout IS weights, after the clip). Shared by the
+    ``token_weight`` only with HAS_TOKEN_WEIGHT (the rollout IS weights, after the clip), the gate
+    temperatures by SAPO only (A > 0, A <= 0). Shared by the
     objective kernel and the fused loss kernel (logits_policy_loss.py): one implementation of the losses."""
     zero = tl.zeros_like(logp)  # the shape of the tokens, whatever their values
     raw_log_ratio = logp - old
-    if (LOSS_MODE == VANILLA) or (LOSS_MODE == CISPO):  # verl clamps the log-ratio to +-20
+    if (LOSS_MODE == VANILLA) or (LOSS_MODE == CISPO) or (LOSS_MODE == SAPO):  # verl clamps the log-ratio to +-20
         log_ratio = tl.minimum(tl.maximum(raw_log_ratio, -log_ratio_clamp), log_ratio_clamp)
         # torch.clamp passes the gradient at the bounds too (inclusive).
         d_log_ratio = ((raw_log_ratio >= -log_ratio_clamp) & (raw_log_ratio <= log_ratio_clamp)).to(tl.float32)
@@ -136,6 +139,13 @@ def token_policy_loss(logp, old, adv, seq_log_ratio, selected, token_weight, rat
             clipped = (ratio > ratio_high) & (adv > 0)
         else:
             clipped = ratio != clipped_ratio
+        ppo_kl = -log_ratio
+    elif LOSS_MODE == SAPO:  # -sigmoid(tau (rho - 1)) (4 / tau) A; d/dlogp = -A 4 s (1 - s) rho
+        tau = tl.where(adv > 0, sapo_tau_pos, sapo_tau_neg)
+        gate = tl.sigmoid(tau * (ratio - 1.0))
+        value = -adv * gate * (4.0 / tau)
+        d_value = -adv * 4.0 * gate * (1.0 - gate) * d_ratio
+        clipped = zero != 0.0
         ppo_kl = -log_ratio
     elif LOSS_MODE == KL_COV:  # -A rho + ppo_kl_coef |log rho| on the selected tokens
         abs_kl = tl.abs(log_ratio)
@@ -182,8 +192,11 @@ def token_policy_loss(logp, old, adv, seq_log_ratio, selected, token_weight, rat
 
 
 @triton.jit
-def token_kl(d, k3_log_ratio_clamp, k3_value_clamp, KL_TYPE: tl.constexpr, KL_STRAIGHT_THROUGH: tl.constexpr):
-    """KL(pi || pi_ref) of tokens from d = logp - ref: (value, d value / d logp)."""
+def token_kl(d, raw_log_ratio, log_ratio_clamp, k3_log_ratio_clamp, k3_value_clamp, KL_TYPE: tl.constexpr,
+             KL_STRAIGHT_THROUGH: tl.constexpr, KL_BIAS_CORRECTION: tl.constexpr):
+    """KL(pi || pi_ref) of tokens from d = logp - ref: (value, d value / d logp). With KL_BIAS_CORRECTION
+    (TRL's use_bias_correction_kl) the term times the token's ratio exp(clamp(logp - old, +-log_ratio_clamp)),
+    ``raw_log_ratio`` = logp - old (read only then)."""
     if KL_TYPE == KL_K1:
         kl = d
         d_kl = tl.zeros_like(d) + 1.0
@@ -203,6 +216,11 @@ def token_kl(d, k3_log_ratio_clamp, k3_value_clamp, KL_TYPE: tl.constexpr, KL_ST
         d_kl = tl.where(live, 1.0 - exp_neg, 0.0)
     if KL_STRAIGHT_THROUGH:
         d_kl = d
+    if KL_BIAS_CORRECTION:  # d(KL rho) = d_KL rho + KL rho (inside the clamp; torch.clamp's bounds inclusive)
+        kl_ratio = tl.exp(tl.minimum(tl.maximum(raw_log_ratio, -log_ratio_clamp), log_ratio_clamp))
+        in_clamp = (raw_log_ratio >= -log_ratio_clamp) & (raw_log_ratio <= log_ratio_clamp)
+        d_kl = d_kl * kl_ratio + tl.where(in_clamp, kl * kl_ratio, 0.0)
+        kl = kl * kl_ratio
     return kl, d_kl
 
 
@@ -219,6 +237,7 @@ def _policy_objective_fwd_kernel(
     T, ratio_low, ratio_high, clip_c, ppo_kl_coef, entropy_coeff, kl_coef,  # ratio_low/high: the clip bounds
     log_ratio_clamp, gspo_log_ratio_max,  # the reference's clamps (fused_canon/losses.py)
     k3_log_ratio_clamp, k3_value_clamp,  # k3's clamps (inf: off)
+    sapo_tau_pos, sapo_tau_neg,  # sapo's gate temperatures (A > 0, A <= 0)
     LOSS_MODE: tl.constexpr,
     CISPO_ABSOLUTE: tl.constexpr,  # cispo's absolute cap (TRL): count clipped tokens only where A > 0
     DUAL_CLIP: tl.constexpr,
@@ -226,6 +245,7 @@ def _policy_objective_fwd_kernel(
     HAS_REF: tl.constexpr,
     KL_TYPE: tl.constexpr,
     KL_STRAIGHT_THROUGH: tl.constexpr,  # kl_type with a '+' suffix: base value, k2 gradient
+    KL_BIAS_CORRECTION: tl.constexpr,  # the KL term times the token's ratio exp(clamp(logp - old, +-20)) (TRL)
     ENTROPY_GRAD: tl.constexpr,
     HAS_TOKEN_WEIGHT: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -257,7 +277,8 @@ def _policy_objective_fwd_kernel(
         token_weight = 1.0  # not read
     value, d_value, clipped, ppo_kl, clipped_lower = token_policy_loss(
         logp, old, adv, seq_log_ratio, selected, token_weight, ratio_low, ratio_high, clip_c, ppo_kl_coef,
-        log_ratio_clamp, gspo_log_ratio_max, LOSS_MODE, CISPO_ABSOLUTE, DUAL_CLIP, TWO_SIDED, HAS_TOKEN_WEIGHT)
+        log_ratio_clamp, gspo_log_ratio_max, sapo_tau_pos, sapo_tau_neg, LOSS_MODE, CISPO_ABSOLUTE, DUAL_CLIP,
+        TWO_SIDED, HAS_TOKEN_WEIGHT)
     value = tl.where(valid, value, 0.0)
     c_logp = tl.where(valid, pg_weight * d_value, 0.0)
     entropy = tl.load(entropy_ptr + offs, mask=valid, other=0.0).to(tl.float32)
@@ -270,7 +291,8 @@ def _policy_objective_fwd_kernel(
 
     if HAS_REF:  # KL(pi || pi_ref) of d = logp - ref
         ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-        kl, d_kl = token_kl(logp - ref, k3_log_ratio_clamp, k3_value_clamp, KL_TYPE, KL_STRAIGHT_THROUGH)
+        kl, d_kl = token_kl(logp - ref, logp - old, log_ratio_clamp, k3_log_ratio_clamp, k3_value_clamp, KL_TYPE,
+                            KL_STRAIGHT_THROUGH, KL_BIAS_CORRECTION)
         kl = tl.where(valid, kl, 0.0)
         tl.store(slot + SUM_KL, tl.sum(weight * kl, axis=0))
         c_logp += tl.where(valid, kl_coef * weight * d_kl, 0.0)
@@ -299,7 +321,7 @@ class ObjectiveInputs:
     token_weight: Optional[torch.Tensor]  # [B, T]: the policy term's per-token factor, or None (1)
     pg_weight: torch.Tensor  # [B] fp32: aggregation weight of a token of row b in the policy term
     weight: torch.Tensor  # [B] fp32: the same in the entropy and KL terms
-    loss_mode: int  # VANILLA | CLIP_COV | KL_COV | GSPO | CISPO
+    loss_mode: int  # VANILLA | CLIP_COV | KL_COV | GSPO | CISPO | SAPO
     kl_type: int  # KL_K1 | KL_ABS | KL_K2 | KL_K3 (read only with ref)
     kl_straight_through: bool  # the value of kl_type with the k2 gradient
     ratio_low: float  # the clip bounds of the ratio: 1 - clip_ratio_low, 1 + clip_ratio_high (cispo: its own)
@@ -314,6 +336,9 @@ class ObjectiveInputs:
     gspo_log_ratio_max: float  # upper bound of GSPO's sequence log-ratio
     k3_log_ratio_clamp: float  # |ref - logp| bound of k3 (inf: none)
     k3_value_clamp: float  # |k3| bound (inf: none)
+    kl_bias_correction: bool = False  # the KL term times the token's clamped ratio (not gspo: its ratio is the row's)
+    sapo_tau_pos: float = 1.0  # sapo's gate temperatures
+    sapo_tau_neg: float = 1.05
 
 
 def objective_loss(sums: ObjectiveSums, inputs: ObjectiveInputs) -> torch.Tensor:
@@ -362,9 +387,11 @@ class PolicyObjectiveFunction(torch.autograd.Function):
                 inputs.ratio_low, inputs.ratio_high, inputs.clip_c if inputs.clip_c is not None else 0.0,
                 inputs.ppo_kl_coef, inputs.entropy_coeff, inputs.kl_coef,
                 inputs.log_ratio_clamp, inputs.gspo_log_ratio_max, inputs.k3_log_ratio_clamp, inputs.k3_value_clamp,
+                inputs.sapo_tau_pos, inputs.sapo_tau_neg,
                 LOSS_MODE=int(inputs.loss_mode), CISPO_ABSOLUTE=inputs.cispo_absolute, DUAL_CLIP=inputs.clip_c is not None,
                 TWO_SIDED=inputs.dual_clip_two_sided, HAS_REF=has_ref,
                 KL_TYPE=int(inputs.kl_type), KL_STRAIGHT_THROUGH=inputs.kl_straight_through,
+                KL_BIAS_CORRECTION=inputs.kl_bias_correction,
                 ENTROPY_GRAD=entropy_grad, HAS_TOKEN_WEIGHT=has_token_weight, BLOCK_T=block_t, NUM_SUMS=NUM_SUMS,
                 num_warps=_num_warps(block_t))
         sums = partial.sum(0)
@@ -401,15 +428,16 @@ _FWD_SIGNATURE = {
     "partial_ptr": "*fp32", "T": "i32", "ratio_low": "fp32", "ratio_high": "fp32", "clip_c": "fp32",
     "ppo_kl_coef": "fp32", "entropy_coeff": "fp32", "kl_coef": "fp32",
     "log_ratio_clamp": "fp32", "gspo_log_ratio_max": "fp32", "k3_log_ratio_clamp": "fp32", "k3_value_clamp": "fp32",
+    "sapo_tau_pos": "fp32", "sapo_tau_neg": "fp32",
     "LOSS_MODE": "constexpr", "CISPO_ABSOLUTE": "constexpr", "DUAL_CLIP": "constexpr", "TWO_SIDED": "constexpr", "HAS_REF": "constexpr", "KL_TYPE": "constexpr",
-    "KL_STRAIGHT_THROUGH": "constexpr", "ENTROPY_GRAD": "constexpr", "HAS_TOKEN_WEIGHT": "constexpr", "BLOCK_T": "constexpr", "NUM_SUMS": "constexpr",
+    "KL_STRAIGHT_THROUGH": "constexpr", "KL_BIAS_CORRECTION": "constexpr", "ENTROPY_GRAD": "constexpr", "HAS_TOKEN_WEIGHT": "constexpr", "BLOCK_T": "constexpr", "NUM_SUMS": "constexpr",
 }
 
 
 def _fwd_constexprs(mode, dual_clip=False, has_ref=True, kl_type=KL_K3, entropy_grad=True, block_t=MAX_BLOCK_T,
-                    token_weight=False, two_sided=False):
+                    token_weight=False, two_sided=False, kl_bias_correction=False):
     return {"LOSS_MODE": int(mode), "CISPO_ABSOLUTE": False, "DUAL_CLIP": dual_clip, "TWO_SIDED": two_sided, "HAS_REF": has_ref, "KL_TYPE": int(kl_type),
-            "KL_STRAIGHT_THROUGH": False, "ENTROPY_GRAD": entropy_grad, "HAS_TOKEN_WEIGHT": token_weight, "BLOCK_T": block_t, "NUM_SUMS": NUM_SUMS}
+            "KL_STRAIGHT_THROUGH": False, "KL_BIAS_CORRECTION": kl_bias_correction, "ENTROPY_GRAD": entropy_grad, "HAS_TOKEN_WEIGHT": token_weight, "BLOCK_T": block_t, "NUM_SUMS": NUM_SUMS}
 
 
 _FULL_TILE_OPTIONS = {"num_warps": _num_warps(MAX_BLOCK_T)}
@@ -424,6 +452,9 @@ AOT_SIGNATURES = [
      _FULL_TILE_OPTIONS),
     (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(CISPO, kl_type=KL_K2), _FULL_TILE_OPTIONS),
     (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(CLIP_COV), _FULL_TILE_OPTIONS),
+    (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(SAPO, kl_bias_correction=True), _FULL_TILE_OPTIONS),
+    (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(VANILLA, dual_clip=True, two_sided=True,
+                                                                   kl_bias_correction=True), _FULL_TILE_OPTIONS),
     (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(KL_COV, kl_type=KL_K1), _FULL_TILE_OPTIONS),
     (_policy_objective_fwd_kernel, _FWD_SIGNATURE, _fwd_constexprs(VANILLA, dual_clip=True, block_t=128),
      {"num_warps": _num_warps(128)}),

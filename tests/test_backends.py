@@ -48,7 +48,7 @@ def test_kernels_are_a_leaf():
 
 def test_the_table_lists_the_built_in_names_with_kernels():
     assert triton_names(ADVANTAGES) == ["canon", "dr_grpo", "grpo", "rloo"]
-    assert triton_names(OBJECTIVE) == ["cispo", "clip_cov", "gspo", "kl_cov", "vanilla"]
+    assert triton_names(OBJECTIVE) == ["cispo", "clip_cov", "gspo", "kl_cov", "sapo", "vanilla"]
     assert set(triton_names(ADVANTAGES)) <= set(fc.ESTIMATORS) and set(triton_names(OBJECTIVE)) <= set(fc.POLICY_LOSSES)
 
 

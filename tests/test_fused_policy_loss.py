@@ -70,6 +70,12 @@ CONFIGS = {
     "token-sum, unclamped k3": dict(loss_agg_mode="token-sum", kl_coef=0.1, kl_k3_clamp=False),
     "cispo": dict(loss_mode="cispo", clip_ratio_high=0.2),
     "cispo absolute": dict(loss_mode="cispo", cispo_bound="absolute", clip_ratio_high=1.2, kl_coef=0.1),
+    "sapo": dict(loss_mode="sapo", entropy_coeff=0.01, kl_coef=0.1),
+    "sapo, own temperatures, bias-corrected k3": dict(loss_mode="sapo", sapo_tau_pos=0.8, sapo_tau_neg=1.3,
+                                                      kl_coef=0.1, kl_bias_correction=True),
+    "bias-corrected k2+": dict(kl_coef=0.2, kl_type="k2+", kl_bias_correction=True, clip_ratio_c=2.0),
+    "cispo, bias-corrected k1": dict(loss_mode="cispo", clip_ratio_high=0.2, kl_coef=0.1, kl_type="k1",
+                                     kl_bias_correction=True),
 }
 
 
@@ -144,7 +150,11 @@ PATHS = [
     ("canon entropy on-policy", dict(advantage=fc.AdvantageConfig(estimator="canon")), "rewards",
      "two passes: CANON's entropy regrouping"),
     ("canon with its metric given", dict(advantage=fc.AdvantageConfig(estimator="canon")), "rewards+metric", "fused"),
+    ("sapo", dict(loss_mode="sapo"), "advantages", "fused"),
+    ("kl_bias_correction", dict(kl_bias_correction=True), "advantages", "fused"),
     ("gspo", dict(loss_mode="gspo"), "advantages", "two passes: loss_mode 'gspo'"),
+    ("gspo with kl_bias_correction (torch objective)", dict(loss_mode="gspo", kl_bias_correction=True), "advantages",
+     "two passes: the statistics or the objective run in torch"),
     ("clip_cov", dict(loss_mode="clip_cov"), "advantages", "two passes: loss_mode 'clip_cov'"),
     ("kl_cov", dict(loss_mode="kl_cov"), "advantages", "two passes: loss_mode 'kl_cov'"),
     ("optimal_token_baseline on-policy", dict(advantage=fc.AdvantageConfig(estimator="optimal_token_baseline")),

@@ -227,11 +227,14 @@ def test_two_sided_dual_clip_example(backend, loss_mode):
 
 # §1.10: TRL's bias-corrected KL; §1.9, §1.13: entropy selection and the entropy bonus ----------
 
-def test_kl_bias_correction_example():
-    logp = torch.tensor([[-1.0]], dtype=F64)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kl_bias_correction_example(backend):
+    dtype = F64 if backend == "torch" else torch.float32  # the Triton objective takes fp32
     config = fc.LossConfig(kl_coef=1.0, kl_bias_correction=True, clip_ratio_c=None)
-    out, grad = loss_and_grad(logp, torch.ones(1, 1, dtype=torch.bool), advantages=torch.zeros(1),
-                              old_logprobs=t([[-1.5]]), ref_logprobs=t([[-1.2]]), config=config)
+    out, grad = loss_and_grad(t([[-1.0]], dtype), torch.ones(1, 1, dtype=torch.bool), backend=backend,
+                              advantages=torch.zeros(1, dtype=dtype), old_logprobs=t([[-1.5]], dtype),
+                              ref_logprobs=t([[-1.2]], dtype), config=config)
+    assert out.backends["objective"] == f"{backend} (requested)"
     assert out.metrics["actor/kl_loss"] == pytest.approx(0.030882, abs=1e-6)
     assert grad.item() == pytest.approx(0.329744, abs=1e-6)
 
@@ -252,7 +255,7 @@ def test_top_entropy_quantile_example():
             top_entropy_quantile=0.5))
 
 
-@pytest.mark.parametrize("option, match", [(dict(kl_bias_correction=True), "kl_bias_correction"),
+@pytest.mark.parametrize("option, match", [(dict(kl_bias_correction=True, loss_mode="gspo"), "kl_bias_correction"),
                                            (dict(top_entropy_quantile=0.5), "top_entropy_quantile"),
                                            (dict(entropy_agg_mode="seq-mean-token-mean"), "entropy_agg_mode")])
 def test_torch_only_options_are_refused_by_triton(option, match):

@@ -65,11 +65,16 @@ def test_equals_policy_loss_fp64(loss_mode, agg_mode):
     assert out.backends == {"advantages": "torch (requested)", "objective": "torch (requested)"}
 
 
-@pytest.mark.parametrize("loss_mode", ["vanilla", "clip_cov", "kl_cov", "gspo", "cispo"])
-def test_triton_objective_equals_torch(loss_mode):
+TRITON_LOSSES = ["vanilla", "clip_cov", "kl_cov", "gspo", "cispo", "sapo"]
+
+
+@pytest.mark.parametrize("loss_mode, options", [(mode, {}) for mode in TRITON_LOSSES]
+                         + [(mode, {"kl_bias_correction": True}) for mode in TRITON_LOSSES if mode != "gspo"]
+                         + [("vanilla", {"kl_bias_correction": True, "kl_type": "k2+"})])
+def test_triton_objective_equals_torch(loss_mode, options):
     """fp32 log-probs through the Triton estimator and objective against the torch ones (relative 1e-4)."""
     batch = make_batch(6, 5, 11, seed=2)
-    config = fc.LossConfig(loss_mode=loss_mode, **CONFIG)
+    config = fc.LossConfig(loss_mode=loss_mode, **CONFIG, **options)
     results = {}
     for backend in ("torch", "triton"):
         x = batch["logits"].clone().requires_grad_()
