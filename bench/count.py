@@ -22,8 +22,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from fused_canon.bench.candidates import (EAGER, LIGER_GRPO, LIGER_LOGP, OURS, _clip_ratios, _liger_layout,
-                                          bench_loss_config)
+from fused_canon.bench.candidates import (EAGER, LIGER_GRPO, LIGER_LOGP, OURS, TRL_STYLE, _clip_ratios,
+                                          _liger_layout, bench_loss_config, pg_surrogate, trl_style_token_stats)
 from fused_canon.bench.counting import READ_KINDS, InterpreterTraffic, TorchOps, peak_extra_memory
 from fused_canon.bench.floors import work_for
 from fused_canon.bench.peers import LIGER, probe_peers
@@ -71,13 +71,15 @@ def _loss_config(**changes):
     return replace(config, **changes)
 
 
-def _policy_call(path: str, backend: str, *, given_advantages: bool = False, inplace: bool = False, **config):
+def _policy_call(path: str, backend: str, *, given_advantages: bool = False, inplace: bool = False,
+                 tensor_metrics: bool = False, **config):
     """fc.policy_loss (or linear_policy_loss) with the bench's inputs: rewards + group_ids, or the advantages."""
 
     def call(inputs: Inputs):
         import fused_canon as fc
 
-        kwargs = dict(old_logprobs=inputs["old_logprobs"], config=_loss_config(**config), backend=backend)
+        kwargs = dict(old_logprobs=inputs["old_logprobs"], config=_loss_config(**config), backend=backend,
+                      tensor_metrics=tensor_metrics)
         if given_advantages:
             kwargs["advantages"] = inputs["advantages"]
         else:
@@ -137,6 +139,20 @@ def _liger_logp_call(peer):
     return call
 
 
+def _trl_style_call(path: str):
+    def call(inputs: Inputs):
+        if path == TOKEN_STATS_FWD:
+            return _with_mode(path, lambda: trl_style_token_stats(inputs["logits"], inputs["targets"]))
+        clip_low, clip_high = _clip_ratios()
+
+        def forward():
+            logp, _entropy = trl_style_token_stats(inputs["logits"], inputs["targets"], entropy_grad=False)
+            return pg_surrogate(logp, inputs["old_logprobs"], inputs["advantages"], inputs["mask"], clip_low,
+                                clip_high)
+        return _with_mode(path, forward)
+    return call
+
+
 # -------------------------------------------------------------------------------------------- the cases
 
 _LOSS = "log-prob + entropy + advantages + clipped loss"
@@ -150,6 +166,11 @@ def cases(peers) -> List[CountCase]:
         CountCase(F, OURS, "grpo", _LOSS, _policy_call(F, "triton")),
         CountCase(FB, OURS, "advantages given", "log-prob + entropy + clipped loss + dlogits",
                   _policy_call(FB, "triton", given_advantages=True)),
+        CountCase(FB, OURS, "advantages given, tensor_metrics", "log-prob + entropy + clipped loss + dlogits; "
+                  "metrics as 0-d tensors, checks read by the caller", _policy_call(FB, "triton", given_advantages=True,
+                                                                                   tensor_metrics=True)),
+        CountCase(FB, OURS, "grpo, tensor_metrics", _LOSS + " + dlogits; metrics as 0-d tensors",
+                  _policy_call(FB, "triton", tensor_metrics=True)),
     ]
     for estimator in ("grpo", "dr_grpo", "rloo", "canon"):  # the estimators with a Triton kernel
         label = estimator + (" (entropy, on-policy)" if estimator == "canon" else "")
@@ -168,6 +189,14 @@ def cases(peers) -> List[CountCase]:
         CountCase(LFB, OURS, "grpo", "LM head + " + _LOSS + " + dhidden, dW", _policy_call(LFB, "triton")),
         CountCase(TOKEN_STATS_FWD, EAGER, "-", "log-prob + entropy", _token_stats_call("torch"), kind="reference"),
         CountCase(FB, EAGER, "grpo", _LOSS + " + dlogits", _policy_call(FB, "torch"), kind="reference"),
+        CountCase(FB, EAGER, "advantages given", _LOSS + " + dlogits",
+                  _policy_call(FB, "torch", given_advantages=True), kind="reference"),
+        CountCase(FB, EAGER, "grpo, inplace_backward", _LOSS + " + dlogits over the logits",
+                  _policy_call(FB, "torch", inplace=True), kind="reference"),
+        CountCase(TOKEN_STATS_FWD, TRL_STYLE, "-", "log-prob + entropy", _trl_style_call(TOKEN_STATS_FWD),
+                  kind="reference"),
+        CountCase(FB, TRL_STYLE, "advantages given", "log-prob + entropy (detached) + clipped loss + dlogits",
+                  _trl_style_call(FB), kind="reference"),
         CountCase(LFB, EAGER, "grpo", "LM head + " + _LOSS + " + dhidden, dW", _policy_call(LFB, "torch"),
                   kind="reference"),
     ]

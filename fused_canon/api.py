@@ -48,11 +48,36 @@ class LossOutput:
     logprobs: torch.Tensor  # [B, T], detached, 0 at padded positions (fp32; the caller's dtype from logprobs)
     entropy: Optional[torch.Tensor]  # [B, T] like logprobs; None when policy_loss_from_logprobs got no entropy
     advantages: torch.Tensor  # [B] (or [B, T] for token-level ones), detached; from rewards: fp32 (fp64 rewards: fp64)
-    metrics: Dict[str, float] = field(default_factory=dict)  # verl metric names
+    metrics: Dict[str, float] = field(default_factory=dict)  # verl metric names (0-d tensors: tensor_metrics)
     # What ran for each stage and why, e.g. {"token_stats": "triton (auto: cuda tensors)",
     # "advantages": "torch (auto: estimator 'mine' has no Triton kernel ...)", "objective": "triton (requested)"}.
     # Keys are the ops of backends.py that ran; "advantages" only when rewards were given.
     backends: Dict[str, str] = field(default_factory=dict)
+    # tensor_metrics=True: the value checks not read yet (``check`` / ``read_metrics`` read them).
+    pending_checks: Optional[PendingChecks] = field(default=None, repr=False)
+
+    def read_metrics(self) -> "LossOutput":
+        """The call's one batched host read: the metrics (0-d tensors -> floats) and every pending value
+        check, raising the first that failed. The default of every loss call; with ``tensor_metrics=True``
+        the caller calls it (or ``check``) when it reads (docs/design.md §4.1). Returns self."""
+        names = [name for name, value in self.metrics.items() if torch.is_tensor(value)]
+        checks = self.pending_checks.values() if self.pending_checks is not None else []
+        if names or checks:
+            device = self.loss.device
+            values = torch.cat([self.metrics[name].reshape(1).to(device) for name in names]
+                               + [value.to(device) for value in checks]).tolist()
+            if self.pending_checks is not None:
+                self.pending_checks.raise_failed(values[len(names):])
+            self.metrics.update(zip(names, values[:len(names)]))
+        self.pending_checks = None
+        return self
+
+    def check(self) -> None:
+        """Read the pending value checks only (one host sync) and raise the first that failed; the
+        metrics stay tensors."""
+        if self.pending_checks is not None:
+            self.pending_checks.flush()
+            self.pending_checks = None
 
 
 def valid_row_index(mask: torch.Tensor) -> torch.Tensor:
@@ -74,16 +99,16 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float 
     differentiable w.r.t. ``logits``. ``temperature`` divides the logits first. Every position counts
     as valid: a NaN or +inf logit, or a -inf logit at the target, is an error naming the position.
     """
-    check_logits_and_targets(logits, targets)
+    checks = PendingChecks()
+    safe_targets = check_logits_and_targets(logits, targets, None, checks)
     temperature = check_number("temperature", temperature, low=0.0, low_open=True)
     stats = select(TOKEN_STATS, backend, logits)
     shape = targets.shape
     vocab = logits.shape[-1]
     logits3d = logits.reshape(1, targets.numel(), vocab) if logits.dim() != 3 else logits
-    targets2d = targets.reshape(logits3d.shape[:2])
+    targets2d = safe_targets.reshape(logits3d.shape[:2])
     row_index = torch.arange(targets2d.numel(), device=logits.device)
     logp, entropy = stats.fn(logits3d, targets2d, row_index, temperature)
-    checks = PendingChecks()
     check_nonfinite_logits(checks, logp.detach(), row_index, shape)
     checks.flush()
     return logp.reshape(shape), entropy.reshape(shape)
@@ -107,16 +132,16 @@ def token_signals(logits: torch.Tensor, targets: torch.Tensor, names, temperatur
     if mask is not None:
         check_tensor("mask", mask, device=logits.device)
         mask = check_mask(mask, tuple(targets.shape), logits.device)
-    check_logits_and_targets(logits, targets, mask)
+    checks = PendingChecks()
+    safe_targets = check_logits_and_targets(logits, targets, mask, checks)
     temperature = check_number("temperature", temperature, low=0.0, low_open=True)
     stats = select(TOKEN_STATS, backend, logits)
     logits3d = logits.reshape(1, targets.numel(), logits.shape[-1]) if logits.dim() != 3 else logits
-    targets2d = targets.reshape(logits3d.shape[:2])
+    targets2d = safe_targets.reshape(logits3d.shape[:2])
     row_index = (torch.arange(targets2d.numel(), device=logits.device) if mask is None
                  else valid_row_index(mask.reshape(targets2d.shape)))
     outputs = stats.fn(logits3d, targets2d, row_index, temperature,
                        extra_stats=any(name in EXTRA_SIGNALS for name in names))
-    checks = PendingChecks()
     check_nonfinite_logits(checks, outputs[0], row_index, targets.shape)
     checks.flush()
     by_name = dict(zip(SIGNALS, outputs))
@@ -314,8 +339,9 @@ def _before_objective(logp, entropy, mask, *, backend, rewards, group_ids, advan
 
 
 def _loss_output(loss, metrics, prepared: _Prepared, logp, entropy, mask, row_index, rewards, backends,
-                 checks: PendingChecks, config: LossConfig) -> LossOutput:
-    """The LossOutput, with the call's one batched host read of the metrics and every pending check."""
+                 checks: PendingChecks, config: LossConfig, tensor_metrics: bool) -> LossOutput:
+    """The LossOutput, with the call's one batched host read of the metrics and every pending check (the
+    caller's to make with ``tensor_metrics``: LossOutput.read_metrics)."""
     device = mask.device
     token_advantages = prepared.token_advantages
     metrics.update(prepared.rollout_metrics)
@@ -327,20 +353,18 @@ def _loss_output(loss, metrics, prepared: _Prepared, logp, entropy, mask, row_in
         metrics["critic/advantages/min"] = valid_advantages.min()
     if rewards is not None:
         metrics["critic/score/mean"] = weighted_reward(rewards.detach().double(), config.advantage).mean()
-    names = list(metrics)
-    # The call's one batched host read: the metrics and every pending value check.
-    values = torch.stack([metrics[k].detach().to(device=device, dtype=torch.float64) for k in names]
-                         + [value.to(device) for value in checks.values()]).tolist()
-    checks.raise_failed(values[len(names):])
-    return LossOutput(loss=loss, logprobs=logp.detach(), entropy=None if entropy is None else entropy.detach(),
-                      advantages=prepared.reported_advantages, metrics=dict(zip(names, values[:len(names)])),
-                      backends=backends)
+    metrics = {name: value.detach().to(device=device, dtype=torch.float64).reshape(())
+               for name, value in metrics.items()}
+    out = LossOutput(loss=loss, logprobs=logp.detach(), entropy=None if entropy is None else entropy.detach(),
+                     advantages=prepared.reported_advantages, metrics=metrics, backends=backends,
+                     pending_checks=checks)
+    return out if tensor_metrics else out.read_metrics()
 
 
 def _loss_from_logprobs(logp, entropy, mask, row_index, *, backend, rewards, group_ids, advantages, old_logprobs,
                         ref_logprobs, rollout_logprobs, rollout_is_weights, metric, config, step, global_num_tokens,
                         global_num_seqs, backends, checks, advantage_inputs=None, pass_inputs=None,
-                        reduce=True) -> LossOutput:
+                        reduce=True, tensor_metrics=False) -> LossOutput:
     """Stage 2, shared by every entry point: ``logp`` / ``entropy`` [B, T] with zeros at padded positions
     (``entropy`` may be None), ``row_index`` the valid rows of ``mask``; ``backends`` what ran so far;
     ``checks`` the value checks so far, read with the metrics (docs/design.md §4.1); ``pass_inputs`` the
@@ -356,7 +380,8 @@ def _loss_from_logprobs(logp, entropy, mask, row_index, *, backend, rewards, gro
     backends[OBJECTIVE] = objective.describe()
     loss, metrics = objective.fn(logp, entropy, mask, prepared.token_advantages, prepared.old, prepared.ref, config,
                                  prepared.norm, step=step, rollout_is_weights=prepared.rollout_weights, reduce=reduce)
-    return _loss_output(loss, metrics, prepared, logp, entropy, mask, row_index, rewards, backends, checks, config)
+    return _loss_output(loss, metrics, prepared, logp, entropy, mask, row_index, rewards, backends, checks, config,
+                        tensor_metrics)
 
 
 def policy_loss_from_logprobs(logprobs: torch.Tensor, mask: torch.Tensor, *, entropy: Optional[torch.Tensor] = None,
@@ -369,7 +394,7 @@ def policy_loss_from_logprobs(logprobs: torch.Tensor, mask: torch.Tensor, *, ent
                               global_num_tokens: Optional[float] = None, global_num_seqs: Optional[float] = None,
                               backend: str = "auto",
                               advantage_inputs: Optional[Dict[str, torch.Tensor]] = None,
-                              reduce: bool = True) -> LossOutput:
+                              reduce: bool = True, tensor_metrics: bool = False) -> LossOutput:
     """``policy_loss`` from per-token log-probs the caller computed itself (TRL's or verl's own pass).
 
     ``logprobs [B, T]`` (float, differentiable: the gradient flows back into them) are the log-probs of
@@ -399,13 +424,15 @@ def policy_loss_from_logprobs(logprobs: torch.Tensor, mask: torch.Tensor, *, ent
     elif (rewards is not None and advantages is None and metric is None and config.advantage.estimator == "canon"
           and config.advantage.canon_metric == "entropy"):
         raise ValueError("canon_metric='entropy' needs the per-token `entropy`, or the per-response `metric`")
+    check_bool("tensor_metrics", tensor_metrics)
     logp = torch.where(mask, logprobs, torch.zeros_like(logprobs))  # padded positions may hold anything
     return _loss_from_logprobs(logp, entropy, mask, valid_row_index(mask), backend=backend, rewards=rewards,
                                group_ids=group_ids, advantages=advantages, old_logprobs=old_logprobs,
                                ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
                                rollout_is_weights=rollout_is_weights, metric=metric, config=config, step=step,
                                global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs, backends={},
-                               checks=checks, advantage_inputs=advantage_inputs, reduce=reduce)
+                               checks=checks, advantage_inputs=advantage_inputs, reduce=reduce,
+                               tensor_metrics=tensor_metrics)
 
 
 def policy_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *,
@@ -416,7 +443,8 @@ def policy_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                 config: Optional[LossConfig] = None, step: int = 0,
                 global_num_tokens: Optional[float] = None, global_num_seqs: Optional[float] = None,
                 backend: str = "auto", inplace_backward: bool = False,
-                advantage_inputs: Optional[Dict[str, torch.Tensor]] = None, reduce: bool = True) -> LossOutput:
+                advantage_inputs: Optional[Dict[str, torch.Tensor]] = None, reduce: bool = True,
+                tensor_metrics: bool = False) -> LossOutput:
     """Clipped policy-gradient loss from ``logits [B, T, V]`` of the sampled ``targets [B, T]``.
 
     Give ``advantages`` ([B] or [B, T]) or ``rewards [B]`` (or [B, K] for K reward functions) + ``group_ids
@@ -429,6 +457,8 @@ def policy_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
     ``reduce=False`` (Liger's) returns the per-token loss [B, T] as ``LossOutput.loss`` (objective in torch;
     docs/algorithms.md §1.8). ``LossOutput.backends`` says what ran for each stage. A NaN or +inf logit in a
     valid row, or a -inf logit at a valid target, raises a ValueError naming the first such (batch, position).
+    ``tensor_metrics=True`` reads nothing back: ``LossOutput.metrics`` are 0-d tensors and the value checks
+    wait for ``LossOutput.read_metrics()`` or ``check()`` (docs/design.md §2).
 
     With ``rewards``, the estimator gets what it declares (``fc.ESTIMATOR_INPUTS``) from this call: the
     mask, ``targets`` as token ids (ktae), ``old_logprobs`` (else this pass's own, on-policy), and the
@@ -443,7 +473,9 @@ def policy_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
     mask = _check_common(mask, logits.shape[:2], logits.device, config, step, global_num_tokens, global_num_seqs,
                          reduce)
     check_bool("inplace_backward", inplace_backward)
-    check_logits_and_targets(logits, targets, mask)
+    check_bool("tensor_metrics", tensor_metrics)
+    checks = PendingChecks()
+    targets = check_logits_and_targets(logits, targets, mask, checks)
     stats = select(TOKEN_STATS, backend, logits)
     row_index = valid_row_index(mask)
     backends = {TOKEN_STATS: stats.describe()}
@@ -467,10 +499,10 @@ def policy_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                                       rollout_logprobs=rollout_logprobs, rollout_is_weights=rollout_is_weights,
                                       metric=metric, config=config, step=step, global_num_tokens=global_num_tokens,
                                       global_num_seqs=global_num_seqs, inplace_backward=inplace_backward,
-                                      advantage_inputs=advantage_inputs)
+                                      advantage_inputs=advantage_inputs, checks=checks,
+                                      tensor_metrics=tensor_metrics)
     outputs = stats.fn(logits, targets, row_index, config.temperature, inplace_backward=inplace_backward,
                        extra_stats=_needs_extra_signals(config, rewards, advantage_inputs))
-    checks = PendingChecks()
     check_nonfinite_logits(checks, outputs[0].detach(), row_index, mask.shape)
     return _loss_from_logprobs(scatter_rows(outputs[0], row_index, mask.shape),
                                scatter_rows(outputs[1], row_index, mask.shape), mask, row_index,
@@ -480,14 +512,14 @@ def policy_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                                step=step, global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
                                backends=backends, checks=checks, advantage_inputs=advantage_inputs,
                                pass_inputs=dict(token_ids=targets, **_pass_signals(outputs, row_index, mask.shape)),
-                               reduce=reduce)
+                               reduce=reduce, tensor_metrics=tensor_metrics)
 
 
-def _fused_policy_loss(logits, targets, mask, row_index, *, backends, inplace_backward, config, **kwargs) -> LossOutput:
+def _fused_policy_loss(logits, targets, mask, row_index, *, backends, checks, inplace_backward, config,
+                       tensor_metrics, **kwargs) -> LossOutput:
     """policy_loss when every per-token coefficient is known before the pass (backends.fused_pass_blocker):
     stage 2's O(N + B) work first, then one kernel for the statistics, the objective and dlogits
     (docs/design.md §4.3)."""
-    checks = PendingChecks()
     prepared = _before_objective(None, None, mask, config=config, backends=backends, checks=checks,
                                  pass_inputs=dict(token_ids=targets), **kwargs)
     loss, metrics, logp, entropy = fused_policy_loss_launch(config.loss_mode)(
@@ -495,7 +527,7 @@ def _fused_policy_loss(logits, targets, mask, row_index, *, backends, inplace_ba
         prepared.rollout_weights, inplace_backward=inplace_backward)
     check_nonfinite_logits(checks, logp.reshape(-1).index_select(0, row_index), row_index, mask.shape)
     return _loss_output(loss, metrics, prepared, logp, entropy, mask, row_index, kwargs["rewards"], backends, checks,
-                        config)
+                        config, tensor_metrics)
 
 
 def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *,
@@ -507,7 +539,8 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
                        global_num_tokens: Optional[float] = None, global_num_seqs: Optional[float] = None,
                        backend: str = "auto", advantage_inputs: Optional[Dict[str, torch.Tensor]] = None,
                        reduce: bool = True, ref_hidden: Optional[torch.Tensor] = None,
-                       ref_weight: Optional[torch.Tensor] = None, ref_bias: Optional[torch.Tensor] = None) -> LossOutput:
+                       ref_weight: Optional[torch.Tensor] = None, ref_bias: Optional[torch.Tensor] = None,
+                       tensor_metrics: bool = False) -> LossOutput:
     """``policy_loss`` from the last hidden states ``hidden [B, T, H]`` and the LM head ``weight [V, H]``
     (+ ``bias [V]``), without materialising the [B, T, V] logits (logits = hidden @ weight.T + bias).
     Same keywords and output as ``policy_loss``; the loss is differentiable w.r.t. hidden, weight, bias.
@@ -528,7 +561,9 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     check_tensor("targets", targets, device=device)
     if targets.shape != hidden.shape[:2]:
         raise ValueError(f"targets shape {tuple(targets.shape)} must be [B, T] = {tuple(hidden.shape[:2])}")
-    check_targets_in_range(targets, weight.shape[0], mask)
+    check_bool("tensor_metrics", tensor_metrics)
+    checks = PendingChecks()
+    targets = check_targets_in_range(targets, weight.shape[0], mask, checks)
     uses_ref_head = any(x is not None for x in (ref_hidden, ref_weight, ref_bias))
     if uses_ref_head:
         if ref_logprobs is not None:
@@ -542,7 +577,6 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     outputs = stats.fn(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), row_index,
                        bias=bias, temperature=config.temperature,
                        extra_stats=_needs_extra_signals(config, rewards, advantage_inputs))
-    checks = PendingChecks()
     check_nonfinite_logits(checks, outputs[0].detach(), row_index, mask.shape, lm_head=True)
     backends = {LINEAR_TOKEN_STATS: stats.describe()}
     if uses_ref_head:
@@ -554,10 +588,9 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
                                old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
                                rollout_is_weights=rollout_is_weights, metric=metric, config=config,
                                step=step, global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
-                               backends=backends, checks=checks,
-                               advantage_inputs=advantage_inputs,
+                               backends=backends, checks=checks, advantage_inputs=advantage_inputs,
                                pass_inputs=dict(token_ids=targets, **_pass_signals(outputs, row_index, mask.shape)),
-                               reduce=reduce)
+                               reduce=reduce, tensor_metrics=tensor_metrics)
 
 
 class FusedPolicyLoss(torch.nn.Module):

@@ -120,7 +120,7 @@ def _triton_table() -> Dict[str, Dict[Optional[str], TritonLaunch]]:
         if config.singleton_baseline != "zero" and config.estimator in ("grpo", "dr_grpo"):
             return (f"singleton_baseline={config.singleton_baseline!r}: the Triton estimator kernel gives a group "
                     "of one baseline 0")
-        largest = groups.largest
+        largest = groups.largest_bound(advantage_kernel.MAX_GROUP_SIZE)  # read only for a batch above the limit
         if largest > advantage_kernel.MAX_GROUP_SIZE:
             return (f"a prompt group has {largest} responses; the Triton estimator kernel holds at most "
                     f"MAX_GROUP_SIZE={advantage_kernel.MAX_GROUP_SIZE} per group")

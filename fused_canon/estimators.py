@@ -50,6 +50,12 @@ class Groups:
         """Size of the largest group (one host sync, once per Groups)."""
         return int(self.count.max())
 
+    def largest_bound(self, limit: int) -> int:
+        """An upper bound of the largest group: the batch size when it is at most ``limit`` (no group can
+        then exceed it, and no host read is needed), else ``largest`` (one host sync)."""
+        batch = len(self.index)
+        return batch if batch <= limit else self.largest
+
     @property
     def starts(self) -> torch.Tensor:
         """Position of each group's first row in the grouped order of ``sorted_order``, [G]."""
@@ -104,7 +110,9 @@ def _baseline_per_part(rewards: torch.Tensor, part: torch.Tensor, num_parts: int
 
     Empty parts give 0 (only CANON's low half of a singleton is empty).
     """
-    parts = Groups(index=part, count=torch.bincount(part, minlength=num_parts))
+    # A scatter of ones, not bincount: bincount reads the largest part back to size its output (a host sync).
+    count = torch.zeros(num_parts, dtype=torch.int64, device=part.device).index_add_(0, part, torch.ones_like(part))
+    parts = Groups(index=part, count=count)
     if config.baseline == "mean":
         return parts.sum(rewards) / parts.count.clamp(min=1)
     order = parts.sorted_order(rewards)
@@ -713,7 +721,8 @@ def advantages_and_choice(rewards, group_ids, config=None, *, metric=None, mask=
     key = None
     if config.estimator == "canon":
         key = _canon_metric(config, rewards, metric, mask, token_entropy, step, checks)
-    checks.flush()  # no estimator (a user-registered one included) runs on non-finite input
+    if not _runs_on_any_value(choice):
+        checks.flush()  # a user-registered estimator never sees a non-finite input
     result = choice.fn(rewards, groups, config, metric=key, step=step, **inputs)
     advantages, returns = result if isinstance(result, tuple) else (result, result)
     outputs = []
@@ -727,6 +736,13 @@ def advantages_and_choice(rewards, group_ids, config=None, *, metric=None, mask=
     if own_checks:
         checks.flush()
     return (tuple(outputs) if with_returns else outputs[0]), choice
+
+
+def _runs_on_any_value(choice) -> bool:
+    """Whether the chosen estimator is fused-canon's own (its Triton kernel, or a torch function of this
+    package): those turn a non-finite input into non-finite advantages and never fail on one, so the input
+    checks wait for the call's one batched read, which raises them before the check of the output."""
+    return choice.backend == "triton" or getattr(choice.fn, "__module__", "").startswith(__package__ + ".")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -749,7 +765,8 @@ def triton_advantages(rewards: torch.Tensor, groups: Groups, config: AdvantageCo
         raise ValueError(f"canon needs the per-response sort key `metric` [B={len(rewards)}]")
     order = torch.sort(groups.index, stable=True).indices
     return kernel.triton_group_advantages(
-        rewards, metric if is_canon else rewards, order, groups.starts, groups.count, groups.largest,
+        rewards, metric if is_canon else rewards, order, groups.starts, groups.count,
+        groups.largest_bound(kernel.MAX_GROUP_SIZE),
         estimator=estimator, quantile=config.baseline == "quantile", quantile_k=config.quantile_k,
         epsilon=config.effective_epsilon, norm_by_std=config.norm_by_std, token_budget=config.token_budget,
         canon_alpha=config.canon_alpha, canon_beta=config.canon_beta,

@@ -92,17 +92,21 @@ class PendingChecks:
     """Value checks computed on the device, read with the call's one batched host read.
 
     Each check is a float64 scalar tensor: negative when the check passes, else a non-negative value
-    (e.g. the flat index of the first offending entry) from which ``message`` builds the error text.
-    ``values()`` go into the call's batched ``.tolist()``; ``raise_failed`` raises the first failed
+    (e.g. the flat index of the first offending entry) from which ``message`` builds the error text,
+    optionally with ``details``: more scalars read in the same batch and passed to ``message`` as ints.
+    ``values()`` (1-D tensors) go into the call's batched read; ``raise_failed`` raises the first failed
     check in the order they were added. ``flush()`` reads them at once (one sync), for a stage that
-    must not run on bad input (an estimator, a user-registered one included).
+    must not run on bad input (a user-registered estimator).
     """
 
     def __init__(self):
         self._checks: List[tuple] = []
 
-    def add(self, value: torch.Tensor, message: Callable[[int], str], error: type = ValueError) -> None:
-        self._checks.append((value.reshape(()).to(torch.float64), message, error))
+    def add(self, value: torch.Tensor, message: Callable[..., str], error: type = ValueError,
+            details: Sequence[torch.Tensor] = ()) -> None:
+        values = torch.stack([value.reshape(()).to(torch.float64)]
+                             + [d.reshape(()).to(device=value.device, dtype=torch.float64) for d in details])
+        self._checks.append((values, message, error))
 
     def first_nonfinite(self, name: str, x: torch.Tensor, where: Optional[torch.Tensor], shape: Sequence[int],
                         flat_index: Optional[torch.Tensor] = None, what: str = "contains NaN or inf at",
@@ -124,16 +128,20 @@ class PendingChecks:
         return len(self._checks)
 
     def values(self) -> List[torch.Tensor]:
-        return [value for value, _, _ in self._checks]
+        return [values for values, _, _ in self._checks]
 
     def raise_failed(self, values: Sequence[float]) -> None:
-        for value, (_, message, error) in zip(values, self._checks):
+        """Raise the first failed check; ``values`` is the concatenation of ``values()``, read."""
+        offset = 0
+        for checked, message, error in self._checks:
+            value, *details = values[offset:offset + len(checked)]
+            offset += len(checked)
             if value >= 0:
-                raise error(message(int(value)))
+                raise error(message(int(value), *(int(d) for d in details)))
 
     def flush(self) -> None:
         if self._checks:
-            values = torch.stack([v.to(self._checks[0][0].device) for v in self.values()]).tolist()
+            values = torch.cat([v.to(self._checks[0][0].device) for v in self.values()]).tolist()
             self.raise_failed(values)
             self._checks.clear()
 
@@ -149,25 +157,32 @@ def check_tensor(name: str, x, *, device: torch.device) -> None:
         raise ValueError(f"{name} is on {x.device} but the other inputs are on {device}")
 
 
-def check_targets_in_range(targets: torch.Tensor, vocab_size: int, mask: Optional[torch.Tensor] = None) -> None:
+def check_targets_in_range(targets: torch.Tensor, vocab_size: int, mask: Optional[torch.Tensor],
+                           checks: PendingChecks) -> torch.Tensor:
     """Targets are int64 or int32 token ids; at valid positions they lie in [0, V) (padded positions may
-    hold anything, e.g. -100). ``mask`` None: every position is valid."""
+    hold anything, e.g. -100), checked in ``checks`` (no host read here). ``mask`` None: every position is
+    valid. Returns the targets clamped into [0, V): what the statistics index with, so that a bad id
+    never reads out of bounds before the batched read raises."""
     if targets.dtype not in INDEX_DTYPES:
         raise TypeError(f"targets must be an integer tensor of token ids, int64 or int32, got {targets.dtype}")
     if vocab_size == 0 and targets.numel() > 0 and (mask is None or mask.any()):
         raise ValueError(f"the vocabulary is empty (V = 0) but {'there are' if mask is None else 'the mask has'} "
                          "valid positions: a valid token needs V >= 1")
-    out_of_range = (targets < 0) | (targets >= vocab_size)
-    if mask is not None:
-        out_of_range &= mask.bool()
-    if not out_of_range.any():  # the only host sync when the targets are fine
-        return
-    valid = targets if mask is None else targets[mask.bool()]
-    low, high = int(valid.min()), int(valid.max())
-    raise ValueError(f"targets must lie in [0, V={vocab_size}) at valid positions; found ids in [{low}, {high}]")
+    if targets.numel() > 0:
+        valid = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask.bool()
+        out_of_range = ((targets < 0) | (targets >= vocab_size)) & valid
+        low = torch.where(valid, targets, torch.iinfo(targets.dtype).max).min()
+        high = torch.where(valid, targets, torch.iinfo(targets.dtype).min).max()
+        checks.add(torch.where(out_of_range.any(), 0, -1),
+                   lambda _, low, high: (f"targets must lie in [0, V={vocab_size}) at valid positions; found ids "
+                                         f"in [{low}, {high}]"), details=(low, high))
+    return targets.clamp(0, max(vocab_size - 1, 0))
 
 
-def check_logits_and_targets(logits: torch.Tensor, targets: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
+def check_logits_and_targets(logits: torch.Tensor, targets: torch.Tensor, mask: Optional[torch.Tensor],
+                             checks: PendingChecks) -> torch.Tensor:
+    """Logits [..., V] and targets [...]: types and shapes now, the target range in ``checks``; returns the
+    targets clamped into [0, V) (``check_targets_in_range``)."""
     check_tensor("logits", logits, device=getattr(logits, "device", None))
     if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"logits must be fp16, bf16, fp32 or fp64, got {logits.dtype}")
@@ -176,7 +191,7 @@ def check_logits_and_targets(logits: torch.Tensor, targets: torch.Tensor, mask: 
     check_tensor("targets", targets, device=logits.device)
     if _shape(targets) != _shape(logits)[:-1]:
         raise ValueError(f"targets shape {_shape(targets)} must equal logits shape without V {_shape(logits)[:-1]}")
-    check_targets_in_range(targets, logits.shape[-1], mask)
+    return check_targets_in_range(targets, logits.shape[-1], mask, checks)
 
 
 def check_nonfinite_logits(checks: PendingChecks, logp_rows: torch.Tensor, row_index: torch.Tensor,

@@ -202,8 +202,9 @@ def triton_group_advantages(rewards: torch.Tensor, key: torch.Tensor, order: tor
 
     rewards [B] fp32 or fp64; key [B] fp32 or fp64: CANON's per-response sort key (read only for CANON);
     order [B] int64: the row ids grouped by group, batch order inside a group; group_start / group_size [G]
-    int64: each group's first position in ``order`` and its size; largest_group = max(group_size)
-    (sizes the block; at most MAX_GROUP_SIZE). The scalars are the estimators' (docs/algorithms.md §1-3):
+    int64: each group's first position in ``order`` and its size; largest_group >= max(group_size), an
+    upper bound such as the batch size (sizes the block; at most MAX_GROUP_SIZE: the caller need not
+    read the group sizes back to the host). The scalars are the estimators' (docs/algorithms.md §1-3):
     ``quantile`` the QAE baseline at ``quantile_k``; ``inter_weight`` CANON's inter-group weight at
     this step; ``favor_high`` whether alpha multiplies the high half's own reward.
     """

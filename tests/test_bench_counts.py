@@ -123,28 +123,38 @@ def test_vocab_wide_ops_and_peak_memory():
 # The budgets, at SHAPE in fp32: (path, impl prefix, config) -> maxima. R: bytes of the logits read per
 # byte of logits (requested, re-reads included); R_mem: of those, what memory serves (all but the same
 # program's re-reads); later: re-reads in a later launch; W: of dlogits written; peak: allocator peak per
-# byte of logits. Host syncs with rewards: target range, mask.nonzero, the groups' unique and largest size,
-# the checks read before the estimator, the metrics read; with advantages given: target range,
-# mask.nonzero, the metrics read. Where the coefficients are known before the pass (docs/design.md §4.3)
+# byte of logits. Host syncs: mask.nonzero (the valid rows), with rewards the groups' unique, and the one
+# batched read of the metrics and every value check (none with tensor_metrics: the caller reads them);
+# token_stats: that read only. Where the coefficients are known before the pass (docs/design.md §4.3)
 # the fused kernel reads each row twice in one program: 1 R from memory + 1 W, no later launch; it and
 # the grad_output scale (which moves nothing at grad_output 1) are the launches, plus the estimator's.
 _FUSED = dict(R=2.01, R_mem=1.01, later=0.0, W=1.0, vocab_torch_ops=1, peak=1.05)
 _TWO_PASS = dict(R=2.01, R_mem=2.01, later=1.0, W=1.0, vocab_torch_ops=1, peak=1.05)
 BUDGETS = {
-    (TOKEN_STATS_FWD, "fused_canon", "-"): dict(R=1.01, W=0.0, launches=1, host_syncs=2, vocab_torch_ops=0, peak=0.05),
-    (POLICY_LOSS_FWD, "fused_canon", "grpo"): dict(R=1.01, W=0.0, launches=3, host_syncs=6, vocab_torch_ops=0,
+    (TOKEN_STATS_FWD, "fused_canon", "-"): dict(R=1.01, W=0.0, launches=1, host_syncs=1, vocab_torch_ops=0, peak=0.05),
+    (POLICY_LOSS_FWD, "fused_canon", "grpo"): dict(R=1.01, W=0.0, launches=3, host_syncs=3, vocab_torch_ops=0,
                                                    peak=0.05),
-    (POLICY_LOSS_FWD_BWD, "fused_canon", "advantages given"): dict(_FUSED, launches=2, host_syncs=3),
-    (POLICY_LOSS_FWD_BWD, "fused_canon", "grpo"): dict(_FUSED, launches=3, host_syncs=6),
-    (POLICY_LOSS_FWD_BWD, "fused_canon", "dr_grpo"): dict(_FUSED, launches=3, host_syncs=6),
-    (POLICY_LOSS_FWD_BWD, "fused_canon", "rloo"): dict(_FUSED, launches=3, host_syncs=6),
-    (POLICY_LOSS_FWD_BWD, "fused_canon", "grpo, entropy_coeff=0.01"): dict(_FUSED, launches=3, host_syncs=6),
-    (POLICY_LOSS_FWD_BWD, "fused_canon", "grpo, inplace_backward"): dict(_FUSED, launches=3, host_syncs=6,
+    (POLICY_LOSS_FWD_BWD, "fused_canon", "advantages given"): dict(_FUSED, launches=2, host_syncs=2),
+    (POLICY_LOSS_FWD_BWD, "fused_canon", "advantages given, tensor_metrics"): dict(_FUSED, launches=2, host_syncs=1),
+    (POLICY_LOSS_FWD_BWD, "fused_canon", "grpo"): dict(_FUSED, launches=3, host_syncs=3),
+    (POLICY_LOSS_FWD_BWD, "fused_canon", "grpo, tensor_metrics"): dict(_FUSED, launches=3, host_syncs=2),
+    (POLICY_LOSS_FWD_BWD, "fused_canon", "dr_grpo"): dict(_FUSED, launches=3, host_syncs=3),
+    (POLICY_LOSS_FWD_BWD, "fused_canon", "rloo"): dict(_FUSED, launches=3, host_syncs=3),
+    (POLICY_LOSS_FWD_BWD, "fused_canon", "grpo, entropy_coeff=0.01"): dict(_FUSED, launches=3, host_syncs=3),
+    (POLICY_LOSS_FWD_BWD, "fused_canon", "grpo, inplace_backward"): dict(_FUSED, launches=3, host_syncs=3,
                                                                          vocab_torch_ops=0),
-    (POLICY_LOSS_FWD_BWD, "fused_canon", "canon (entropy, on-policy)"): dict(_TWO_PASS, launches=4, host_syncs=6),
-    (POLICY_LOSS_FWD_BWD, "fused_canon", "grpo, gspo"): dict(_TWO_PASS, launches=4, host_syncs=6),
-    (LINEAR_POLICY_LOSS_FWD_BWD, "fused_canon", "grpo"): dict(launches=6, host_syncs=6, vocab_torch_ops=2,
+    (POLICY_LOSS_FWD_BWD, "fused_canon", "canon (entropy, on-policy)"): dict(_TWO_PASS, launches=4, host_syncs=3),
+    (POLICY_LOSS_FWD_BWD, "fused_canon", "grpo, gspo"): dict(_TWO_PASS, launches=4, host_syncs=3),
+    # the covariance selections add theirs: clip_cov the eligible tokens (nonzero) and the count of valid ones (int),
+    # kl_cov the valid tokens (nonzero)
+    (POLICY_LOSS_FWD_BWD, "fused_canon", "grpo, clip_cov"): dict(_TWO_PASS, launches=4, host_syncs=5),
+    (POLICY_LOSS_FWD_BWD, "fused_canon", "grpo, kl_cov"): dict(_TWO_PASS, launches=4, host_syncs=4),
+    (LINEAR_POLICY_LOSS_FWD_BWD, "fused_canon", "grpo"): dict(launches=6, host_syncs=3, vocab_torch_ops=2,
                                                               peak=2.1),
+    (TOKEN_STATS_FWD, "torch eager", "-"): dict(host_syncs=1, peak=0.2),
+    (POLICY_LOSS_FWD_BWD, "torch eager", "grpo"): dict(host_syncs=3, peak=1.2),
+    (POLICY_LOSS_FWD_BWD, "torch eager", "advantages given"): dict(host_syncs=2, peak=1.2),
+    (POLICY_LOSS_FWD_BWD, "torch eager", "grpo, inplace_backward"): dict(host_syncs=3, peak=0.2),
 }
 
 
@@ -163,10 +173,11 @@ def test_fused_paths_within_budget(key):
     if "R_mem" in budget:
         assert counts["fetched_R"] <= budget["R_mem"], counts["logits_reads"]
         assert counts["logits_reads"]["later_launch"] <= budget["later"], counts["logits_reads"]
-    assert counts["launches"] <= budget["launches"], [k["kernel"] for k in counts["kernels"]]
+    if "launches" in budget:  # the torch backend launches no kernel, and its [N, V] ops are per chunk
+        assert counts["launches"] <= budget["launches"], [k["kernel"] for k in counts["kernels"]]
+        assert counts["vocab_torch_ops"] <= budget["vocab_torch_ops"], counts["vocab_torch_op_sites"]
     assert counts["host_syncs"] <= budget["host_syncs"], counts["sync_sites"]
-    assert counts["vocab_torch_ops"] <= budget["vocab_torch_ops"], counts["vocab_torch_op_sites"]
-    assert counts["peak_extra_logits"] <= budget["peak"]
+    assert counts["peak_extra_logits"] <= budget["peak"], counts["peak_extra_logits"]
 
 
 def test_lm_head_path_flops_are_its_gemms():

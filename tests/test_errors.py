@@ -601,10 +601,10 @@ class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_value_checks_share_the_one_batched_read(backend, monkeypatch):
-    """With advantages, old/ref log-probs and global counts given, a loss call reads the device three times:
-    the target range check (before any gather), mask.nonzero() (the valid rows) and the one .tolist() of the
-    metrics with every pending value check (finite logits, advantages, log-probs, normalizers). The launchers
-    do not re-check the row index the API built."""
+    """With advantages, old/ref log-probs and global counts given, a loss call reads the device twice:
+    mask.nonzero() (the valid rows) and the one .tolist() of the metrics with every pending value check
+    (target range, finite logits, advantages, log-probs, normalizers). The launchers do not re-check the
+    row index the API built."""
     logits, targets, mask = batch()
     mask[1, 2] = False
     reads = HostReads()
@@ -614,6 +614,83 @@ def test_value_checks_share_the_one_batched_read(backend, monkeypatch):
         fc.policy_loss(logits, targets, mask, advantages=torch.tensor([1.0, -1.0]), old_logprobs=-torch.ones(2, 3),
                        ref_logprobs=-torch.ones(2, 3), config=fc.LossConfig(kl_coef=0.1), global_num_tokens=5,
                        backend=backend)
-    assert [what for what, _, _ in reads.sites] == ["aten._local_scalar_dense.default", "aten.nonzero.default",
-                                                    "tolist"], reads.sites
+    assert [what for what, _, _ in reads.sites] == ["aten.nonzero.default", "tolist"], reads.sites
     assert not any(site[0] == "kernels" for _, site, _ in reads.sites), reads.sites
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_metrics_leave_the_checks_to_the_callers_read(backend, monkeypatch):
+    """tensor_metrics=True: the call reads only the valid rows (mask.nonzero()); the metrics are 0-d tensors,
+    and a bad value (here an out-of-range target) raises its usual message at read_metrics() or check()."""
+    logits, targets, mask = batch()
+    targets[0, 1] = 50
+    reads = HostReads()
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: (reads.record("tolist"), tolist(self))[1])
+    with reads:
+        out = fc.policy_loss(logits, targets, mask, advantages=torch.tensor([1.0, -1.0]), backend=backend,
+                             tensor_metrics=True)
+    assert [what for what, _, _ in reads.sites] == ["aten.nonzero.default"], reads.sites
+    assert all(torch.is_tensor(v) and v.dim() == 0 for v in out.metrics.values())
+    message = r"targets must lie in \[0, V=5\) at valid positions; found ids in \[\d+, 50\]"
+    with pytest.raises(ValueError, match=message):
+        out.check()
+    targets[0, 1] = 3
+    out = fc.policy_loss(logits, targets, mask, advantages=torch.tensor([1.0, -1.0]), backend=backend,
+                         tensor_metrics=True)
+    floats = fc.policy_loss(logits, targets, mask, advantages=torch.tensor([1.0, -1.0]), backend=backend).metrics
+    assert out.read_metrics().metrics == floats
+
+
+def _entry_point_calls():
+    """Each loss entry point as a function of tensor_metrics (rewards + group ids, so every check and metric runs)."""
+    g = torch.Generator().manual_seed(3)
+    inputs = make_batch(4, 3, 7)
+    logits, targets, mask = inputs["logits"], inputs["targets"], inputs["mask"]
+    common = dict(rewards=inputs["rewards"], group_ids=inputs["group_ids"], old_logprobs=inputs["old_logprobs"].float())
+    hidden, weight = torch.randn(4, 3, 8, generator=g), torch.randn(7, 8, generator=g)
+    ref_hidden, ref_weight = torch.randn(4, 3, 6, generator=g), torch.randn(7, 6, generator=g)
+    kl = fc.LossConfig(kl_coef=0.1)
+    return {
+        "policy_loss, triton (fused pass)": lambda tm: fc.policy_loss(
+            logits.clone().requires_grad_(), targets, mask, backend="triton", tensor_metrics=tm, **common),
+        "policy_loss, triton (two passes: gspo)": lambda tm: fc.policy_loss(
+            logits.clone().requires_grad_(), targets, mask, backend="triton", tensor_metrics=tm,
+            config=fc.LossConfig(loss_mode="gspo"), **common),
+        "policy_loss, torch": lambda tm: fc.policy_loss(
+            logits.clone().requires_grad_(), targets, mask, backend="torch", tensor_metrics=tm, **common),
+        "policy_loss, reduce=False": lambda tm: fc.policy_loss(
+            logits.clone().requires_grad_(), targets, mask, backend="torch", reduce=False, tensor_metrics=tm, **common),
+        "linear_policy_loss, reference LM head": lambda tm: fc.linear_policy_loss(
+            hidden.clone().requires_grad_(), weight, targets, mask, ref_hidden=ref_hidden, ref_weight=ref_weight,
+            config=kl, backend="torch", tensor_metrics=tm, **common),
+        "policy_loss_from_logprobs": lambda tm: fc.policy_loss_from_logprobs(
+            inputs["old_logprobs"].float().requires_grad_(), mask, tensor_metrics=tm, **common),
+        "FusedPolicyLoss": lambda tm: fc.FusedPolicyLoss(backend="torch")(
+            logits.clone().requires_grad_(), targets, mask, tensor_metrics=tm, **common),
+    }
+
+
+@pytest.mark.parametrize("entry", list(_entry_point_calls()))
+def test_tensor_metrics_on_every_entry_point(entry):
+    """tensor_metrics=True on each entry point: 0-d tensor metrics, checks pending; read_metrics() gives the
+    default call's floats and the loss is the same."""
+    call_with = _entry_point_calls()[entry]
+    floats = call_with(False)
+    out = call_with(True)
+    assert out.pending_checks is not None and out.metrics.keys() == floats.metrics.keys()
+    assert all(torch.is_tensor(v) and v.dim() == 0 for v in out.metrics.values()), out.metrics
+    assert torch.equal(out.loss.detach(), floats.loss.detach())
+    assert out.read_metrics().metrics == floats.metrics and out.pending_checks is None
+
+
+def test_tensor_metrics_defer_the_target_range_on_the_lm_head_path():
+    """linear_policy_loss with tensor_metrics: an out-of-range target raises its message at check(), not at the
+    call (the statistics gathered a clamped id meanwhile)."""
+    hidden, weight = torch.randn(2, 3, 4), torch.randn(5, 4)
+    targets = torch.zeros(2, 3, dtype=torch.long)
+    targets[1, 0] = 9
+    out = fc.linear_policy_loss(hidden, weight, targets, torch.ones(2, 3), advantages=torch.ones(2), backend="torch",
+                                tensor_metrics=True)
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, V=5\) at valid positions; found ids in \[0, 9\]"):
+        out.check()
