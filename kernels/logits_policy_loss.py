@@ -30,6 +30,12 @@ from .objective import (NUM_SUMS, SUM_CLIPPED, SUM_CLIPPED_LOWER, SUM_ENTROPY, S
                         token_policy_loss)
 from .softmax import merge_summaries, row_statistics, softmax_grad, target_grad, tile_summary
 
+
+def _fused_num_warps(block_v: int) -> int:
+    # 16 elements per thread: at 8 (16 warps for a 4096-wide tile) the fp32 fused kernel spills 8 B on
+    # Triton 3.6 (ptxas -v, sm_90); at 16 every supported version fits.
+    return min(8, max(4, block_v // 512))
+
 __all__ = ["triton_policy_loss", "FusedPolicyLossFunction", "rows_in_flight", "FUSED_LOSS_MODES",
            "L2_FRACTION_FOR_ROWS"]
 
@@ -38,7 +44,7 @@ FUSED_LOSS_MODES = (VANILLA, CISPO, SAPO)
 # Share of the L2 cache the rows in flight may fill between a row's two reads: the rest holds the
 # dlogits lines being written back, the per-row vectors and whatever else is resident.
 L2_FRACTION_FOR_ROWS = 0.75
-# Programs per SM at most (16-warp programs: 4 fill an SM's 2,048 threads).
+# Programs per SM at most (8-warp programs, _fused_num_warps: 4 hold half of an SM's 2,048 threads).
 MAX_PROGRAMS_PER_SM = 4
 # Programs in the interpreter, which has no cache: a few, so that each walks several rows as on a GPU.
 INTERPRETER_PROGRAMS = 4
@@ -222,7 +228,7 @@ def _fused_forward(logits, targets, inputs: ObjectiveInputs, temperature, inplac
             KL_TYPE=int(inputs.kl_type), KL_STRAIGHT_THROUGH=inputs.kl_straight_through,
             KL_BIAS_CORRECTION=inputs.kl_bias_correction,
             HAS_TOKEN_WEIGHT=inputs.token_weight is not None, BLOCK_V=block_v, NUM_SUMS=NUM_SUMS,
-            num_warps=_num_warps(block_v))
+            num_warps=_fused_num_warps(block_v))
     return dlogits, logp.reshape(B, T), entropy.reshape(B, T), partial.sum(0)
 
 
@@ -311,7 +317,8 @@ _DIV16 = ("stride_lb", "stride_lt", "stride_db", "stride_dt", "V")
 
 
 def _aot_entry(kernel, signature, **constexprs):
-    options = {"num_warps": _num_warps(_BV), "div16": [arg for arg in _DIV16 if arg in signature]}
+    warps = _fused_num_warps(_BV) if kernel is _policy_loss_fused_kernel else _num_warps(_BV)
+    options = {"num_warps": warps, "div16": [arg for arg in _DIV16 if arg in signature]}
     return kernel, signature, {"BLOCK_V": _BV, **constexprs}, options
 
 
