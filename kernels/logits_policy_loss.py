@@ -28,7 +28,7 @@ from .logits_token_stats import _check_inputs, _num_warps, default_block_v
 from .objective import (NUM_SUMS, SUM_CLIPPED, SUM_CLIPPED_LOWER, SUM_ENTROPY, SUM_KL, SUM_PG, SUM_PPO_KL, CISPO,
                         KL_K3, SAPO, VANILLA, ObjectiveInputs, ObjectiveSums, objective_loss, token_kl,
                         token_policy_loss)
-from .softmax import merge_summaries, row_statistics, softmax_grad, target_grad, tile_summary
+from .softmax import merge_summaries, row_statistics, store_row_grad, store_zero_row, tile_summary
 
 
 def _fused_num_warps(block_v: int) -> int:
@@ -92,10 +92,7 @@ def _policy_loss_fused_kernel(
         t = row - b * T
         d_row = dlogits_ptr + b * stride_db + t * stride_dt
         if tl.load(mask_ptr + row) == 0:
-            # Padded row: zero gradient, the logits are not read.
-            for v0 in range(0, V, BLOCK_V):
-                offs = v0 + tl.arange(0, BLOCK_V)
-                tl.store(d_row + offs, tl.zeros([BLOCK_V], dtype=dlogits_ptr.dtype.element_ty), mask=offs < V)
+            store_zero_row(d_row, V, BLOCK_V)  # a padded row: the logits are not read
             tl.store(logp_ptr + row, 0.0)
             tl.store(entropy_ptr + row, 0.0)
         else:
@@ -141,15 +138,8 @@ def _policy_loss_fused_kernel(
             sum_ppo_kl += ppo_kl
             sum_clipped_lower += clipped_lower.to(tl.float32)
 
-            # Second read of the row, by this program: dlogits (logits_token_stats.py's backward).
-            grad_target = target_grad(logp, entropy, c_logp, c_ent, MAY_HOLD_NEG_INF=True)
-            for v0 in range(0, V, BLOCK_V):
-                offs = v0 + tl.arange(0, BLOCK_V)
-                live = offs < V
-                z = tl.load(x_row + offs, mask=live, other=float("-inf")).to(tl.float32) * inv_temp
-                g = softmax_grad(z, offs == y, lse, zbar, c_logp, c_ent, grad_target, MAY_HOLD_NEG_INF=True) * inv_temp
-                # Each tile is read before it is written, by this program only: safe in place.
-                tl.store(d_row + offs, g.to(dlogits_ptr.dtype.element_ty), mask=live)
+            # Second read of the row, by this program: dlogits (as logits_token_stats.py's backward).
+            store_row_grad(x_row, d_row, y, V, inv_temp, lse, zbar, logp, entropy, c_logp, c_ent, BLOCK_V)
             tl.store(logp_ptr + row, logp)
             tl.store(entropy_ptr + row, entropy)
 

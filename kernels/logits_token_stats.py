@@ -35,8 +35,8 @@ import triton
 import triton.language as tl
 
 from . import check_inplace_gradient_target, triton_interpreter_enabled
-from .softmax import (merge_sums_of_squares, merge_summaries, row_statistics, softmax_grad, sum_of_squared_probs,
-                      target_grad, tile_summary)
+from .softmax import (merge_sums_of_squares, merge_summaries, row_statistics, store_row_grad, store_zero_row,
+                      sum_of_squared_probs, tile_summary)
 
 
 @triton.jit
@@ -111,10 +111,7 @@ def _token_stats_bwd_kernel(
     d_row = dlogits_ptr + b * stride_db + t * stride_dt
     slot = tl.load(slot_ptr + row)
     if slot < 0:
-        # Masked row: zero gradient, the logits are not read.
-        for v0 in range(0, V, BLOCK_V):
-            offs = v0 + tl.arange(0, BLOCK_V)
-            tl.store(d_row + offs, tl.zeros([BLOCK_V], dtype=dlogits_ptr.dtype.element_ty), mask=offs < V)
+        store_zero_row(d_row, V, BLOCK_V)  # a masked row: the logits are not read
     else:
         x_row = logits_ptr + b * stride_lb + t * stride_lt
         y = tl.load(targets_ptr + b * stride_yb + t * stride_yt).to(tl.int64)
@@ -130,14 +127,7 @@ def _token_stats_bwd_kernel(
             c_ent = tl.load(c_ent_ptr + slot)
         else:
             c_ent = 0.0
-        grad_target = target_grad(logp, entropy, c_logp, c_ent, MAY_HOLD_NEG_INF=True)  # once per row
-        for v0 in range(0, V, BLOCK_V):
-            offs = v0 + tl.arange(0, BLOCK_V)
-            mask = offs < V
-            z = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-            g = softmax_grad(z, offs == y, lse, zbar, c_logp, c_ent, grad_target, MAY_HOLD_NEG_INF=True) * inv_temp
-            # Each tile is read before it is written, by this program only: safe in place.
-            tl.store(d_row + offs, g.to(dlogits_ptr.dtype.element_ty), mask=mask)
+        store_row_grad(x_row, d_row, y, V, inv_temp, lse, zbar, logp, entropy, c_logp, c_ent, BLOCK_V)
 
 
 def default_block_v(V: int) -> int:

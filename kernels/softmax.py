@@ -1,5 +1,6 @@
 """Softmax statistics and their gradient, shared by both Triton statistics paths
-(logits_token_stats.py, linear_token_stats.py): one formulation, the precise one, for both.
+(logits_token_stats.py, linear_token_stats.py, logits_policy_loss.py): one formulation, the precise
+one, for all.
 
 A *summary* of a set of tempered logits z_k is (m, rest, u):
 
@@ -26,7 +27,7 @@ Gradient (§8.3), with c_logp = dL/dlogp, c_ent = dL/dH and p_k = exp(z_k - lse)
 The target column (``target_grad``, once per row) is formed from the row's own results,
 1 - p_y = -expm1(logp) and z_y - zbar = logp + H, so a peaked row keeps its relative precision there
 too (1 - exp(z_y - lse) and z_y - zbar from the tile would cancel to ~ulp); ``softmax_grad`` writes
-the tile.
+the tile, ``store_row_grad`` a whole row of [*, V] logits (``store_zero_row`` a masked one).
 
 Entries equal to -inf (a masked vocabulary, the padded columns of a tile) contribute nothing; a tile
 of only -inf entries summarises to m = -inf, the empty summary, whose rest and u are never read. No
@@ -154,3 +155,25 @@ def softmax_grad(z, is_target, lse, zbar, c_logp, c_ent, grad_target, MAY_HOLD_N
     if MAY_HOLD_NEG_INF:
         centred = tl.where(z > float("-inf"), centred, 0.0)  # never 0 * inf
     return tl.where(is_target, grad_target, -p * (c_logp + c_ent * centred))
+
+
+@triton.jit
+def store_row_grad(x_row, d_row, y, V, inv_temp, lse, zbar, logp, entropy, c_logp, c_ent, BLOCK_V: tl.constexpr):
+    """dL/dlogits of one row of [*, V] logits at ``x_row`` (tempered by ``inv_temp``) into ``d_row``, from the
+    row's statistics and coefficients. Each tile is read before it is written, by the calling program
+    only: safe in place (``d_row == x_row``)."""
+    grad_target = target_grad(logp, entropy, c_logp, c_ent, MAY_HOLD_NEG_INF=True)  # once per row
+    for v0 in range(0, V, BLOCK_V):
+        offs = v0 + tl.arange(0, BLOCK_V)
+        live = offs < V
+        z = tl.load(x_row + offs, mask=live, other=float("-inf")).to(tl.float32) * inv_temp
+        g = softmax_grad(z, offs == y, lse, zbar, c_logp, c_ent, grad_target, MAY_HOLD_NEG_INF=True) * inv_temp
+        tl.store(d_row + offs, g.to(d_row.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def store_zero_row(d_row, V, BLOCK_V: tl.constexpr):
+    """A zero gradient for a masked row (its logits are not read)."""
+    for v0 in range(0, V, BLOCK_V):
+        offs = v0 + tl.arange(0, BLOCK_V)
+        tl.store(d_row + offs, tl.zeros([BLOCK_V], dtype=d_row.dtype.element_ty), mask=offs < V)
