@@ -83,3 +83,22 @@ def peer_is_ratio(weights, mask, rollout):
     if rollout == "sequence":
         return weights[:, :1]
     return torch.where(mask, weights, torch.ones_like(weights))
+
+
+def rollout_weights(old, rollout_logp, mask, config, rollout):
+    """The rollout IS weights fused-canon computes for ``config`` (None without rollout IS)."""
+    return None if rollout is None else fc.rollout_is_weights(old, rollout_logp, mask, config)[0]
+
+
+def assert_ours_matches(theirs, theirs_logp, logp, old, ref, adv, mask, weights, beta, config, backend, norm):
+    """fused-canon's loss of the same log-probs (``policy_loss_from_logprobs``): its loss and its gradient on the
+    valid tokens equal the peer's (``theirs``, backpropagated into ``theirs_logp``); returns fused-canon's output."""
+    ours_logp = logp.clone().requires_grad_(True)
+    out = fc.policy_loss_from_logprobs(ours_logp, mask, advantages=adv, old_logprobs=old,
+                                       ref_logprobs=ref if beta else None, rollout_is_weights=weights,
+                                       config=config, backend=backend, **norm)
+    out.loss.backward()
+    valid = mask.float()
+    assert out.loss.item() == pytest.approx(theirs.item(), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(ours_logp.grad * valid, theirs_logp.grad * valid, rtol=1e-5, atol=1e-6)
+    return out

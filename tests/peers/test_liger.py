@@ -10,8 +10,8 @@ import torch
 
 import fused_canon as fc
 from peers import compared, require, unsupported
-from peers.grpo_mapping import (B, EPS_HIGH, EPS_LOW, KL, LOSS_TYPES, T, batch, our_config, peer_is_ratio,
-                                skip_inapplicable, skip_unsupported_backend)
+from peers.grpo_mapping import (B, EPS_HIGH, EPS_LOW, KL, LOSS_TYPES, T, assert_ours_matches, batch, our_config,
+                                peer_is_ratio, rollout_weights, skip_inapplicable, skip_unsupported_backend)
 
 require("liger_kernel")
 from liger_kernel.chunked_loss.grpo_loss import LigerFusedLinearGRPOFunction  # noqa: E402
@@ -40,9 +40,7 @@ def test_grpo_loss(request, loss_type, level, delta, beta, bias_kl, rollout, bac
     compared(request, PEER)
     logp, old, ref, rollout_logp, adv, mask = batch(seed=4)
     valid = mask.float()
-    weights = None
-    if rollout is not None:
-        weights, _ = fc.rollout_is_weights(old, rollout_logp, mask, config)
+    weights = rollout_weights(old, rollout_logp, mask, config, rollout)
 
     theirs_logp = logp.clone().requires_grad_(True)
     theirs, their_metrics = LigerFusedLinearGRPOFunction.ppo_loss_fn(
@@ -52,13 +50,7 @@ def test_grpo_loss(request, loss_type, level, delta, beta, bias_kl, rollout, bac
         use_bias_correction_kl=bias_kl)
     theirs.backward()
 
-    ours_logp = logp.clone().requires_grad_(True)
-    out = fc.policy_loss_from_logprobs(ours_logp, mask, advantages=adv, old_logprobs=old,
-                                       ref_logprobs=ref if beta else None, rollout_is_weights=weights,
-                                       config=config, backend=backend, **norm)
-    out.loss.backward()
-    assert out.loss.item() == pytest.approx(theirs.item(), rel=1e-5, abs=1e-6)
-    torch.testing.assert_close(ours_logp.grad * valid, theirs_logp.grad * valid, rtol=1e-5, atol=1e-6)
+    out = assert_ours_matches(theirs, theirs_logp, logp, old, ref, adv, mask, weights, beta, config, backend, norm)
     clip_fraction = their_metrics[-1].item()
     assert out.metrics["actor/pg_clipfrac"] == pytest.approx(clip_fraction, abs=1e-6)
     if beta and config.loss_agg_mode == "token-mean":
@@ -87,7 +79,7 @@ def test_unreduced_loss(request, loss_type, level, beta, bias_kl, rollout):
     _, old, ref, rollout_logp, adv, mask = batch(seed=5)
     logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, targets[..., None])[..., 0]
     old, ref, rollout_logp = (x - x.detach().mean() + logp.mean() for x in (old, ref, rollout_logp))
-    weights = None if rollout is None else fc.rollout_is_weights(old, rollout_logp, mask, config)[0]
+    weights = rollout_weights(old, rollout_logp, mask, config, rollout)
 
     theirs_logits = logits.clone().requires_grad_(True)
     theirs = triton_grpo_loss(theirs_logits, old, ref, targets, adv, completion_mask=mask.int(), temperature=1.0,

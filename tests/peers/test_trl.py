@@ -11,10 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import fused_canon as fc
 from peers import compared, require
-from peers.grpo_mapping import (B, EPS_HIGH, EPS_LOW, KL, LOSS_TYPES, T, batch, our_config, peer_is_ratio,
-                                skip_inapplicable, skip_unsupported_backend)
+from peers.grpo_mapping import (B, EPS_HIGH, EPS_LOW, KL, LOSS_TYPES, T, assert_ours_matches, batch, our_config,
+                                peer_is_ratio, rollout_weights, skip_inapplicable, skip_unsupported_backend)
 
 require("trl")
 from trl import GRPOTrainer  # noqa: E402
@@ -74,8 +73,7 @@ def test_compute_loss(request, loss_type, level, delta, beta, bias_kl, rollout, 
     skip_unsupported_backend(request, PEER, config, backend)
     compared(request, PEER)
     logp, old, ref, rollout_logp, adv, mask = batch(seed=7)
-    valid = mask.float()
-    weights = None if rollout is None else fc.rollout_is_weights(old, rollout_logp, mask, config)[0]
+    weights = rollout_weights(old, rollout_logp, mask, config, rollout)
 
     theirs_logp = logp.clone().requires_grad_(True)
     theirs, their_metrics = trl_loss(theirs_logp, old, ref, adv, mask, loss_type=loss_type, level=level,
@@ -83,13 +81,7 @@ def test_compute_loss(request, loss_type, level, delta, beta, bias_kl, rollout, 
                                      is_ratio=peer_is_ratio(weights, mask, rollout))
     theirs.backward()
 
-    ours_logp = logp.clone().requires_grad_(True)
-    out = fc.policy_loss_from_logprobs(ours_logp, mask, advantages=adv, old_logprobs=old,
-                                       ref_logprobs=ref if beta else None, rollout_is_weights=weights,
-                                       config=config, backend=backend, **norm)
-    out.loss.backward()
-    assert out.loss.item() == pytest.approx(theirs.item(), rel=1e-5, abs=1e-6)
-    torch.testing.assert_close(ours_logp.grad * valid, theirs_logp.grad * valid, rtol=1e-5, atol=1e-6)
+    out = assert_ours_matches(theirs, theirs_logp, logp, old, ref, adv, mask, weights, beta, config, backend, norm)
     clip_metric = {"cispo": "cispo_clip_ratio"}.get(loss_type, "clip_ratio/region_mean")
     if clip_metric in their_metrics:
         assert out.metrics["actor/pg_clipfrac"] == pytest.approx(their_metrics[clip_metric], abs=1e-6)
