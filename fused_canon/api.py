@@ -16,6 +16,7 @@ One loss call runs the stages of docs/design.md §4, each an op of the dispatch 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
@@ -129,10 +130,10 @@ def token_signals(logits: torch.Tensor, targets: torch.Tensor, names, temperatur
     unknown = [name for name in names if name not in SIGNALS]
     if unknown or not names:
         raise ValueError(f"token_signals names {unknown or names} are not valid; choose from {list(SIGNALS)}")
+    checks = PendingChecks()
     if mask is not None:
         check_tensor("mask", mask, device=logits.device)
-        mask = check_mask(mask, tuple(targets.shape), logits.device)
-    checks = PendingChecks()
+        mask = check_mask(mask, tuple(targets.shape), logits.device, checks)
     safe_targets = check_logits_and_targets(logits, targets, mask, checks)
     temperature = check_number("temperature", temperature, low=0.0, low_open=True)
     stats = select(TOKEN_STATS, backend, logits)
@@ -172,7 +173,7 @@ def _check_normalizer(name: str, value, unit: str) -> Optional[float]:
                         why=f" (a Python number: the {unit} of all micro-batches on all ranks)")
 
 
-def _check_common(mask, shape, device, config, step, global_num_tokens, global_num_seqs, reduce):
+def _check_common(mask, shape, device, config, step, global_num_tokens, global_num_seqs, reduce, checks):
     if not isinstance(config, LossConfig):
         raise TypeError(f"config must be a fused_canon.LossConfig, got {type(config).__name__}")
     check_step(step)
@@ -181,7 +182,7 @@ def _check_common(mask, shape, device, config, step, global_num_tokens, global_n
         check_unreduced(config)
     _check_normalizer("global_num_tokens", global_num_tokens, "valid tokens")
     _check_normalizer("global_num_seqs", global_num_seqs, "sequences with a valid token")
-    return check_mask(mask, shape, device)
+    return check_mask(mask, shape, device, checks)
 
 
 def _data_parallel_ranks() -> int:
@@ -338,7 +339,7 @@ def _before_objective(logp, entropy, mask, *, backend, rewards, group_ids, advan
     return _Prepared(token_advantages, reported_advantages, old, ref, norm, rollout_weights, rollout_metrics)
 
 
-def _loss_output(loss, metrics, prepared: _Prepared, logp, entropy, mask, row_index, rewards, backends,
+def _loss_output(loss, metrics, prepared: _Prepared, logp, entropy, mask, rewards, backends,
                  checks: PendingChecks, config: LossConfig, tensor_metrics: bool) -> LossOutput:
     """The LossOutput, with the call's one batched host read of the metrics and every pending check (the
     caller's to make with ``tensor_metrics``: LossOutput.read_metrics)."""
@@ -346,11 +347,15 @@ def _loss_output(loss, metrics, prepared: _Prepared, logp, entropy, mask, row_in
     token_advantages = prepared.token_advantages
     metrics.update(prepared.rollout_metrics)
 
-    valid_advantages = token_advantages.detach().reshape(-1).index_select(0, row_index)  # in mask order
-    if valid_advantages.numel() > 0:
-        metrics["critic/advantages/mean"] = valid_advantages.mean()
-        metrics["critic/advantages/max"] = valid_advantages.max()
-        metrics["critic/advantages/min"] = valid_advantages.min()
+    # Over the valid tokens, as masked reductions (a list of them would be a host sync); 0 for an empty mask.
+    advantages = token_advantages.detach()
+    count = mask.sum()
+    any_valid = count > 0
+    metrics["critic/advantages/mean"] = torch.where(mask, advantages, 0).sum() / count.clamp(min=1)
+    for name, reduce_fn, fill in (("max", torch.amax, -math.inf), ("min", torch.amin, math.inf)):
+        filled = torch.where(mask, advantages, fill).reshape(-1)
+        extreme = reduce_fn(torch.cat([filled, filled.new_full((1,), fill)]))  # one entry at least (B T = 0)
+        metrics[f"critic/advantages/{name}"] = torch.where(any_valid, extreme, 0)
     if rewards is not None:
         metrics["critic/score/mean"] = weighted_reward(rewards.detach().double(), config.advantage).mean()
     metrics = {name: value.detach().to(device=device, dtype=torch.float64).reshape(())
@@ -361,12 +366,12 @@ def _loss_output(loss, metrics, prepared: _Prepared, logp, entropy, mask, row_in
     return out if tensor_metrics else out.read_metrics()
 
 
-def _loss_from_logprobs(logp, entropy, mask, row_index, *, backend, rewards, group_ids, advantages, old_logprobs,
+def _loss_from_logprobs(logp, entropy, mask, *, backend, rewards, group_ids, advantages, old_logprobs,
                         ref_logprobs, rollout_logprobs, rollout_is_weights, metric, config, step, global_num_tokens,
                         global_num_seqs, backends, checks, advantage_inputs=None, pass_inputs=None,
                         reduce=True, tensor_metrics=False) -> LossOutput:
     """Stage 2, shared by every entry point: ``logp`` / ``entropy`` [B, T] with zeros at padded positions
-    (``entropy`` may be None), ``row_index`` the valid rows of ``mask``; ``backends`` what ran so far;
+    (``entropy`` may be None); ``backends`` what ran so far;
     ``checks`` the value checks so far, read with the metrics (docs/design.md §4.1); ``pass_inputs`` the
     estimator inputs the entry point provides (token ids, the pass's signals), which the caller's
     ``advantage_inputs`` override."""
@@ -380,7 +385,7 @@ def _loss_from_logprobs(logp, entropy, mask, row_index, *, backend, rewards, gro
     backends[OBJECTIVE] = objective.describe()
     loss, metrics = objective.fn(logp, entropy, mask, prepared.token_advantages, prepared.old, prepared.ref, config,
                                  prepared.norm, step=step, rollout_is_weights=prepared.rollout_weights, reduce=reduce)
-    return _loss_output(loss, metrics, prepared, logp, entropy, mask, row_index, rewards, backends, checks, config,
+    return _loss_output(loss, metrics, prepared, logp, entropy, mask, rewards, backends, checks, config,
                         tensor_metrics)
 
 
@@ -413,8 +418,8 @@ def policy_loss_from_logprobs(logprobs: torch.Tensor, mask: torch.Tensor, *, ent
     if not logprobs.is_floating_point():
         raise TypeError(f"logprobs must be a floating tensor, got {logprobs.dtype}")
     shape, device = logprobs.shape, logprobs.device
-    mask = _check_common(mask, shape, device, config, step, global_num_tokens, global_num_seqs, reduce)
     checks = PendingChecks()
+    mask = _check_common(mask, shape, device, config, step, global_num_tokens, global_num_seqs, reduce, checks)
     check_per_token("logprobs", logprobs, shape, device, mask, checks)
     if entropy is not None:
         check_per_token("entropy", entropy, shape, device, mask, checks)
@@ -426,7 +431,7 @@ def policy_loss_from_logprobs(logprobs: torch.Tensor, mask: torch.Tensor, *, ent
         raise ValueError("canon_metric='entropy' needs the per-token `entropy`, or the per-response `metric`")
     check_bool("tensor_metrics", tensor_metrics)
     logp = torch.where(mask, logprobs, torch.zeros_like(logprobs))  # padded positions may hold anything
-    return _loss_from_logprobs(logp, entropy, mask, valid_row_index(mask), backend=backend, rewards=rewards,
+    return _loss_from_logprobs(logp, entropy, mask, backend=backend, rewards=rewards,
                                group_ids=group_ids, advantages=advantages, old_logprobs=old_logprobs,
                                ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
                                rollout_is_weights=rollout_is_weights, metric=metric, config=config, step=step,
@@ -470,14 +475,13 @@ def policy_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
     config = LossConfig() if config is None else config
     if not torch.is_tensor(logits) or logits.dim() != 3:
         raise ValueError(f"logits must be [B, T, V], got {getattr(logits, 'shape', type(logits))}")
+    checks = PendingChecks()
     mask = _check_common(mask, logits.shape[:2], logits.device, config, step, global_num_tokens, global_num_seqs,
-                         reduce)
+                         reduce, checks)
     check_bool("inplace_backward", inplace_backward)
     check_bool("tensor_metrics", tensor_metrics)
-    checks = PendingChecks()
     targets = check_logits_and_targets(logits, targets, mask, checks)
     stats = select(TOKEN_STATS, backend, logits)
-    row_index = valid_row_index(mask)
     backends = {TOKEN_STATS: stats.describe()}
     if stats.backend == "triton":
         # The objective's choice depends on the config and the device only (the log-probs it takes are the
@@ -493,7 +497,7 @@ def policy_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
         backends[LOGITS_PASS] = describe_logits_pass(blocker)
         if blocker is None:
             backends[OBJECTIVE] = objective.describe()
-            return _fused_policy_loss(logits, targets, mask, row_index, backends=backends, backend=backend,
+            return _fused_policy_loss(logits, targets, mask, backends=backends, backend=backend,
                                       rewards=rewards, group_ids=group_ids, advantages=advantages,
                                       old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
                                       rollout_logprobs=rollout_logprobs, rollout_is_weights=rollout_is_weights,
@@ -501,11 +505,12 @@ def policy_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                                       global_num_seqs=global_num_seqs, inplace_backward=inplace_backward,
                                       advantage_inputs=advantage_inputs, checks=checks,
                                       tensor_metrics=tensor_metrics)
+    row_index = valid_row_index(mask)  # the statistics kernels' grid: the valid rows only (one host sync)
     outputs = stats.fn(logits, targets, row_index, config.temperature, inplace_backward=inplace_backward,
                        extra_stats=_needs_extra_signals(config, rewards, advantage_inputs))
     check_nonfinite_logits(checks, outputs[0].detach(), row_index, mask.shape)
     return _loss_from_logprobs(scatter_rows(outputs[0], row_index, mask.shape),
-                               scatter_rows(outputs[1], row_index, mask.shape), mask, row_index,
+                               scatter_rows(outputs[1], row_index, mask.shape), mask,
                                backend=backend, rewards=rewards, group_ids=group_ids, advantages=advantages,
                                old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
                                rollout_is_weights=rollout_is_weights, metric=metric, config=config,
@@ -515,19 +520,20 @@ def policy_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                                reduce=reduce, tensor_metrics=tensor_metrics)
 
 
-def _fused_policy_loss(logits, targets, mask, row_index, *, backends, checks, inplace_backward, config,
+def _fused_policy_loss(logits, targets, mask, *, backends, checks, inplace_backward, config,
                        tensor_metrics, **kwargs) -> LossOutput:
     """policy_loss when every per-token coefficient is known before the pass (backends.fused_pass_blocker):
     stage 2's O(N + B) work first, then one kernel for the statistics, the objective and dlogits
-    (docs/design.md §4.3)."""
+    (docs/design.md §4.3). The kernel walks every position and skips the padded ones: no list of the valid
+    rows, whose length would be a host sync."""
     prepared = _before_objective(None, None, mask, config=config, backends=backends, checks=checks,
                                  pass_inputs=dict(token_ids=targets), **kwargs)
     loss, metrics, logp, entropy = fused_policy_loss_launch(config.loss_mode)(
         logits, targets, mask, prepared.token_advantages, prepared.old, prepared.ref, config, prepared.norm,
         prepared.rollout_weights, inplace_backward=inplace_backward)
-    check_nonfinite_logits(checks, logp.reshape(-1).index_select(0, row_index), row_index, mask.shape)
-    return _loss_output(loss, metrics, prepared, logp, entropy, mask, row_index, kwargs["rewards"], backends, checks,
-                        config, tensor_metrics)
+    check_nonfinite_logits(checks, logp, None, mask.shape, valid=mask)
+    return _loss_output(loss, metrics, prepared, logp, entropy, mask, kwargs["rewards"], backends, checks, config,
+                        tensor_metrics)
 
 
 def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *,
@@ -556,13 +562,14 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     if not torch.is_tensor(hidden) or hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, T, H], got {getattr(hidden, 'shape', type(hidden))}")
     device = hidden.device
-    mask = _check_common(mask, hidden.shape[:2], device, config, step, global_num_tokens, global_num_seqs, reduce)
+    checks = PendingChecks()
+    mask = _check_common(mask, hidden.shape[:2], device, config, step, global_num_tokens, global_num_seqs, reduce,
+                         checks)
     _check_lm_head("", hidden, weight, bias, hidden.shape[:2])
     check_tensor("targets", targets, device=device)
     if targets.shape != hidden.shape[:2]:
         raise ValueError(f"targets shape {tuple(targets.shape)} must be [B, T] = {tuple(hidden.shape[:2])}")
     check_bool("tensor_metrics", tensor_metrics)
-    checks = PendingChecks()
     targets = check_targets_in_range(targets, weight.shape[0], mask, checks)
     uses_ref_head = any(x is not None for x in (ref_hidden, ref_weight, ref_bias))
     if uses_ref_head:
@@ -583,7 +590,7 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
         ref_logprobs, backends[REF_LINEAR_TOKEN_STATS] = _reference_logprobs(
             ref_hidden, ref_weight, ref_bias, targets, row_index, mask.shape, config, backend, checks)
     return _loss_from_logprobs(scatter_rows(outputs[0], row_index, mask.shape),
-                               scatter_rows(outputs[1], row_index, mask.shape), mask, row_index,
+                               scatter_rows(outputs[1], row_index, mask.shape), mask,
                                backend=backend, rewards=rewards, group_ids=group_ids, advantages=advantages,
                                old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
                                rollout_is_weights=rollout_is_weights, metric=metric, config=config,

@@ -28,16 +28,25 @@ __all__ = ["compute_advantages", "advantages_and_choice", "register_estimator", 
 
 @dataclass
 class Groups:
-    """Prompt groups of a batch: ``index[i]`` is the dense group number (0..G-1) of response i."""
+    """Prompt groups of a batch: ``index[i]`` is the dense group number of response i, numbered 0, 1, ... in
+    ascending order of the ids; ``count[g]`` the size of group g.
+
+    ``count`` has B entries, one per possible group: the groups after the last one have size 0. The number of
+    groups depends on the ids, and reading it back would be a host sync (it would size a tensor); B bounds it.
+    Per-group tensors are thus [B, ...] and are read through ``index`` (``x[groups.index]``); an empty group
+    never reaches a response."""
 
     index: torch.Tensor  # [B] int64
-    count: torch.Tensor  # [G] int64
+    count: torch.Tensor  # [B] int64, 0 after the last group
 
     @classmethod
     def from_ids(cls, group_ids: torch.Tensor) -> "Groups":
-        # The counts come with unique's own host sync (its output size depends on the data); a bincount of
-        # the index would be a second one.
-        _, index, count = torch.unique(group_ids, return_inverse=True, return_counts=True)
+        # torch.unique's numbering without its host sync: sort the ids, start a group where the id changes.
+        sorted_ids, order = torch.sort(group_ids, stable=True)
+        starts_group = torch.ones_like(sorted_ids, dtype=torch.bool)
+        starts_group[1:] = sorted_ids[1:] != sorted_ids[:-1]
+        index = torch.empty_like(order).index_copy_(0, order, torch.cumsum(starts_group, 0) - 1)
+        count = torch.zeros_like(order).index_add_(0, index, torch.ones_like(order))
         return cls(index=index, count=count)
 
     @property
@@ -58,16 +67,16 @@ class Groups:
 
     @property
     def starts(self) -> torch.Tensor:
-        """Position of each group's first row in the grouped order of ``sorted_order``, [G]."""
+        """Position of each group's first row in the grouped order of ``sorted_order``, [B] (B for an empty group)."""
         return torch.cumsum(self.count, 0) - self.count
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
-        """Per-group sum of ``values``, [B, ...] -> [G, ...]."""
+        """Per-group sum of ``values``, [B, ...] -> [B, ...] (0 for an empty group)."""
         out = torch.zeros((len(self.count),) + values.shape[1:], dtype=values.dtype, device=values.device)
         return out.index_add_(0, self.index, values)
 
     def max(self, values: torch.Tensor) -> torch.Tensor:
-        """Per-group maximum of ``values`` [B] -> [G]."""
+        """Per-group maximum of ``values`` [B] -> [B] (0 for an empty group)."""
         out = torch.zeros(len(self.count), dtype=values.dtype, device=values.device)
         return out.scatter_reduce_(0, self.index, values, "amax", include_self=False)
 
@@ -99,8 +108,9 @@ def _quantile_of_sorted(sorted_values: torch.Tensor, start: torch.Tensor, n: tor
     pos = k * (n - 1).to(sorted_values.dtype)
     lo = torch.floor(pos)
     hi = torch.ceil(pos)
-    x_lo = sorted_values[start + lo.long()]
-    x_hi = sorted_values[start + hi.long()]
+    last = len(sorted_values) - 1  # an empty run (start = B) reads a valid position, masked out by the caller
+    x_lo = sorted_values[(start + lo.long()).clamp(max=last)]
+    x_hi = sorted_values[(start + hi.long()).clamp(max=last)]
     return x_lo + (pos - lo) * (x_hi - x_lo)
 
 
@@ -422,16 +432,16 @@ def gpg(rewards, groups, config, *, metric=None, step=0):
 def grpo_passk(rewards, groups, config, *, metric=None, step=0):
     """Pass@k (§1.3): only the best response of a group is non-zero, r_max - r_second, divided by
     (std + eps) under norm_by_std. Tied maxima give every response 0. Groups of one are an error (verl)."""
-    if bool((groups.count < 2).any()):
+    if bool((groups.size < 2).any()):
         raise ValueError(f"grpo_passk compares each group's best response with its second best: every group needs "
-                         f"at least 2 responses, got a group of {int(groups.count.min())}")
+                         f"at least 2 responses, got a group of {int(groups.size.min())}")
     order = groups.sorted_order(rewards)
-    best_position = groups.starts + groups.count - 1
+    best_position = (groups.starts + groups.count - 1)[groups.index]  # of each response's group
     best_row = order[best_position]
     gap = rewards[best_row] - rewards[order[best_position - 1]]
     if config.norm_by_std:
-        gap = gap / (group_std(rewards, groups)[best_row] + config.effective_epsilon)
-    return torch.zeros_like(rewards).index_copy_(0, best_row, gap)
+        gap = gap / (group_std(rewards, groups) + config.effective_epsilon)
+    return torch.where(best_row == torch.arange(len(rewards), device=rewards.device), gap, torch.zeros_like(gap))
 
 
 def _scored_grpo(column: torch.Tensor, groups: Groups, config: AdvantageConfig) -> torch.Tensor:
@@ -705,7 +715,7 @@ def advantages_and_choice(rewards, group_ids, config=None, *, metric=None, mask=
     if mask is not None:
         if not torch.is_tensor(mask) or mask.dim() != 2 or mask.shape[0] != len(rewards):
             raise ValueError(f"mask must be [B={len(rewards)}, T], got {tuple(getattr(mask, 'shape', ()))}")
-        mask = check_mask(mask, tuple(mask.shape), rewards.device)
+        mask = check_mask(mask, tuple(mask.shape), rewards.device, checks)
 
     out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     rewards = _rewards_for(config, rewards.to(STATISTICS_DTYPE))

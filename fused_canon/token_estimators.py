@@ -73,13 +73,13 @@ def _token_baseline_advantages(returns, path_variance, mask, groups, members, co
     if config.otb_handle_zero_tail:
         lengths = mask.sum(-1)
         order = groups.sorted_order(lengths)
-        last = groups.starts + groups.count - 1
+        first = groups.starts[groups.index]  # of each response's group, in ``order``
+        last = first + groups.size - 1
         longest = lengths[order[last]]
-        second = lengths[order[torch.maximum(last - 1, groups.starts)]]
-        strictly_longest = (groups.count > 1) & (longest > second)
-        row_is_longest = strictly_longest[groups.index] & (lengths == longest[groups.index])
+        second = lengths[order[torch.maximum(last - 1, first)]]
+        row_is_longest = (groups.size > 1) & (longest > second) & (lengths == longest)
         positions = torch.arange(mask.shape[1], device=mask.device, dtype=lengths.dtype)
-        tail = row_is_longest[:, None] & (positions[None, :] >= second[groups.index][:, None])
+        tail = row_is_longest[:, None] & (positions[None, :] >= second[:, None])
         baseline = torch.where(tail, torch.zeros_like(baseline), baseline)
     return (returns - baseline) * mask
 

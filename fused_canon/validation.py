@@ -194,32 +194,38 @@ def check_logits_and_targets(logits: torch.Tensor, targets: torch.Tensor, mask: 
     return check_targets_in_range(targets, logits.shape[-1], mask, checks)
 
 
-def check_nonfinite_logits(checks: PendingChecks, logp_rows: torch.Tensor, row_index: torch.Tensor,
-                           shape: Sequence[int], lm_head: bool = False, reference: bool = False) -> None:
+def check_nonfinite_logits(checks: PendingChecks, logp_rows: torch.Tensor, row_index: Optional[torch.Tensor],
+                           shape: Sequence[int], lm_head: bool = False, reference: bool = False,
+                           valid: Optional[torch.Tensor] = None) -> None:
     """Non-finite logits in a valid row: every statistics backend reports such a row as a non-finite
-    log-prob (docs/design.md §4.1), so the check reads the [N] log-probs, never the logits again.
-    ``reference``: the reference model's LM head (ref_hidden, ref_weight, ref_bias)."""
+    log-prob (docs/design.md §4.1), so the check reads the log-probs, never the logits again: ``logp_rows``
+    [N] of the rows ``row_index`` lists, or (``row_index`` None) of every position of ``shape``, checked
+    where ``valid``. ``reference``: the reference model's LM head (ref_hidden, ref_weight, ref_bias)."""
     prefix = "ref_" if reference else ""
     name = f"{'reference ' if reference else ''}logits ({prefix}hidden @ {prefix}weight.T + {prefix}bias)" \
         if lm_head else "logits"
     checks.first_nonfinite(
-        name, logp_rows, None, shape, flat_index=row_index,
+        name, logp_rows, valid, shape, flat_index=row_index,
         what=("are not finite in a valid row (a NaN or +inf logit after the temperature, or -inf at the "
               "sampled token; -inf elsewhere is a masked vocabulary and allowed): first at"),
         hint=f"; look at that row's {prefix}hidden state and at the {'reference ' if reference else ''}LM-head "
              f"weight and bias" if lm_head else "")
 
 
-def check_mask(mask: torch.Tensor, shape: tuple, device: torch.device) -> torch.Tensor:
-    """mask [B, T] bool or 0/1 -> bool."""
+def check_mask(mask: torch.Tensor, shape: tuple, device: torch.device, checks: PendingChecks) -> torch.Tensor:
+    """mask [B, T] bool, or 0/1 of another dtype (verl's and TRL's integer masks) -> bool; a value other
+    than 0 and 1 fails in ``checks`` (read with the metrics: no host read here)."""
     check_tensor("mask", mask, device=device)
     if _shape(mask) != tuple(shape):
         raise ValueError(f"mask shape {_shape(mask)} must be [B, T] = {tuple(shape)}")
-    if mask.dtype != torch.bool:
-        if not ((mask == 0) | (mask == 1)).all():
-            raise ValueError("mask must be bool or contain only 0 and 1")
-        mask = mask != 0
-    return mask
+    if mask.dtype == torch.bool:
+        return mask
+    other = (mask != 0) & (mask != 1)
+    if mask.numel() > 0:
+        checks.add(torch.where(other.any(), other.reshape(-1).to(torch.uint8).argmax(), -1),
+                   lambda flat: f"mask must be bool or contain only 0 and 1; found another value at "
+                                f"{position_text(flat, shape)}")
+    return mask != 0
 
 
 def check_per_token(name: str, x: Optional[torch.Tensor], shape: tuple, device: torch.device,

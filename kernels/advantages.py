@@ -69,7 +69,7 @@ def _quantile_of_ranked(values, rank, where, n, k):
 def _group_advantages_kernel(
     rewards_ptr, key_ptr,  # [B] float: rewards, CANON sort key (metric)
     order_ptr,  # [B] int64: row ids grouped by group, batch order inside a group
-    group_start_ptr, group_size_ptr,  # [G] int64
+    group_start_ptr, group_size_ptr,  # [B] int64, size 0 after the last group
     out_ptr,  # [B] fp64 advantages
     quantile_k, epsilon, token_budget, alpha, beta, inter_weight,
     ESTIMATOR: tl.constexpr,
@@ -82,6 +82,8 @@ def _group_advantages_kernel(
     group = tl.program_id(0)
     start = tl.load(group_start_ptr + group)
     n = tl.load(group_size_ptr + group).to(tl.int32)
+    if n == 0:  # one program per possible group (estimators.Groups): the groups after the last are empty
+        return
     i = tl.arange(0, BLOCK_N)
     live = i < n
     rows = tl.load(order_ptr + start + i, mask=live, other=0)
@@ -202,7 +204,8 @@ def triton_group_advantages(rewards: torch.Tensor, key: torch.Tensor, order: tor
 
     rewards [B] fp32 or fp64; key [B] fp32 or fp64: CANON's per-response sort key (read only for CANON);
     order [B] int64: the row ids grouped by group, batch order inside a group; group_start / group_size [G]
-    int64: each group's first position in ``order`` and its size; largest_group >= max(group_size), an
+    int64: each group's first position in ``order`` and its size (G programs; a group of size 0 returns at
+    once, so G may be any bound of the number of groups, such as B); largest_group >= max(group_size), an
     upper bound such as the batch size (sizes the block; at most MAX_GROUP_SIZE: the caller need not
     read the group sizes back to the host). The scalars are the estimators' (docs/algorithms.md §1-3):
     ``quantile`` the QAE baseline at ``quantile_k``; ``inter_weight`` CANON's inter-group weight at

@@ -599,29 +599,51 @@ class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
         self.sites.append((what, frames[-1].filename.rsplit("/", 2)[-2:], frames[-1].line))
 
 
+# The host reads of a loss call: on the fused Triton path (advantages known before the pass) only the one
+# batched read; the torch backend also lists the valid rows (mask.nonzero(), its grid).
+VALID_ROWS = {"triton": [], "torch": ["aten.nonzero.default"]}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_value_checks_share_the_one_batched_read(backend, monkeypatch):
-    """With advantages, old/ref log-probs and global counts given, a loss call reads the device twice:
-    mask.nonzero() (the valid rows) and the one .tolist() of the metrics with every pending value check
-    (target range, finite logits, advantages, log-probs, normalizers). The launchers do not re-check the
-    row index the API built."""
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float32], ids=["bool", "int64", "float32"])
+def test_value_checks_share_the_one_batched_read(backend, mask_dtype, monkeypatch):
+    """With advantages, old/ref log-probs and global counts given, a loss call reads the device once: the
+    .tolist() of the metrics with every pending value check (target range, finite logits, advantages,
+    log-probs, normalizers, a 0/1 mask of another dtype), after the valid rows on the torch backend. The
+    launchers do not re-check what the API built."""
     logits, targets, mask = batch()
     mask[1, 2] = False
     reads = HostReads()
     tolist = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda self: (reads.record("tolist"), tolist(self))[1])
     with reads:
-        fc.policy_loss(logits, targets, mask, advantages=torch.tensor([1.0, -1.0]), old_logprobs=-torch.ones(2, 3),
-                       ref_logprobs=-torch.ones(2, 3), config=fc.LossConfig(kl_coef=0.1), global_num_tokens=5,
-                       backend=backend)
-    assert [what for what, _, _ in reads.sites] == ["aten.nonzero.default", "tolist"], reads.sites
+        out = fc.policy_loss(logits, targets, mask.to(mask_dtype), advantages=torch.tensor([1.0, -1.0]),
+                             old_logprobs=-torch.ones(2, 3), ref_logprobs=-torch.ones(2, 3),
+                             config=fc.LossConfig(kl_coef=0.1), global_num_tokens=5, backend=backend)
+    assert [what for what, _, _ in reads.sites] == VALID_ROWS[backend] + ["tolist"], reads.sites
     assert not any(site[0] == "kernels" for _, site, _ in reads.sites), reads.sites
+    assert out.backends["token_stats"].startswith(backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_mask_value_other_than_0_and_1_raises_at_the_read(backend):
+    logits, targets, mask = batch()
+    bad = mask.float()
+    bad[1, 2] = 0.5
+    with pytest.raises(ValueError, match=r"mask must be bool or contain only 0 and 1; found another value at "
+                                         r"\(batch, position\) = \(1, 2\)"):
+        fc.policy_loss(logits, targets, bad, advantages=torch.tensor([1.0, -1.0]), backend=backend)
+    out = fc.policy_loss(logits, targets, bad, advantages=torch.tensor([1.0, -1.0]), backend=backend,
+                         tensor_metrics=True)
+    with pytest.raises(ValueError, match="mask must be bool or contain only 0 and 1"):
+        out.check()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tensor_metrics_leave_the_checks_to_the_callers_read(backend, monkeypatch):
-    """tensor_metrics=True: the call reads only the valid rows (mask.nonzero()); the metrics are 0-d tensors,
-    and a bad value (here an out-of-range target) raises its usual message at read_metrics() or check()."""
+    """tensor_metrics=True: the call reads nothing back on the fused path, only the valid rows (mask.nonzero())
+    on the torch backend; the metrics are 0-d tensors, and a bad value (here an out-of-range target) raises
+    its usual message at read_metrics() or check()."""
     logits, targets, mask = batch()
     targets[0, 1] = 50
     reads = HostReads()
@@ -630,7 +652,7 @@ def test_tensor_metrics_leave_the_checks_to_the_callers_read(backend, monkeypatc
     with reads:
         out = fc.policy_loss(logits, targets, mask, advantages=torch.tensor([1.0, -1.0]), backend=backend,
                              tensor_metrics=True)
-    assert [what for what, _, _ in reads.sites] == ["aten.nonzero.default"], reads.sites
+    assert [what for what, _, _ in reads.sites] == VALID_ROWS[backend], reads.sites
     assert all(torch.is_tensor(v) and v.dim() == 0 for v in out.metrics.values())
     message = r"targets must lie in \[0, V=5\) at valid positions; found ids in \[\d+, 50\]"
     with pytest.raises(ValueError, match=message):
