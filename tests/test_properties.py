@@ -33,6 +33,19 @@ def grouped_batches(draw, min_groups=1, max_groups=4, min_size=1, max_size=6, ev
     return (torch.tensor(rewards, dtype=F64)[order], torch.tensor(group_ids)[order], torch.tensor(metric))
 
 
+@SETTINGS
+@given(ids=st.lists(st.integers(-2**40, 2**40) | st.integers(-3, 3), max_size=24),
+       dtype=st.sampled_from([torch.int64, torch.int32]))
+def test_groups_number_the_ids_as_unique_does(ids, dtype):
+    """Groups.from_ids (a sort, no host sync) gives torch.unique's numbering and counts; the B - G entries
+    after the last group are empty."""
+    group_ids = torch.tensor(ids, dtype=torch.int64).clamp(torch.iinfo(dtype).min, torch.iinfo(dtype).max).to(dtype)
+    groups = fc.estimators.Groups.from_ids(group_ids)
+    _, index, count = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    assert torch.equal(groups.index, index)
+    assert torch.equal(groups.count, torch.cat([count, torch.zeros(len(ids) - len(count), dtype=torch.int64)]))
+
+
 ESTIMATOR_CONFIGS = [
     dict(estimator="grpo"), dict(estimator="dr_grpo"), dict(estimator="rloo"),
     dict(estimator="grpo", baseline="quantile", quantile_k=0.3),
