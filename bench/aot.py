@@ -12,6 +12,8 @@ Registry convention (one per module in ``kernels/``)::
   ``options``: ``triton.compile`` options such as ``{"num_warps": 8, "num_stages": 2}``.
 * Pointer arguments are compiled with a 16-byte divisibility hint (what the JIT infers for
   torch allocations); list extra ``i32`` arguments to hint in ``options["div16"]``.
+  ``options["archs"]`` (compute capabilities such as ``[90]``) limits an entry to those targets: a
+  launcher whose tiles depend on the architecture registers one entry per choice.
 * Every module-level ``@triton.jit`` function whose name ends in ``_kernel`` is a launchable
   kernel and must appear in its module's registry (helpers called from kernels must not end
   in ``_kernel``).
@@ -67,6 +69,9 @@ _COMPILE_SCRIPT = textwrap.dedent(r"""
             kernel, signature, constexprs = entry[:3]
             options = dict(entry[3]) if len(entry) > 3 else {}
             div16 = set(options.pop("div16", ()))
+            archs = options.pop("archs", None)
+            if archs is not None and cc not in archs:
+                continue
             label = f"{info.name}.{kernel.__name__}[{i}]"
             attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]]
                      for a, ty in signature.items() if ty.startswith("*") or a in div16}

@@ -51,7 +51,8 @@ gradient counts as 0), processes the vocabulary in chunks of ``CHUNK_V`` columns
    bf16 / fp16 tensor-core operands, 32 for fp32 operands):
    ``grad_hidden[rows] (+)= dlogits @ W[chunk]``, fp32 accumulation; between chunks the sum lives in
    an fp32 ``[N, H]`` buffer, and the last chunk writes the ``row_index`` rows of ``grad_hidden``.
-3. ``_linear_token_stats_dweight_kernel``, grid ``(cdiv(H, G), cdiv(CHUNK_V, G))``, every valid row
+3. ``_linear_token_stats_dweight_kernel``, grid ``(cdiv(H, W), cdiv(CHUNK_V, G))`` with ``G x W``
+   output tiles (``W = dweight_block_h``: 256 for bf16 operands on sm_90+, else ``G``), every valid row
    in ``gemm_block_k`` steps: ``grad_weight[chunk] = dlogits.T @ hidden[rows]`` and
    ``grad_bias[chunk] = dlogits.sum(0)``, complete in one program's fp32 registers and written once,
    in the weight dtype (no grad_weight accumulator).
@@ -412,7 +413,16 @@ def _linear_token_stats_dhidden_kernel(
     if SCALED_FP16:
         row_scale = tl.load(row_scale_ptr + slots, mask=row_ok, other=1.0)
 
-    acc = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+    out_mask = row_ok[:, None] & h_ok[None, :]
+    partial_ptrs = partial_ptr + slots.to(tl.int64)[:, None] * hidden_size + hs[None, :]
+    # The previous chunks' sum starts the accumulator (one [BLOCK_N, BLOCK_H] fp32 tile in registers, not two:
+    # a 128 x 256 tile fits 8 warps only so), in the scaled units of this chunk's tiles.
+    if ACCUMULATE:
+        acc = tl.load(partial_ptrs, mask=out_mask, other=0.0)
+        if SCALED_FP16:
+            acc = acc * row_scale[:, None]  # exact: a power of two
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
     for k_start in range(0, chunk_width, BLOCK_V):
         local_cols = k_start + tl.arange(0, BLOCK_V)
         col_ok = local_cols < chunk_width
@@ -430,10 +440,6 @@ def _linear_token_stats_dhidden_kernel(
     if SCALED_FP16:
         acc = acc / row_scale[:, None]  # exact: a power of two
 
-    out_mask = row_ok[:, None] & h_ok[None, :]
-    partial_ptrs = partial_ptr + slots.to(tl.int64)[:, None] * hidden_size + hs[None, :]
-    if ACCUMULATE:
-        acc += tl.load(partial_ptrs, mask=out_mask, other=0.0)
     if FINAL:
         rows = tl.load(row_index_ptr + slots, mask=row_ok, other=0).to(tl.int64)
         out_ptrs = grad_hidden_ptr + rows[:, None] * stride_grad_hidden_row + hs[None, :]
@@ -521,11 +527,16 @@ class LinearTokenStatsBlocks:
       rather than folding it into running statistics, so 128 rows fit its registers (sm_90, Triton
       3.9: 225 registers, 0 spills at 128 x 128 x 32) where the forward spills (255 registers and
       100 B of spill stores); with fp32 operands it spills too (132 B) and keeps ``block_n``.
-    * ``gemm_block_out, gemm_block_k``: the two backward GEMMs write square
-      ``gemm_block_out``-sized output tiles (grad_hidden: rows x H, grad_weight: V x H) and step
-      through their reduction (V, resp. the chunk's rows) ``gemm_block_k`` at a time. Large
-      output tiles keep their operands' re-reads (and so memory traffic) low. ``gemm_block_k``
-      None picks it per ``tl.dot`` operand dtype (``_gemm_tiles``).
+    * ``gemm_block_out, gemm_block_k``: the two backward GEMMs write ``gemm_block_out``-sized output
+      tiles (grad_hidden: rows x H, square; grad_weight: V x H, ``gemm_block_out x dweight_block_h``) and step through their reduction (V, resp. the chunk's rows)
+      ``gemm_block_k`` at a time. Large output tiles keep their operands' re-reads (and so memory
+      traffic) low. ``gemm_block_k`` None picks it per ``tl.dot`` operand dtype (``_gemm_tiles``).
+    * ``dweight_block_h``: the H width of grad_weight's tiles; None picks ``WIDE_DWEIGHT_BLOCK_H`` (256) for
+      bf16 operands on sm_90 and later, else ``gemm_block_out`` (``_gemm_tiles``). At 128 x 256 the one fp32
+      accumulator lives in wgmma's registers and fits 8 warps (ptxas -v, sm_90, Triton 3.6 and 3.9: 231-245
+      registers, 0 spills); on sm_80 (mma.sync) it spills (Triton 3.6: 6 KB), and fp16 operands, scaled
+      in registers before each tl.dot, spill 16 B there on 3.9. grad_hidden keeps 128 x 128: at 128 x 256
+      it spills 64-188 B on sm_90.
     * ``backward_chunk_vocab``: the number of vocabulary columns whose ``dlogits`` (of every valid
       row) live in the workspace at once, rounded down to whole tiles (at least one); None sizes it
       to ``DEFAULT_WORKSPACE_BYTES``.
@@ -542,15 +553,17 @@ class LinearTokenStatsBlocks:
     dlogits_block_n: int = 128
     gemm_block_out: int = 128
     gemm_block_k: int | None = None
+    dweight_block_h: int | None = None
     num_warps: int = 8
     num_stages: int = 3
     backward_chunk_vocab: int | None = None
     vocab_splits: int | None = None
 
     def __post_init__(self):
-        for name in ("block_n", "block_v", "block_h", "dlogits_block_n", "gemm_block_out", "gemm_block_k"):
+        for name in ("block_n", "block_v", "block_h", "dlogits_block_n", "gemm_block_out", "gemm_block_k",
+                     "dweight_block_h"):
             value = getattr(self, name)
-            if value is None and name == "gemm_block_k":
+            if value is None and name in ("gemm_block_k", "dweight_block_h"):
                 continue
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two, got {value}")
@@ -574,15 +587,32 @@ def _dlogits_rows(blocks: LinearTokenStatsBlocks, dot_operand_dtype: torch.dtype
     return blocks.block_n if dot_operand_dtype == torch.float32 else blocks.dlogits_block_n
 
 
-def _gemm_tiles(blocks: LinearTokenStatsBlocks, dot_operand_dtype: torch.dtype) -> tuple[int, int, dict]:
-    """``(block_out, block_k, launch options)`` of the two backward GEMMs for this tl.dot operand
-    dtype. The default reduction step is 64 on tensor cores (bf16 / fp16 operands) and 32 for
+WIDE_DWEIGHT_BLOCK_H = 256
+
+
+def _compute_capability(device: torch.device) -> int | None:
+    """10 * major + minor of a CUDA device; None for the interpreter."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def _gemm_tiles(blocks: LinearTokenStatsBlocks, dot_operand_dtype: torch.dtype,
+                compute_capability: int | None) -> tuple[int, int, int, dict]:
+    """``(block_out, dweight_block_h, block_k, launch options)`` of the two backward GEMMs for this tl.dot
+    operand dtype on a GPU of this compute capability (None: the interpreter). The default reduction step is 64 on tensor cores (bf16 / fp16 operands) and 32 for
     fp32 operands: at 64 their FMA path spills up to 16.5 KB per thread on Triton 3.8 and 3.9
-    (ptxas -v, sm_80; sm_90 too on 3.9; 3.6 and 3.7 fit); at 32 every supported version fits."""
+    (ptxas -v, sm_80; sm_90 too on 3.9; 3.6 and 3.7 fit); at 32 every supported version fits. The wide
+    grad_weight tile is for bf16 operands on sm_90+ (``LinearTokenStatsBlocks.dweight_block_h``)."""
     block_k = blocks.gemm_block_k
     if block_k is None:
         block_k = 32 if dot_operand_dtype == torch.float32 else 64
-    return blocks.gemm_block_out, block_k, _launch_options(blocks, dot_operand_dtype)
+    block_h = blocks.dweight_block_h
+    if block_h is None:
+        wgmma = compute_capability is not None and compute_capability >= 90
+        block_h = WIDE_DWEIGHT_BLOCK_H if wgmma and dot_operand_dtype == torch.bfloat16 else blocks.gemm_block_out
+    return blocks.gemm_block_out, block_h, block_k, _launch_options(blocks, dot_operand_dtype)
 
 
 # The forward's programs at the default tiles use ~150 registers x 256 threads: one per SM. The vocabulary
@@ -791,7 +821,8 @@ def _backward(hidden, weight, bias, targets, row_index, logp, entropy, lse, zbar
 
     upcast = _runs_in_interpreter(hidden) and hidden.dtype == torch.bfloat16
     workspace_dtype = _workspace_dtype(weight.dtype)
-    out_block, k_block, gemm_options = _gemm_tiles(blocks, torch.float32 if upcast else hidden.dtype)
+    out_block, dweight_h, k_block, gemm_options = _gemm_tiles(blocks, torch.float32 if upcast else hidden.dtype,
+                                                              _compute_capability(device))
     chunk_vocab = _chunk_vocab(n_valid, vocab_size, workspace_dtype, blocks, max(blocks.block_v, out_block, k_block))
     num_chunks = triton.cdiv(vocab_size, chunk_vocab)
     dlogits = torch.empty((n_valid, chunk_vocab), dtype=workspace_dtype, device=device)
@@ -815,7 +846,7 @@ def _backward(hidden, weight, bias, targets, row_index, logp, entropy, lse, zbar
     dlogits_args = dict(BLOCK_N=dlogits_rows, BLOCK_V=blocks.block_v, BLOCK_H=blocks.block_h,
                         **_launch_options(blocks, tile_dot_dtype))
     dhidden_args = dict(BLOCK_N=out_block, BLOCK_V=k_block, BLOCK_H=out_block, **gemm_options)
-    dweight_args = dict(BLOCK_N=k_block, BLOCK_V=out_block, BLOCK_H=out_block, **gemm_options)
+    dweight_args = dict(BLOCK_N=k_block, BLOCK_V=out_block, BLOCK_H=dweight_h, **gemm_options)
     for chunk in range(num_chunks):
         vocab_start = chunk * chunk_vocab
         width = min(chunk_vocab, vocab_size - vocab_start)
@@ -838,7 +869,7 @@ def _backward(hidden, weight, bias, targets, row_index, logp, entropy, lse, zbar
                 SCALED_FP16=scaled_fp16, **dhidden_args,
             )
         if need_weight_kernel:
-            grid = (triton.cdiv(hidden_size, out_block), triton.cdiv(width, out_block))
+            grid = (triton.cdiv(hidden_size, dweight_h), triton.cdiv(width, out_block))
             _linear_token_stats_dweight_kernel[grid](
                 dlogits, hidden, row_index, grad_weight, grad_bias, weight_operand_scale,
                 n_valid, vocab_start, width, hidden_size, dlogits.stride(0), hidden.stride(0), grad_weight.stride(0),
@@ -919,8 +950,9 @@ def triton_linear_token_stats(hidden, weight, targets, row_index, bias=None, tem
 # Entries are (kernel, signature, constexprs, options): the signature names every argument in
 # order with its Triton type ("constexpr" for compile-time ones); options are triton.compile
 # options plus "div16", the integer arguments to compile with a divisible-by-16 hint (what the
-# JIT infers at H = 4096, V = 151,936). One entry per kernel and input dtype, with the tiles and
-# launch options _launch_options() / _gemm_tiles() pick for it.
+# JIT infers at H = 4096, V = 151,936), and "archs" where a build is for some architectures only. One
+# entry per kernel and input dtype (grad_weight: per architecture too), with the tiles and launch
+# options _launch_options() / _gemm_tiles() pick for it.
 
 _AOT_BLOCKS = LinearTokenStatsBlocks()
 _AOT_SIZES = {"n_valid": "i32", "vocab_size": "i32", "hidden_size": "i32", "chunk_vocab_start": "i32",
@@ -957,9 +989,17 @@ def _aot_entries(dtype: torch.dtype):
     b = _AOT_BLOCKS
     tile_blocks = (b.block_n, b.block_v, b.block_h)  # (BLOCK_N, BLOCK_V, BLOCK_H) as _backward passes them
     tile_options = _launch_options(b, dtype)
-    out_block, k_block, gemm_options = _gemm_tiles(b, gemm_dot)
+    out_block, _, k_block, gemm_options = _gemm_tiles(b, gemm_dot, None)
     dhidden_blocks = (out_block, k_block, out_block)
-    dweight_blocks = (k_block, out_block, out_block)
+
+    def dweight_entries():  # its tile depends on the architecture (_gemm_tiles): one build for each
+        for cc in (80, 90):
+            dweight_h = _gemm_tiles(b, gemm_dot, cc)[1]
+            kernel, signature, constexprs, options = _aot_entry(
+                _linear_token_stats_dweight_kernel, gemm_pointers, gemm_options, (k_block, out_block, dweight_h),
+                COMPUTE_BIAS=True, UPCAST_DOT_INPUTS=False, SCALED_FP16=workspace != dtype)
+            yield kernel, signature, constexprs, {**options, "archs": [cc]}
+
     return [
         _aot_entry(_linear_token_stats_fwd_kernel, stats, tile_options, tile_blocks, HAS_BIAS=True,
                    UPCAST_DOT_INPUTS=False, EXTRA_STATS=False, SPLIT=False),
@@ -969,8 +1009,7 @@ def _aot_entries(dtype: torch.dtype):
                    (_dlogits_rows(b, dtype), b.block_v, b.block_h), HAS_BIAS=True, UPCAST_DOT_INPUTS=False),
         _aot_entry(_linear_token_stats_dhidden_kernel, gemm_pointers, gemm_options, dhidden_blocks, ACCUMULATE=True,
                    FINAL=True, UPCAST_DOT_INPUTS=False, SCALED_FP16=workspace != dtype),
-        _aot_entry(_linear_token_stats_dweight_kernel, gemm_pointers, gemm_options, dweight_blocks,
-                   COMPUTE_BIAS=True, UPCAST_DOT_INPUTS=False, SCALED_FP16=workspace != dtype),
+        *dweight_entries(),
     ]
 
 

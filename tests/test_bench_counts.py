@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_canon.bench import counting
+from fused_canon.bench import count, counting
 from fused_canon.bench.count import cases, count_case, default_shape, format_count_table, run_count
 from fused_canon.bench.counting import InterpreterTraffic, TorchOps, check_interpreter_hooks, peak_extra_memory
 from fused_canon.bench.peers import CCE, LIGER, VERL, Peer
@@ -192,19 +192,43 @@ def test_lm_head_path_flops_are_its_gemms():
 
 
 def test_lm_head_tiles_per_requested_byte():
-    """fp16 at a shape that fills every tile (H = 128, so the dlogits tile's fp32 workspace write is a third of
-    its bytes): every GEMM on fp16 operands, the dlogits kernel on 128 x 128 tiles (30.8 FLOP per requested
-    byte; 64-row tiles request 25.9), the forward's 64 x 128 tiles 42.2, the backward GEMMs' 128 x 128 tiles
-    above 36."""
-    shape = default_shape(rows=256, vocab=512, hidden=128)
+    """fp16 at a shape that fills every tile (H = 256): every GEMM on fp16 operands, the dlogits kernel on
+    128 x 128 tiles (41.6 FLOP per requested byte with its fp32 workspace write), the forward's 64 x 128 tiles
+    42.4, grad_hidden's 128 x 128 tiles 39.2, grad_weight's 36.2."""
+    shape = default_shape(rows=256, vocab=512, hidden=256)
     counts = count_case(_case(LINEAR_POLICY_LOSS_FWD_BWD, "fused_canon", "grpo"), shape, torch.float16)
     gemms = {k["kernel"]: k for k in counts["kernels"] if k["flops"]}
     assert all(key.endswith("fp16xfp16") for k in gemms.values() for key in k["dots"]), gemms
     assert list(gemms["_linear_token_stats_dlogits_kernel"]["dots"]) == ["[128x32]@[32x128] fp16xfp16"]
-    minima = {"_linear_token_stats_fwd_kernel": 42.0, "_linear_token_stats_dlogits_kernel": 30.0,
-              "_linear_token_stats_dhidden_kernel": 36.0, "_linear_token_stats_dweight_kernel": 36.0}
+    minima = {"_linear_token_stats_fwd_kernel": 42.0, "_linear_token_stats_dlogits_kernel": 41.0,
+              "_linear_token_stats_dhidden_kernel": 39.0, "_linear_token_stats_dweight_kernel": 36.0}
     assert {name: gemms[name]["flop_per_byte"] >= low for name, low in minima.items()} == dict.fromkeys(minima, True), \
         {name: k["flop_per_byte"] for name, k in gemms.items()}
+
+
+def test_wide_grad_weight_tile_per_requested_byte():
+    """grad_weight's 128 x 256 tile (what bf16 runs on sm_90, kernels/linear_token_stats.py; the interpreter
+    computes bf16 dots in fp32, so fp16 operands stand in): 50.9 FLOP per requested byte against 36.2 for
+    128 x 128 (each K step requests the fp32 workspace's 128 columns and 256 fp16 hidden columns; with bf16's
+    bf16 workspace, 2 BV BH / ((BV + BH) 2 bytes) = 85 against 64), and the same gradient."""
+    from fused_canon.kernels.linear_token_stats import LinearTokenStatsBlocks, triton_linear_token_stats
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(256, 256, generator=g).half().requires_grad_()
+    weight = (torch.randn(512, 256, generator=g) / 16).half().requires_grad_()
+    targets, rows = torch.randint(0, 512, (256,), generator=g), torch.arange(256)
+    grads, per_byte = {}, {}
+    for width in (128, 256):
+        weight.grad = None
+        with InterpreterTraffic({"hidden": hidden, "weight": weight}) as traffic:
+            logp, entropy = triton_linear_token_stats(hidden, weight, targets, rows, block_sizes=LinearTokenStatsBlocks(
+                dweight_block_h=width))
+            (logp.sum() + entropy.sum()).backward()
+        kernel = next(k for k in count._kernels(traffic) if k["kernel"] == "_linear_token_stats_dweight_kernel")
+        assert list(kernel["dots"]) == [f"[128x64]@[64x{width}] fp16xfp16"]
+        grads[width], per_byte[width] = weight.grad.clone(), kernel["flop_per_byte"]
+    assert per_byte[128] == pytest.approx(36.2, abs=0.1) and per_byte[256] == pytest.approx(50.9, abs=0.1), per_byte
+    torch.testing.assert_close(grads[256], grads[128], rtol=0, atol=0)
 
 
 def test_count_document_matches_the_schema_and_prints():

@@ -55,7 +55,9 @@ def call_kernel(hidden, weight, targets, row_index, bias=None, temperature=1.0, 
 
 
 # Small tiles (>= 16, as tl.dot needs on a GPU); the GPU defaults run in test_default_blocks.
-SMALL_BLOCKS = dict(block_n=16, block_v=64, block_h=32, dlogits_block_n=16, gemm_block_out=32, gemm_block_k=32)
+# dweight_block_h 64 != gemm_block_out 32: grad_weight's tiles are not square for bf16, as on a GPU.
+SMALL_BLOCKS = dict(block_n=16, block_v=64, block_h=32, dlogits_block_n=16, gemm_block_out=32, gemm_block_k=32,
+                    dweight_block_h=64)
 FORWARD_TOL = 1e-4
 GRAD_TOL = {torch.float32: 1e-4, torch.float16: 2e-3}
 FP16_OPERAND_ROUNDING = 2.0**-11  # half an ulp of fp16 relative to the value (normal numbers)
