@@ -139,15 +139,13 @@ def token_signals(logits: torch.Tensor, targets: torch.Tensor, names, temperatur
     stats = select(TOKEN_STATS, backend, logits)
     logits3d = logits.reshape(1, targets.numel(), logits.shape[-1]) if logits.dim() != 3 else logits
     targets2d = safe_targets.reshape(logits3d.shape[:2])
-    row_index = (torch.arange(targets2d.numel(), device=logits.device) if mask is None
-                 else valid_row_index(mask.reshape(targets2d.shape)))
-    outputs = stats.fn(logits3d, targets2d, row_index, temperature,
-                       extra_stats=any(name in EXTRA_SIGNALS for name in names))
-    check_nonfinite_logits(checks, outputs[0], row_index, targets.shape)
+    valid = None if mask is None else mask.reshape(-1)
+    outputs = stats.fn(logits3d, targets2d, torch.arange(targets2d.numel(), device=logits.device), temperature,
+                       extra_stats=any(name in EXTRA_SIGNALS for name in names), row_valid=valid)
+    check_nonfinite_logits(checks, outputs[0], None, targets.shape, valid=valid)
     checks.flush()
     by_name = dict(zip(SIGNALS, outputs))
-    return {name: scatter_rows(by_name[name].detach(), row_index, targets2d.shape).reshape(targets.shape)
-            for name in names}
+    return {name: by_name[name].detach().reshape(targets.shape) for name in names}
 
 
 def _needs_extra_signals(config: LossConfig, rewards, advantage_inputs) -> bool:
@@ -160,9 +158,9 @@ def _needs_extra_signals(config: LossConfig, rewards, advantage_inputs) -> bool:
                for name in EXTRA_SIGNALS)
 
 
-def _pass_signals(outputs, row_index, shape) -> Dict[str, torch.Tensor]:
-    """The EXTRA_SIGNALS a statistics pass emitted (outputs after logp and entropy), as [B, T]."""
-    return {name: scatter_rows(x, row_index, shape) for name, x in zip(EXTRA_SIGNALS, outputs[2:])}
+def _pass_signals(grid_outputs) -> Dict[str, torch.Tensor]:
+    """The EXTRA_SIGNALS a statistics pass emitted (its outputs after logp and entropy, as [B, T])."""
+    return dict(zip(EXTRA_SIGNALS, grid_outputs[2:]))
 
 
 def _check_normalizer(name: str, value, unit: str) -> Optional[float]:
@@ -505,18 +503,20 @@ def policy_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                                       global_num_seqs=global_num_seqs, inplace_backward=inplace_backward,
                                       advantage_inputs=advantage_inputs, checks=checks,
                                       tensor_metrics=tensor_metrics)
-    row_index = valid_row_index(mask)  # the statistics kernels' grid: the valid rows only (one host sync)
-    outputs = stats.fn(logits, targets, row_index, config.temperature, inplace_backward=inplace_backward,
-                       extra_stats=_needs_extra_signals(config, rewards, advantage_inputs))
-    check_nonfinite_logits(checks, outputs[0].detach(), row_index, mask.shape)
-    return _loss_from_logprobs(scatter_rows(outputs[0], row_index, mask.shape),
-                               scatter_rows(outputs[1], row_index, mask.shape), mask,
+    # Every position, the padded ones skipped (row_valid): no list of the valid rows, whose length would be a
+    # host sync (the torch backend makes that list itself, to size its chunks).
+    outputs = stats.fn(logits, targets, torch.arange(mask.numel(), device=mask.device), config.temperature,
+                       inplace_backward=inplace_backward,
+                       extra_stats=_needs_extra_signals(config, rewards, advantage_inputs), row_valid=mask.reshape(-1))
+    grid = [x.reshape(mask.shape) for x in outputs]
+    check_nonfinite_logits(checks, grid[0].detach(), None, mask.shape, valid=mask)
+    return _loss_from_logprobs(grid[0], grid[1], mask,
                                backend=backend, rewards=rewards, group_ids=group_ids, advantages=advantages,
                                old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
                                rollout_is_weights=rollout_is_weights, metric=metric, config=config,
                                step=step, global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
                                backends=backends, checks=checks, advantage_inputs=advantage_inputs,
-                               pass_inputs=dict(token_ids=targets, **_pass_signals(outputs, row_index, mask.shape)),
+                               pass_inputs=dict(token_ids=targets, **_pass_signals(grid)),
                                reduce=reduce, tensor_metrics=tensor_metrics)
 
 
@@ -580,6 +580,7 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
                              "[V, H_ref] (`ref_bias` [V] optional)")
         _check_lm_head("ref_", ref_hidden, ref_weight, ref_bias, hidden.shape[:2], vocab=weight.shape[0])
     stats = select(LINEAR_TOKEN_STATS, backend, hidden)
+    # The valid rows listed (one host sync): the LM head's GEMM tiles and backward workspace are sized by them.
     row_index = valid_row_index(mask)
     outputs = stats.fn(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), row_index,
                        bias=bias, temperature=config.temperature,
@@ -589,14 +590,14 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     if uses_ref_head:
         ref_logprobs, backends[REF_LINEAR_TOKEN_STATS] = _reference_logprobs(
             ref_hidden, ref_weight, ref_bias, targets, row_index, mask.shape, config, backend, checks)
-    return _loss_from_logprobs(scatter_rows(outputs[0], row_index, mask.shape),
-                               scatter_rows(outputs[1], row_index, mask.shape), mask,
+    grid = [scatter_rows(x, row_index, mask.shape) for x in outputs]
+    return _loss_from_logprobs(grid[0], grid[1], mask,
                                backend=backend, rewards=rewards, group_ids=group_ids, advantages=advantages,
                                old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
                                rollout_is_weights=rollout_is_weights, metric=metric, config=config,
                                step=step, global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
                                backends=backends, checks=checks, advantage_inputs=advantage_inputs,
-                               pass_inputs=dict(token_ids=targets, **_pass_signals(outputs, row_index, mask.shape)),
+                               pass_inputs=dict(token_ids=targets, **_pass_signals(grid)),
                                reduce=reduce, tensor_metrics=tensor_metrics)
 
 

@@ -8,8 +8,9 @@ Entries equal to -inf (a masked vocabulary) have p = 0 and contribute exactly 0 
 gradient: the reference never forms 0 * inf.
 
 The two statistics ops of backends.py have the signatures of their Triton kernels, over a flat list
-of valid rows, both outputs differentiable:
-    torch_token_stats(logits [B, T, V], targets [B, T], row_index [N], temperature) -> (logp [N], entropy [N])
+of rows, both outputs differentiable:
+    torch_token_stats(logits [B, T, V], targets [B, T], row_index [N], temperature, row_valid=None [N])
+        -> (logp [N], entropy [N])
     torch_linear_token_stats(hidden [R, H], weight [V, H], targets [R], row_index [N], bias, temperature)
 The objective (losses.py) only sees those two vectors, so autograd hands a backend exactly c_logp and c_ent.
 The torch statistics run chunk by chunk over the rows (docs/design.md §4.4): the forward saves only
@@ -147,10 +148,18 @@ class TorchTokenStats(torch.autograd.Function):
 
 
 def torch_token_stats(logits: torch.Tensor, targets: torch.Tensor, row_index: torch.Tensor, temperature: float = 1.0,
-                      *, inplace_backward: bool = False, extra_stats: bool = False) -> Tuple[torch.Tensor, ...]:
+                      *, inplace_backward: bool = False, extra_stats: bool = False,
+                      row_valid: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
     """Statistics of rows ``row_index`` (flat b*T + t) of ``logits [B, T, V]`` at ``targets [B, T]``:
     ``(logp, entropy)``, then the ``EXTRA_SIGNALS`` with ``extra_stats``. ``inplace_backward`` writes dlogits
-    over the logits (docs/design.md §4.1)."""
+    over the logits (docs/design.md §4.1). ``row_valid`` (bool, like ``row_index``): the rows where it is
+    False are not read and get 0 (the Triton kernel's option; here the listed rows are gathered first, a
+    host sync, since the chunks are sized on the host)."""
+    if row_valid is not None:
+        listed = row_valid.nonzero().squeeze(-1)
+        stats = torch_token_stats(logits, targets, row_index[listed], temperature, inplace_backward=inplace_backward,
+                                  extra_stats=extra_stats)
+        return tuple(x.new_zeros(row_index.shape).index_put((listed,), x) for x in stats)
     stats = TorchTokenStats.apply(logits, targets.reshape(-1), row_index, temperature, inplace_backward,
                                   extra_stats)
     return stats if extra_stats else stats[:2]

@@ -1,6 +1,8 @@
 """Per-token log-prob and entropy of the target token, straight from the logits.
 
-Forward: one program per *valid* row (1-D grid, rows listed in ``row_index``), one
+Forward: one program per row listed in ``row_index`` (1-D grid; with ``row_valid``, a listed row whose
+entry is 0 returns at once and is never read, so a caller can list every position with its mask
+instead of the valid rows, whose count would be a host read), one
 streaming pass over the vocabulary in ``BLOCK_V`` tiles, all fp32, on the tempered logits
 ``z = logits / temperature``: each tile's softmax summary (max, sum-exp without the max
 element, sum p*(z - max)) is merged into the row's, and the row's logp, entropy, lse and zbar
@@ -43,15 +45,28 @@ from .softmax import (merge_sums_of_squares, merge_summaries, row_statistics, st
 def _token_stats_fwd_kernel(
     logits_ptr, stride_lb, stride_lt,  # [B, T, V], stride(-1) == 1
     targets_ptr, stride_yb, stride_yt,  # [B, T] int
-    row_index_ptr,  # [N] int64: b * T + t of the valid rows
+    row_index_ptr,  # [N] int64: b * T + t of the rows to compute
+    row_valid_ptr,  # [N] uint8: 0 skips the row (its outputs 0), read only if HAS_ROW_VALID
     logp_ptr, entropy_ptr, lse_ptr, zbar_ptr,  # [N] fp32 outputs
     certainty_ptr, target_logit_ptr, sum_pi_squared_ptr,  # [N] fp32 outputs, written only if EXTRA_STATS
     T, V, inv_temp,
     BLOCK_V: tl.constexpr,
     EXTRA_STATS: tl.constexpr,
+    HAS_ROW_VALID: tl.constexpr,
 ):
     # int64 before any multiply: b * stride_lb exceeds 2**31 for N=16k, V=152k.
     pid = tl.program_id(0).to(tl.int64)
+    if HAS_ROW_VALID:
+        if tl.load(row_valid_ptr + pid) == 0:  # a padded row: zeros, its logits not read
+            tl.store(logp_ptr + pid, 0.0)
+            tl.store(entropy_ptr + pid, 0.0)
+            tl.store(lse_ptr + pid, 0.0)
+            tl.store(zbar_ptr + pid, 0.0)
+            if EXTRA_STATS:
+                tl.store(certainty_ptr + pid, 0.0)
+                tl.store(target_logit_ptr + pid, 0.0)
+                tl.store(sum_pi_squared_ptr + pid, 0.0)
+            return
     row = tl.load(row_index_ptr + pid).to(tl.int64)
     b = row // T
     t = row - b * T
@@ -144,7 +159,8 @@ def _num_warps(block_v: int) -> int:
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check_inputs(logits, targets, row_index, temperature, block_v, check_rows=True, inplace_backward=False):
+def _check_inputs(logits, targets, row_index, temperature, block_v, check_rows=True, inplace_backward=False,
+                  row_valid=None):
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
         raise ValueError(f"logits must be a 3-D tensor [B, T, V], got {getattr(logits, 'shape', type(logits))}")
     if logits.dtype not in _SUPPORTED_DTYPES:
@@ -163,8 +179,12 @@ def _check_inputs(logits, targets, row_index, temperature, block_v, check_rows=T
         raise ValueError(f"row_index must be a 1-D tensor [N], got {getattr(row_index, 'shape', type(row_index))}")
     if row_index.dtype != torch.int64:
         raise TypeError(f"row_index must be int64, got {row_index.dtype}")
-    for name, x in (("targets", targets), ("row_index", row_index)):
-        if x.device != logits.device:
+    if row_valid is not None and (not isinstance(row_valid, torch.Tensor) or row_valid.shape != row_index.shape
+                                  or row_valid.dtype != torch.bool):
+        raise ValueError(f"row_valid must be a bool tensor shaped like row_index {tuple(row_index.shape)}, got "
+                         f"{getattr(row_valid, 'shape', type(row_valid))} {getattr(row_valid, 'dtype', '')}")
+    for name, x in (("targets", targets), ("row_index", row_index), ("row_valid", row_valid)):
+        if x is not None and x.device != logits.device:
             raise ValueError(f"{name} is on {x.device} but logits is on {logits.device}")
     if isinstance(temperature, torch.Tensor) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a Python number, got {type(temperature)}")
@@ -189,13 +209,14 @@ def _check_inputs(logits, targets, row_index, temperature, block_v, check_rows=T
 
 
 def token_stats_forward(logits, targets, row_index, temperature=1.0, *, block_v=None, extra_stats=False,
-                        check_rows=True, inplace_backward=False):
+                        check_rows=True, inplace_backward=False, row_valid=None):
     """Launch the forward kernel (no autograd). Returns fp32 ``[N]`` tensors
     ``(logp, entropy, lse, zbar, certainty, target_logit, sum_pi_squared)``; the last three are empty
     unless ``extra_stats``. The first four are what :func:`token_stats_backward` needs.
     ``check_rows=False`` skips the check (one host sync) that ``row_index`` holds distinct in-range
-    rows, for a caller that built it; ``inplace_backward`` checks that the logits can take dlogits."""
-    _check_inputs(logits, targets, row_index, temperature, block_v, check_rows, inplace_backward)
+    rows, for a caller that built it; ``inplace_backward`` checks that the logits can take dlogits;
+    ``row_valid`` (bool ``[N]``) skips the rows where it is False (outputs 0, logits not read)."""
+    _check_inputs(logits, targets, row_index, temperature, block_v, check_rows, inplace_backward, row_valid)
     B, T, V = logits.shape
     row_index = row_index.contiguous()
     N = row_index.numel()
@@ -207,30 +228,31 @@ def token_stats_forward(logits, targets, row_index, temperature=1.0, *, block_v=
         _token_stats_fwd_kernel[(N,)](
             logits, logits.stride(0), logits.stride(1),
             targets, targets.stride(0), targets.stride(1),
-            row_index,
+            row_index, row_valid.contiguous().view(torch.uint8) if row_valid is not None else row_index,
             logp, entropy, lse, zbar,
             *((certainty, target_logit, sum_pi_squared) if extra_stats else (logp, logp, logp)),  # unused then
             T, V, 1.0 / temperature,
-            BLOCK_V=block_v, EXTRA_STATS=bool(extra_stats),
+            BLOCK_V=block_v, EXTRA_STATS=bool(extra_stats), HAS_ROW_VALID=row_valid is not None,
             num_warps=_num_warps(block_v),
         )
     return logp, entropy, lse, zbar, certainty, target_logit, sum_pi_squared
 
 
 def token_stats_backward(logits, targets, row_index, logp, entropy, lse, zbar, c_logp, c_ent, temperature=1.0, *,
-                         inplace=False, block_v=None):
+                         inplace=False, block_v=None, row_valid=None):
     """Launch the backward kernel (no autograd): dlogits ``[B, T, V]`` in the logits dtype for
     ``L = sum_i c_logp[i] * logp[i] + c_ent[i] * entropy[i]`` (docs/algorithms.md §8.3).
 
     ``c_logp`` / ``c_ent`` are ``[N]`` (any float dtype) or None for 0. Rows not in
-    ``row_index`` get exact zeros. ``inplace=True`` writes over ``logits`` and returns it.
+    ``row_index``, or False in ``row_valid``, get exact zeros. ``inplace=True`` writes over ``logits`` and returns it.
     Inputs are assumed to have passed :func:`token_stats_forward`'s checks."""
     B, T, V = logits.shape
     N = row_index.numel()
     dev = logits.device
     block_v = block_v or default_block_v(V)
     slot = torch.full((B * T,), -1, dtype=torch.int64, device=dev)
-    slot[row_index] = torch.arange(N, dtype=torch.int64, device=dev)
+    listed = torch.arange(N, dtype=torch.int64, device=dev)
+    slot[row_index] = listed if row_valid is None else torch.where(row_valid, listed, -1)
     has_logp, has_ent = c_logp is not None, c_ent is not None
     c_logp = c_logp.to(torch.float32).contiguous() if has_logp else lse  # placeholder, not read
     c_ent = c_ent.to(torch.float32).contiguous() if has_ent else lse
@@ -253,12 +275,13 @@ class TritonTokenStats(torch.autograd.Function):
     two are differentiable w.r.t. logits, the last three are empty unless ``extra_stats``."""
 
     @staticmethod
-    def forward(ctx, logits, targets, row_index, temperature, inplace_backward, block_v, extra_stats, check_rows):
+    def forward(ctx, logits, targets, row_index, temperature, inplace_backward, block_v, extra_stats, check_rows,
+                row_valid):
         logp, entropy, lse, zbar, certainty, target_logit, sum_pi_squared = token_stats_forward(
             logits, targets, row_index, temperature, block_v=block_v, extra_stats=extra_stats,
-            check_rows=check_rows, inplace_backward=inplace_backward)
+            check_rows=check_rows, inplace_backward=inplace_backward, row_valid=row_valid)
         # Only per-row scalars are saved, plus references to the inputs (no copies).
-        ctx.save_for_backward(logits, targets, row_index, logp, entropy, lse, zbar)
+        ctx.save_for_backward(logits, targets, row_index, logp, entropy, lse, zbar, row_valid)
         ctx.temperature = temperature
         ctx.inplace_backward = inplace_backward
         ctx.block_v = block_v or default_block_v(logits.shape[-1])
@@ -269,24 +292,25 @@ class TritonTokenStats(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, grad_entropy, *_grad_extra_stats):
-        logits, targets, row_index, logp, entropy, lse, zbar = ctx.saved_tensors
+        logits, targets, row_index, logp, entropy, lse, zbar, row_valid = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None:
-            return (None,) * 8
+            return (None,) * 9
         # inplace_backward overwrites the caller's logits with the gradient (unsloth#5002):
         # only valid when these logits feed no other loss/op that still needs them.
         dlogits = token_stats_backward(logits, targets, row_index, logp, entropy, lse, zbar, grad_logp, grad_entropy,
-                                       ctx.temperature, inplace=ctx.inplace_backward, block_v=ctx.block_v)
+                                       ctx.temperature, inplace=ctx.inplace_backward, block_v=ctx.block_v,
+                                       row_valid=row_valid)
         if ctx.inplace_backward:
             # Later autograd use of the overwritten logits then fails loudly ("modified by an
             # inplace operation") instead of silently reading gradients.
             torch.autograd.graph.increment_version(logits)
             # A fresh alias of the buffer: AccumulateGrad takes it as a leaf's .grad instead of copying it.
             dlogits = dlogits.detach()
-        return dlogits, None, None, None, None, None, None, None
+        return dlogits, None, None, None, None, None, None, None, None
 
 
 def triton_token_stats(logits, targets, row_index, temperature=1.0, *, inplace_backward=False, block_v=None,
-                       extra_stats=False, check_rows=True):
+                       extra_stats=False, check_rows=True, row_valid=None):
     """Target log-prob and entropy of ``softmax(logits / temperature)`` for the valid rows.
 
     Args:
@@ -306,6 +330,9 @@ def triton_token_stats(logits, targets, row_index, temperature=1.0, *, inplace_b
             anyway, so the option then only destroys the logits.
         check_rows: check that ``row_index`` holds distinct rows in range (one host sync);
             False for a caller that built it (fused_canon's API).
+        row_valid: ``[N]`` bool or None: rows where it is False are not read; their outputs and
+            gradient are 0. With ``row_index = arange(B * T)`` and the flattened mask, no list of
+            the valid rows is needed (its length would be a host sync).
         block_v: vocabulary tile (power of two); default ``min(next_pow2(V), 4096)``.
         extra_stats: also return the self-certainty ``lse - mean_v(z)``, the raw (untempered)
             target logit and ``sum_v p_v^2``, fp32 ``[N]`` and non-differentiable, from the same read.
@@ -320,7 +347,7 @@ def triton_token_stats(logits, targets, row_index, temperature=1.0, *, inplace_b
         temperature = float(temperature)
     outputs = TritonTokenStats.apply(
         logits, targets, row_index, temperature, bool(inplace_backward), block_v, bool(extra_stats),
-        bool(check_rows))
+        bool(check_rows), row_valid)
     return outputs if extra_stats else outputs[:2]
 
 
@@ -329,9 +356,9 @@ def triton_token_stats(logits, targets, row_index, temperature=1.0, *, inplace_b
 def _fwd_sig(dtype, stride_ty="i32"):
     return {"logits_ptr": f"*{dtype}", "stride_lb": stride_ty, "stride_lt": "i32",
             "targets_ptr": "*i64", "stride_yb": "i32", "stride_yt": "i32", "row_index_ptr": "*i64",
-            "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32", "zbar_ptr": "*fp32",
+            "row_valid_ptr": "*u8", "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32", "zbar_ptr": "*fp32",
             "certainty_ptr": "*fp32", "target_logit_ptr": "*fp32", "sum_pi_squared_ptr": "*fp32", "T": "i32", "V": "i32", "inv_temp": "fp32",
-            "BLOCK_V": "constexpr", "EXTRA_STATS": "constexpr"}
+            "BLOCK_V": "constexpr", "EXTRA_STATS": "constexpr", "HAS_ROW_VALID": "constexpr"}
 
 
 def _bwd_sig(dtype, stride_ty="i32"):
@@ -357,9 +384,9 @@ def _aot_entry(kernel, signature, **constexprs):
 
 
 AOT_SIGNATURES = [
-    _aot_entry(_token_stats_fwd_kernel, _fwd_sig("bf16"), EXTRA_STATS=False),
-    _aot_entry(_token_stats_fwd_kernel, _fwd_sig("bf16", "i64"), EXTRA_STATS=True),
-    _aot_entry(_token_stats_fwd_kernel, _fwd_sig("fp32"), EXTRA_STATS=False),
+    _aot_entry(_token_stats_fwd_kernel, _fwd_sig("bf16"), EXTRA_STATS=False, HAS_ROW_VALID=True),
+    _aot_entry(_token_stats_fwd_kernel, _fwd_sig("bf16", "i64"), EXTRA_STATS=True, HAS_ROW_VALID=True),
+    _aot_entry(_token_stats_fwd_kernel, _fwd_sig("fp32"), EXTRA_STATS=False, HAS_ROW_VALID=False),
     _aot_entry(_token_stats_bwd_kernel, _bwd_sig("bf16"), HAS_C_LOGP=True, HAS_C_ENT=True),
     _aot_entry(_token_stats_bwd_kernel, _bwd_sig("fp16", "i64"), HAS_C_LOGP=True, HAS_C_ENT=False),
     _aot_entry(_token_stats_bwd_kernel, _bwd_sig("fp32"), HAS_C_LOGP=True, HAS_C_ENT=True),

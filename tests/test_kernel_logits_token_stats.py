@@ -213,6 +213,42 @@ def test_masked_rows_are_never_read_and_get_zero_gradient():
     assert_elementwise_close(grad, ref["grad"], 1e-4, "dlogits")
 
 
+@pytest.mark.parametrize("inplace", [False, True], ids=["new dlogits", "inplace"])
+def test_row_valid_skips_rows_as_the_list_of_valid_rows_does(inplace):
+    """Every position listed, the mask as row_valid: the padded rows (NaN logits, wild targets) are not read,
+    their outputs and gradient are exact zeros, and the valid rows match the listed form and the reference;
+    the torch implementation takes the same argument."""
+    from fused_canon.statistics import torch_token_stats
+
+    logits, targets, mask, row_index, c_logp, c_ent = make_case(3, 4, 1000, seed=2)
+    ref = reference(logits, targets, row_index, 0.7, c_logp, c_ent)
+    poisoned = logits.clone()
+    poisoned[~mask] = float("nan")
+    targets_poisoned = targets.clone()
+    targets_poisoned[~mask] = 10**12
+    positions, valid = torch.arange(mask.numel()), mask.reshape(-1)
+    scale_logp, scale_ent = (torch.zeros(mask.numel()).index_put((row_index,), c) for c in (c_logp, c_ent))
+    for name, stats in (("triton", lambda x, **kw: triton_token_stats(x, *D(targets_poisoned, positions), 0.7,
+                                                                      block_v=256, extra_stats=True, **kw)),
+                        ("torch", lambda x, **kw: torch_token_stats(x, targets_poisoned, positions, 0.7,
+                                                                    extra_stats=True, **kw))):
+        x = poisoned.clone().to(DEVICE).requires_grad_(True)
+        leaf = x
+        if inplace:
+            x = x * 1.0  # a non-leaf buffer that inplace_backward may overwrite
+        out = stats(x, row_valid=valid.to(DEVICE), inplace_backward=inplace)
+        ((scale_logp.to(DEVICE) * out[0]).sum() + (scale_ent.to(DEVICE) * out[1]).sum()).backward()
+        outputs = [o.detach().cpu() for o in out]
+        assert all(o.shape == (mask.numel(),) and torch.equal(o[~valid], torch.zeros_like(o[~valid]))
+                   for o in outputs), name
+        assert_elementwise_close(outputs[0][valid], ref["logp"], 1e-4, f"{name} logp")
+        assert_elementwise_close(outputs[1][valid], ref["entropy"], 1e-4, f"{name} entropy")
+        assert_elementwise_close(outputs[2][valid], ref["certainty"], 1e-4, f"{name} certainty")
+        grad = leaf.grad.cpu()
+        assert torch.equal(grad[~mask], torch.zeros_like(grad[~mask])), name
+        assert_elementwise_close(grad, ref["grad"], 1e-4, f"{name} dlogits")
+
+
 def test_single_output_gradients_and_empty_selection():
     logits, targets, mask, row_index, c_logp, c_ent = make_case(2, 3, 1000, seed=3)
     for use_logp, use_ent in [(True, False), (False, True)]:
