@@ -6,7 +6,6 @@ each rank backpropagates ``world_size * loss`` (verl's ``dp_size`` factor) and t
 then the single-process full-batch gradient; without the factor it is 1/world_size of it."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -46,9 +45,11 @@ def model():
 SCALES = (WORLD, 1)  # backpropagate world_size * loss (verl's dp_size factor), and the plain loss
 
 
-def ddp_worker(rank, port, out_path):
-    """Every mode and scale in one spawn (starting processes dominates the test's time)."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+def ddp_worker(rank, store_path, out_path):
+    """Every mode and scale in one spawn (starting processes dominates the test's time). The ranks meet
+    through a file, not a TCP port: a free port picked here could be taken before the ranks bind it
+    (the Ray tests beside this one under xdist open many)."""
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD)
     rows = slice(rank * B // WORLD, (rank + 1) * B // WORLD)
     grads = {}
     for mode in MODES:
@@ -61,17 +62,11 @@ def ddp_worker(rank, port, out_path):
     dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_gradients(tmp_path_factory):
-    out_path = os.fspath(tmp_path_factory.mktemp("ddp") / "grads.pt")
-    mp.spawn(ddp_worker, args=(free_port(), out_path), nprocs=WORLD, join=True)
-    return torch.load(out_path)
+    folder = tmp_path_factory.mktemp("ddp")
+    mp.spawn(ddp_worker, args=(os.fspath(folder / "store"), os.fspath(folder / "grads.pt")), nprocs=WORLD, join=True)
+    return torch.load(folder / "grads.pt")
 
 
 @pytest.mark.parametrize("mode", MODES)
