@@ -8,7 +8,6 @@ do) around the plain module; everything from ``train_batch`` down is verl's code
 
 import functools
 import math
-import socket
 
 import pytest
 import torch
@@ -32,15 +31,15 @@ VOCAB = 61
 
 
 @pytest.fixture(scope="module", autouse=True)
-def single_process_group():
-    """verl's forward_backward_batch all-reduces the token count over the data-parallel group."""
+def single_process_group(tmp_path_factory):
+    """verl's forward_backward_batch all-reduces the token count over the data-parallel group. The group
+    meets through a file of this test session (pytest-xdist may run this module in two processes; a free
+    TCP port picked and released could be taken by then)."""
     if dist.is_initialized():
         yield
         return
-    with socket.socket() as s:  # a free port: pytest-xdist may run this module in two processes
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    store = tmp_path_factory.mktemp("process_group") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 
