@@ -349,7 +349,8 @@ def _loss_output(loss, metrics, prepared: _Prepared, logp, entropy, mask, reward
     advantages = token_advantages.detach()
     count = mask.sum()
     any_valid = count > 0
-    metrics["critic/advantages/mean"] = torch.where(mask, advantages, 0).sum() / count.clamp(min=1)
+    # summed in float64: an fp16 sum overflows past 65,504 where the mean does not
+    metrics["critic/advantages/mean"] = torch.where(mask, advantages, 0).sum(dtype=torch.float64) / count.clamp(min=1)
     for name, reduce_fn, fill in (("max", torch.amax, -math.inf), ("min", torch.amin, math.inf)):
         filled = torch.where(mask, advantages, fill).reshape(-1)
         extreme = reduce_fn(torch.cat([filled, filled.new_full((1,), fill)]))  # one entry at least (B T = 0)

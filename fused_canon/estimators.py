@@ -50,6 +50,11 @@ class Groups:
         return cls(index=index, count=count)
 
     @property
+    def num_groups(self) -> torch.Tensor:
+        """The number of groups, a 0-d device tensor (``len(count)`` is B, not it; ``int()`` it to read it back)."""
+        return (self.count > 0).sum()
+
+    @property
     def size(self) -> torch.Tensor:
         """Group size of each response, [B]."""
         return self.count[self.index]
@@ -273,7 +278,7 @@ def _singleton_aware_baseline(rewards, groups, config):
 
 def batch_std(values: torch.Tensor) -> torch.Tensor:
     """Unbiased std of every value of the batch (group_std of the batch as one group; 1 for one value)."""
-    one_group = Groups(index=torch.zeros_like(values, dtype=torch.long),
+    one_group = Groups(index=torch.zeros_like(values, dtype=torch.long),  # one entry suffices: index is all 0
                        count=torch.tensor([len(values)], device=values.device))
     return group_std(values, one_group)
 

@@ -52,7 +52,7 @@ gradient counts as 0), processes the vocabulary in chunks of ``CHUNK_V`` columns
    ``grad_hidden[rows] (+)= dlogits @ W[chunk]``, fp32 accumulation; between chunks the sum lives in
    an fp32 ``[N, H]`` buffer, and the last chunk writes the ``row_index`` rows of ``grad_hidden``.
 3. ``_linear_token_stats_dweight_kernel``, grid ``(cdiv(H, W), cdiv(CHUNK_V, G))`` with ``G x W``
-   output tiles (``W = dweight_block_h``: 256 for bf16 operands on sm_90+, else ``G``), every valid row
+   output tiles (``W = dweight_block_h``: 256 for bf16 / fp16 operands on sm_90, else ``G``), every valid row
    in ``gemm_block_k`` steps: ``grad_weight[chunk] = dlogits.T @ hidden[rows]`` and
    ``grad_bias[chunk] = dlogits.sum(0)``, complete in one program's fp32 registers and written once,
    in the weight dtype (no grad_weight accumulator).
@@ -528,15 +528,15 @@ class LinearTokenStatsBlocks:
       3.9: 225 registers, 0 spills at 128 x 128 x 32) where the forward spills (255 registers and
       100 B of spill stores); with fp32 operands it spills too (132 B) and keeps ``block_n``.
     * ``gemm_block_out, gemm_block_k``: the two backward GEMMs write ``gemm_block_out``-sized output
-      tiles (grad_hidden: rows x H, square; grad_weight: V x H, ``gemm_block_out x dweight_block_h``) and step through their reduction (V, resp. the chunk's rows)
-      ``gemm_block_k`` at a time. Large output tiles keep their operands' re-reads (and so memory
+      tiles (grad_hidden: rows x H, square; grad_weight: V x H, ``gemm_block_out x dweight_block_h``)
+      and step through their reduction (V, resp. the chunk's rows) ``gemm_block_k`` at a time. Large output tiles keep their operands' re-reads (and so memory
       traffic) low. ``gemm_block_k`` None picks it per ``tl.dot`` operand dtype (``_gemm_tiles``).
     * ``dweight_block_h``: the H width of grad_weight's tiles; None picks ``WIDE_DWEIGHT_BLOCK_H`` (256) for
-      bf16 operands on sm_90 and later, else ``gemm_block_out`` (``_gemm_tiles``). At 128 x 256 the one fp32
-      accumulator lives in wgmma's registers and fits 8 warps (ptxas -v, sm_90, Triton 3.6 and 3.9: 231-245
-      registers, 0 spills); on sm_80 (mma.sync) it spills (Triton 3.6: 6 KB), and fp16 operands, scaled
-      in registers before each tl.dot, spill 16 B there on 3.9. grad_hidden keeps 128 x 128: at 128 x 256
-      it spills 64-188 B on sm_90.
+      bf16 / fp16 operands on sm_90 (Hopper, wgmma), else ``gemm_block_out`` (``_gemm_tiles``). At 128 x 256
+      the one fp32 accumulator fits 8 warps there (ptxas -v, Triton 3.6 and 3.9: 227-249 registers, 0
+      spills); on sm_80 (mma.sync) it spills (Triton 3.6, bf16: 6 KB; 3.9, fp16: 16 B); later
+      architectures were not measured and keep the square tile. grad_hidden keeps 128 x 128: at
+      128 x 256 it spills 64-188 B on sm_90.
     * ``backward_chunk_vocab``: the number of vocabulary columns whose ``dlogits`` (of every valid
       row) live in the workspace at once, rounded down to whole tiles (at least one); None sizes it
       to ``DEFAULT_WORKSPACE_BYTES``.
@@ -604,14 +604,14 @@ def _gemm_tiles(blocks: LinearTokenStatsBlocks, dot_operand_dtype: torch.dtype,
     operand dtype on a GPU of this compute capability (None: the interpreter). The default reduction step is 64 on tensor cores (bf16 / fp16 operands) and 32 for
     fp32 operands: at 64 their FMA path spills up to 16.5 KB per thread on Triton 3.8 and 3.9
     (ptxas -v, sm_80; sm_90 too on 3.9; 3.6 and 3.7 fit); at 32 every supported version fits. The wide
-    grad_weight tile is for bf16 operands on sm_90+ (``LinearTokenStatsBlocks.dweight_block_h``)."""
+    grad_weight tile is for 16-bit operands on sm_90 (``LinearTokenStatsBlocks.dweight_block_h``)."""
     block_k = blocks.gemm_block_k
     if block_k is None:
         block_k = 32 if dot_operand_dtype == torch.float32 else 64
     block_h = blocks.dweight_block_h
     if block_h is None:
-        wgmma = compute_capability is not None and compute_capability >= 90
-        block_h = WIDE_DWEIGHT_BLOCK_H if wgmma and dot_operand_dtype == torch.bfloat16 else blocks.gemm_block_out
+        hopper = compute_capability is not None and 90 <= compute_capability < 100  # wgmma; others unmeasured
+        block_h = WIDE_DWEIGHT_BLOCK_H if hopper and dot_operand_dtype != torch.float32 else blocks.gemm_block_out
     return blocks.gemm_block_out, block_h, block_k, _launch_options(blocks, dot_operand_dtype)
 
 

@@ -228,7 +228,7 @@ def token_stats_forward(logits, targets, row_index, temperature=1.0, *, block_v=
         _token_stats_fwd_kernel[(N,)](
             logits, logits.stride(0), logits.stride(1),
             targets, targets.stride(0), targets.stride(1),
-            row_index, row_valid.contiguous().view(torch.uint8) if row_valid is not None else row_index,
+            row_index, (row_valid if row_valid is not None else row_index).contiguous().view(torch.uint8),  # read if HAS_ROW_VALID
             logp, entropy, lse, zbar,
             *((certainty, target_logit, sum_pi_squared) if extra_stats else (logp, logp, logp)),  # unused then
             T, V, 1.0 / temperature,
@@ -384,9 +384,11 @@ def _aot_entry(kernel, signature, **constexprs):
 
 
 AOT_SIGNATURES = [
+    # policy_loss's two-pass path and token_signals pass the mask (HAS_ROW_VALID); token_stats does not.
     _aot_entry(_token_stats_fwd_kernel, _fwd_sig("bf16"), EXTRA_STATS=False, HAS_ROW_VALID=True),
     _aot_entry(_token_stats_fwd_kernel, _fwd_sig("bf16", "i64"), EXTRA_STATS=True, HAS_ROW_VALID=True),
-    _aot_entry(_token_stats_fwd_kernel, _fwd_sig("fp32"), EXTRA_STATS=False, HAS_ROW_VALID=False),
+    _aot_entry(_token_stats_fwd_kernel, _fwd_sig("fp32"), EXTRA_STATS=False, HAS_ROW_VALID=True),
+    _aot_entry(_token_stats_fwd_kernel, _fwd_sig("bf16"), EXTRA_STATS=False, HAS_ROW_VALID=False),
     _aot_entry(_token_stats_bwd_kernel, _bwd_sig("bf16"), HAS_C_LOGP=True, HAS_C_ENT=True),
     _aot_entry(_token_stats_bwd_kernel, _bwd_sig("fp16", "i64"), HAS_C_LOGP=True, HAS_C_ENT=False),
     _aot_entry(_token_stats_bwd_kernel, _bwd_sig("fp32"), HAS_C_LOGP=True, HAS_C_ENT=True),

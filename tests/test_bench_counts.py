@@ -208,8 +208,9 @@ def test_lm_head_tiles_per_requested_byte():
 
 
 def test_wide_grad_weight_tile_per_requested_byte():
-    """grad_weight's 128 x 256 tile (what bf16 runs on sm_90, kernels/linear_token_stats.py; the interpreter
-    computes bf16 dots in fp32, so fp16 operands stand in): 50.9 FLOP per requested byte against 36.2 for
+    """grad_weight's 128 x 256 tile (what bf16 and fp16 run on sm_90, kernels/linear_token_stats.py; the
+    interpreter keeps square tiles, so it is asked for, and computes bf16 dots in fp32, so fp16 operands are
+    counted): 50.9 FLOP per requested byte against 36.2 for
     128 x 128 (each K step requests the fp32 workspace's 128 columns and 256 fp16 hidden columns; with bf16's
     bf16 workspace, 2 BV BH / ((BV + BH) 2 bytes) = 85 against 64), and the same gradient."""
     from fused_canon.kernels.linear_token_stats import LinearTokenStatsBlocks, triton_linear_token_stats

@@ -397,6 +397,25 @@ def test_canon_entropy_metric_rejects_nonfinite_valid_entries(backend, bad):
         fc.compute_advantages(rewards, group_ids, config, mask=mask, token_entropy=entropy, backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_advantage_metrics_are_over_the_valid_tokens_only(backend):
+    """critic/advantages/{mean,max,min} are masked reductions: NaN or huge [B, T] advantages at padded positions
+    do not reach them, fp16 advantages whose sum exceeds fp16's range give a finite mean, and an empty mask
+    reports 0 for all three."""
+    logits = torch.randn(2, 40, 5, requires_grad=True)
+    targets = torch.zeros(2, 40, dtype=torch.long)
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[1, 30:] = False
+    advantages = torch.full((2, 40), 2000.0)
+    advantages[1, :30] = 1500.0
+    advantages[1, 30:] = float("nan")
+    out = fc.policy_loss(logits, targets, mask, advantages=advantages.half(), backend=backend)  # sum 125,000
+    assert out.metrics["critic/advantages/mean"] == pytest.approx((40 * 2000.0 + 30 * 1500.0) / 70)
+    assert (out.metrics["critic/advantages/max"], out.metrics["critic/advantages/min"]) == (2000.0, 1500.0)
+    empty = fc.policy_loss(logits, targets, torch.zeros_like(mask), advantages=advantages, backend=backend)
+    assert [empty.metrics[f"critic/advantages/{name}"] for name in ("mean", "max", "min")] == [0.0, 0.0, 0.0]
+
+
 # empty batches: loss 0, zero gradient, the same on both backends ------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)

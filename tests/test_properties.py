@@ -44,6 +44,7 @@ def test_groups_number_the_ids_as_unique_does(ids, dtype):
     _, index, count = torch.unique(group_ids, return_inverse=True, return_counts=True)
     assert torch.equal(groups.index, index)
     assert torch.equal(groups.count, torch.cat([count, torch.zeros(len(ids) - len(count), dtype=torch.int64)]))
+    assert int(groups.num_groups) == len(count)
 
 
 ESTIMATOR_CONFIGS = [
