@@ -116,13 +116,18 @@ class PendingChecks:
         bad = ~torch.isfinite(x)
         if where is not None:
             bad &= where
+        self.first_flagged(bad, lambda flat: f"{name} {what} {position_text(flat, shape)}{hint}", error, flat_index)
+
+    def first_flagged(self, bad: torch.Tensor, message: Callable[[int], str], error: type = ValueError,
+                      flat_index: Optional[torch.Tensor] = None) -> None:
+        """Fail when any entry of ``bad`` (bool) is True; ``message`` gets the flat index of the first (its
+        ``flat_index`` entry when given)."""
         bad = bad.reshape(-1)
         if bad.numel() == 0:
             return
         first = bad.to(torch.uint8).argmax()  # the first True (argmax returns the first maximum)
         index = first if flat_index is None else flat_index.index_select(0, first.reshape(1))[0]  # no host sync
-        self.add(torch.where(bad.any(), index, -1),
-                 lambda flat: f"{name} {what} {position_text(flat, shape)}{hint}", error)
+        self.add(torch.where(bad.any(), index, -1), message, error)
 
     def __len__(self) -> int:
         return len(self._checks)
@@ -220,11 +225,9 @@ def check_mask(mask: torch.Tensor, shape: tuple, device: torch.device, checks: P
         raise ValueError(f"mask shape {_shape(mask)} must be [B, T] = {tuple(shape)}")
     if mask.dtype == torch.bool:
         return mask
-    other = (mask != 0) & (mask != 1)
-    if mask.numel() > 0:
-        checks.add(torch.where(other.any(), other.reshape(-1).to(torch.uint8).argmax(), -1),
-                   lambda flat: f"mask must be bool or contain only 0 and 1; found another value at "
-                                f"{position_text(flat, shape)}")
+    checks.first_flagged((mask != 0) & (mask != 1),
+                         lambda flat: f"mask must be bool or contain only 0 and 1; found another value at "
+                                      f"{position_text(flat, shape)}")
     return mask != 0
 
 

@@ -415,8 +415,8 @@ def _linear_token_stats_dhidden_kernel(
 
     out_mask = row_ok[:, None] & h_ok[None, :]
     partial_ptrs = partial_ptr + slots.to(tl.int64)[:, None] * hidden_size + hs[None, :]
-    # The previous chunks' sum starts the accumulator (one [BLOCK_N, BLOCK_H] fp32 tile in registers, not two:
-    # a 128 x 256 tile fits 8 warps only so), in the scaled units of this chunk's tiles.
+    # The previous chunks' sum starts the accumulator, in the scaled units of this chunk's tiles: one
+    # [BLOCK_N, BLOCK_H] fp32 tile in registers rather than two (142 registers on sm_90 instead of 178).
     if ACCUMULATE:
         acc = tl.load(partial_ptrs, mask=out_mask, other=0.0)
         if SCALED_FP16:
@@ -529,8 +529,9 @@ class LinearTokenStatsBlocks:
       100 B of spill stores); with fp32 operands it spills too (132 B) and keeps ``block_n``.
     * ``gemm_block_out, gemm_block_k``: the two backward GEMMs write ``gemm_block_out``-sized output
       tiles (grad_hidden: rows x H, square; grad_weight: V x H, ``gemm_block_out x dweight_block_h``)
-      and step through their reduction (V, resp. the chunk's rows) ``gemm_block_k`` at a time. Large output tiles keep their operands' re-reads (and so memory
-      traffic) low. ``gemm_block_k`` None picks it per ``tl.dot`` operand dtype (``_gemm_tiles``).
+      and step through their reduction (V, resp. the chunk's rows) ``gemm_block_k`` at a time. Large
+      output tiles keep their operands' re-reads (and so memory traffic) low. ``gemm_block_k`` None
+      picks it per ``tl.dot`` operand dtype (``_gemm_tiles``).
     * ``dweight_block_h``: the H width of grad_weight's tiles; None picks ``WIDE_DWEIGHT_BLOCK_H`` (256) for
       bf16 / fp16 operands on sm_90 (Hopper, wgmma), else ``gemm_block_out`` (``_gemm_tiles``). At 128 x 256
       the one fp32 accumulator fits 8 warps there (ptxas -v, Triton 3.6 and 3.9: 227-249 registers, 0
@@ -601,10 +602,11 @@ def _compute_capability(device: torch.device) -> int | None:
 def _gemm_tiles(blocks: LinearTokenStatsBlocks, dot_operand_dtype: torch.dtype,
                 compute_capability: int | None) -> tuple[int, int, int, dict]:
     """``(block_out, dweight_block_h, block_k, launch options)`` of the two backward GEMMs for this tl.dot
-    operand dtype on a GPU of this compute capability (None: the interpreter). The default reduction step is 64 on tensor cores (bf16 / fp16 operands) and 32 for
-    fp32 operands: at 64 their FMA path spills up to 16.5 KB per thread on Triton 3.8 and 3.9
-    (ptxas -v, sm_80; sm_90 too on 3.9; 3.6 and 3.7 fit); at 32 every supported version fits. The wide
-    grad_weight tile is for 16-bit operands on sm_90 (``LinearTokenStatsBlocks.dweight_block_h``)."""
+    operand dtype on a GPU of this compute capability (None: the interpreter). The default reduction step
+    is 64 on tensor cores (bf16 / fp16 operands) and 32 for fp32 operands: at 64 their FMA path spills up
+    to 16.5 KB per thread on Triton 3.8 and 3.9 (ptxas -v, sm_80; sm_90 too on 3.9; 3.6 and 3.7 fit); at 32
+    every supported version fits. The wide grad_weight tile is for 16-bit operands on sm_90
+    (``LinearTokenStatsBlocks.dweight_block_h``)."""
     block_k = blocks.gemm_block_k
     if block_k is None:
         block_k = 32 if dot_operand_dtype == torch.float32 else 64

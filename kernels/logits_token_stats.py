@@ -228,7 +228,8 @@ def token_stats_forward(logits, targets, row_index, temperature=1.0, *, block_v=
         _token_stats_fwd_kernel[(N,)](
             logits, logits.stride(0), logits.stride(1),
             targets, targets.stride(0), targets.stride(1),
-            row_index, (row_valid if row_valid is not None else row_index).contiguous().view(torch.uint8),  # read if HAS_ROW_VALID
+            row_index,
+            (row_valid if row_valid is not None else row_index).contiguous().view(torch.uint8),  # if HAS_ROW_VALID
             logp, entropy, lse, zbar,
             *((certainty, target_logit, sum_pi_squared) if extra_stats else (logp, logp, logp)),  # unused then
             T, V, 1.0 / temperature,
@@ -356,7 +357,8 @@ def triton_token_stats(logits, targets, row_index, temperature=1.0, *, inplace_b
 def _fwd_sig(dtype, stride_ty="i32"):
     return {"logits_ptr": f"*{dtype}", "stride_lb": stride_ty, "stride_lt": "i32",
             "targets_ptr": "*i64", "stride_yb": "i32", "stride_yt": "i32", "row_index_ptr": "*i64",
-            "row_valid_ptr": "*u8", "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32", "zbar_ptr": "*fp32",
+            "row_valid_ptr": "*u8",
+            "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32", "zbar_ptr": "*fp32",
             "certainty_ptr": "*fp32", "target_logit_ptr": "*fp32", "sum_pi_squared_ptr": "*fp32", "T": "i32", "V": "i32", "inv_temp": "fp32",
             "BLOCK_V": "constexpr", "EXTRA_STATS": "constexpr", "HAS_ROW_VALID": "constexpr"}
 
