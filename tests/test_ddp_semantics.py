@@ -47,8 +47,7 @@ SCALES = (WORLD, 1)  # backpropagate world_size * loss (verl's dp_size factor), 
 
 def ddp_worker(rank, store_path, out_path):
     """Every mode and scale in one spawn (starting processes dominates the test's time). The ranks meet
-    through a file, not a TCP port: a free port picked here could be taken before the ranks bind it
-    (the Ray tests beside this one under xdist open many)."""
+    through a file (no port to pick and release)."""
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD)
     rows = slice(rank * B // WORLD, (rank + 1) * B // WORLD)
     grads = {}
@@ -59,6 +58,7 @@ def ddp_worker(rank, store_path, out_path):
             grads[mode, scale] = [p.grad for p in ddp.module.parameters()]
     if rank == 0:
         torch.save(grads, out_path)
+    dist.barrier()  # neither rank tears gloo down while the other still talks to it (SIGABRT otherwise)
     dist.destroy_process_group()
 
 
